@@ -1,0 +1,355 @@
+"""One frozen, validated trial configuration, from sweep script to Ray worker.
+
+The config is a tree of frozen dataclasses (``data``, ``model``, ``optim``,
+``precision``, ``train``). It flattens to dotted keys (``optim.lr``) for Ray Tune's
+``param_space``, Optuna and MLflow params, and is rebuilt from them on the first line of
+the worker. Every field is type-checked and range-checked at construction: a bad value
+raises :class:`ConfigError` naming the field, the value and what is allowed, before any
+cluster work starts.
+
+Example::
+
+    cfg = TrialConfig().with_overrides(["optim.lr=0.05", "model.name=lenet"])
+    flat = cfg.to_flat()            # {"optim.lr": 0.05, ...}
+    assert TrialConfig.from_flat(flat) == cfg
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Mapping
+
+import yaml
+
+import optim
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PrecisionConfig",
+    "TrainConfig",
+    "TrialConfig",
+    "DATASETS",
+    "MODELS",
+]
+
+
+class ConfigError(ValueError):
+    """A config field has an unknown name, a wrong type or an out-of-range value."""
+
+
+DATASETS = (
+    "mnist",
+    "fashion_mnist",
+    "emnist_digits",
+    "cifar10",
+    "cifar100",
+    "cifar10_jpeg",
+    "cats_vs_dogs",
+    "image_folder",
+)
+MODELS = ("mlp", "lenet", "resnet20", "resnet44", "resnet56", "resnet18",
+          "mobilenet_v3_small", "alexnet")
+AUGMENTATIONS = ("auto", "none", "crop_flip")
+SCHEDULES = ("constant", "step", "cosine", "onecycle")
+PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _fail(name: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ConfigError(f"{name}={value!r} is invalid: allowed {allowed}")
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` as ``annotation`` (bool, int, float, str, tuple[int, ...])."""
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        _fail(name, value, "true or false")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        _fail(name, value, "an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        _fail(name, value, "a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        _fail(name, value, "a string")
+    if typing.get_origin(annotation) is tuple:
+        if isinstance(value, (list, tuple)):
+            (item_type, _) = typing.get_args(annotation)
+            return tuple(_coerce(f"{name}[{i}]", v, item_type) for i, v in enumerate(value))
+        _fail(name, value, "a list")
+    raise TypeError(f"unsupported annotation {annotation!r} for {name}")
+
+
+class _Section:
+    """Mixin: coerce every field to its annotated type, then run ``_validate``."""
+
+    section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            value = _coerce(self._name(f.name), getattr(self, f.name), hints[f.name])
+            object.__setattr__(self, f.name, value)
+        self._validate()
+
+    def _name(self, field_name: str) -> str:
+        return f"{self.section}.{field_name}"
+
+    def _choice(self, field_name: str, allowed: Iterable[str]) -> None:
+        value = getattr(self, field_name)
+        allowed = tuple(allowed)
+        if value not in allowed:
+            _fail(self._name(field_name), value, "one of " + ", ".join(allowed))
+
+    def _range(self, field_name: str, lo: float, hi: float, lo_open: bool = False,
+               hi_open: bool = False) -> None:
+        value = getattr(self, field_name)
+        below = value <= lo if lo_open else value < lo
+        above = value >= hi if hi_open else value > hi
+        if math.isnan(value) or below or above:
+            left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+            _fail(self._name(field_name), value, f"a value in {left}{lo}, {hi}{right}")
+
+    def _validate(self) -> None:  # overridden by sections with rules
+        pass
+
+
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """Dataset and batching. ``root`` empty means ``$QSWEEP_DATA`` (else ``./data``)."""
+
+    section: ClassVar[str] = "data"
+    name: str = "mnist"
+    root: str = ""
+    cache_dir: str = ""  # empty: $QSWEEP_CACHE, else ~/.cache/qsweep
+    folder: str = ""  # image_folder only: a folder holding train/<class>/ and test/<class>/
+    image_size: int = 0  # 0: native size (32 for cifar10_jpeg, 64 for other folders)
+    batch_size: int = 128
+    test_batch_size: int = 1000
+    val_fraction: float = 0.0  # held out of train; metrics val_loss / val_acc
+    train_subset: int = 0  # 0: all examples; else the first N (after a seeded shuffle)
+    test_subset: int = 0
+    augment: str = "auto"  # auto: crop_flip for the colour datasets, none otherwise
+
+    def _validate(self) -> None:
+        self._choice("name", DATASETS)
+        self._choice("augment", AUGMENTATIONS)
+        self._range("image_size", 0, 1024)
+        self._range("batch_size", 1, 1 << 20)
+        self._range("test_batch_size", 1, 1 << 20)
+        self._range("val_fraction", 0.0, 0.5, hi_open=True)
+        self._range("train_subset", 0, INF)
+        self._range("test_subset", 0, INF)
+        if self.name == "image_folder" and not self.folder:
+            _fail("data.folder", self.folder,
+                  "a folder with train/ and test/ subfolders when data.name=image_folder")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """Architecture. ``widths`` are MLP hidden sizes; ``channels``/``hidden`` shape LeNet."""
+
+    section: ClassVar[str] = "model"
+    name: str = "lenet"
+    widths: tuple[int, ...] = (256, 128)
+    channels: tuple[int, ...] = (16, 32)
+    hidden: tuple[int, ...] = (128,)
+    kernel_size: int = 3
+    batch_norm: bool = False
+    dropout: float = 0.0
+
+    def _validate(self) -> None:
+        self._choice("name", MODELS)
+        for name in ("widths", "channels", "hidden"):
+            values = getattr(self, name)
+            if not values or any(v < 1 for v in values):
+                _fail(self._name(name), list(values), "a non-empty list of positive integers")
+        if len(self.channels) != 2:
+            _fail("model.channels", list(self.channels), "exactly two conv widths, e.g. [16, 32]")
+        if self.kernel_size not in (3, 5):
+            _fail("model.kernel_size", self.kernel_size, "3 or 5")
+        self._range("dropout", 0.0, 1.0, hi_open=True)
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Section):
+    """Optimizer (by registry name, see :func:`optim.build`) and learning-rate schedule."""
+
+    section: ClassVar[str] = "optim"
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    warmup_fraction: float = 0.2  # onecycle/cosine: share of all steps spent warming up
+    step_epochs: int = 1  # step schedule: epochs between decays
+    gamma: float = 0.5  # step schedule: decay factor
+
+    def _validate(self) -> None:
+        self._choice("name", optim.available())
+        self._choice("schedule", SCHEDULES)
+        self._range("lr", 0.0, INF, lo_open=True)
+        self._range("momentum", 0.0, 1.0, hi_open=True)
+        self._range("weight_decay", 0.0, INF)
+        self._range("warmup_fraction", 0.0, 1.0, hi_open=True)
+        self._range("step_epochs", 1, INF)
+        self._range("gamma", 0.0, 1.0, lo_open=True)
+        if self.nesterov and self.momentum == 0.0:
+            _fail("optim.nesterov", True, "false when optim.momentum=0 (Nesterov needs momentum)")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig(_Section):
+    """Arithmetic of the forward/backward pass: FP32, or autocast with bf16/fp16."""
+
+    section: ClassVar[str] = "precision"
+    mode: str = "fp32"
+
+    def _validate(self) -> None:
+        self._choice("mode", PRECISIONS)
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    """Epochs, seed and resources. ``num_workers > 1`` trains with DDP under Ray Train."""
+
+    section: ClassVar[str] = "train"
+    epochs: int = 2
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    threads: int = 0  # torch intra-op threads per worker; 0: round(cpus_per_worker)
+    device: str = "auto"  # auto: cuda when use_gpu and available, else cpu
+    checkpoint: bool = True  # a checkpoint every epoch (model, optimizer, schedule, RNG)
+
+    def _validate(self) -> None:
+        self._range("epochs", 1, 100_000)
+        self._range("seed", 0, 2**31 - 1)
+        self._range("num_workers", 1, 4096)
+        self._range("cpus_per_worker", 0.0, 1024, lo_open=True)
+        self._range("threads", 0, 1024)
+        self._choice("device", DEVICES)
+        if self.device == "cuda" and not self.use_gpu:
+            _fail("train.device", "cuda", "auto or cpu unless train.use_gpu=true")
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "precision": PrecisionConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """The whole configuration of one trial."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrialConfig":
+        """Build from nested (``{"optim": {"lr": 0.1}}``) or dotted (``{"optim.lr": 0.1}``)
+        keys; missing fields keep their defaults."""
+        return cls().replace(values)
+
+    from_flat = from_dict
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrialConfig":
+        return cls().replace(_read_yaml(path))
+
+    def replace(self, values: Mapping[str, Any]) -> "TrialConfig":
+        """A copy with ``values`` (nested or dotted keys) applied, validated."""
+        grouped: dict[str, dict[str, Any]] = {}
+        for key, value in _dotted(values).items():
+            section, _, name = key.partition(".")
+            if section not in _SECTIONS:
+                raise ConfigError(f"unknown config section {section!r} in key {key!r}: "
+                                  f"allowed sections {', '.join(_SECTIONS)}")
+            known = [f.name for f in fields(_SECTIONS[section])]
+            if name not in known:
+                raise ConfigError(f"unknown config key {key!r}: fields of {section} are "
+                                  f"{', '.join(known)}")
+            grouped.setdefault(section, {})[name] = value
+        sections = {s: dataclasses.replace(getattr(self, s), **grouped.get(s, {}))
+                    for s in _SECTIONS}
+        return TrialConfig(**sections)
+
+    def with_overrides(self, assignments: Iterable[str]) -> "TrialConfig":
+        """Apply ``key=value`` strings (values parsed as YAML: ``0.1``, ``true``, ``[8,16]``)."""
+        values = {}
+        for text in assignments:
+            key, sep, raw = text.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"override {text!r} is invalid: allowed the form key=value, "
+                                  "e.g. optim.lr=0.1")
+            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        return self.replace(values)
+
+    # -- export -------------------------------------------------------------------------
+    def to_flat(self) -> dict[str, Any]:
+        """Dotted keys to plain values (tuples become lists), for Tune, Optuna and MLflow."""
+        flat = {}
+        for section in _SECTIONS:
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                flat[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value
+        return flat
+
+    def to_nested(self) -> dict[str, dict[str, Any]]:
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in self.to_flat().items():
+            section, _, name = key.partition(".")
+            nested.setdefault(section, {})[name] = value
+        return nested
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_nested(), sort_keys=False)
+
+
+def _dotted(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Flatten one level of nesting: ``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {key!r} is invalid: allowed strings such as optim.lr")
+        if isinstance(value, Mapping):
+            for sub, sub_value in value.items():
+                flat[f"{key}.{sub}"] = sub_value
+        else:
+            flat[key] = value
+    return flat
+
+
+def _read_yaml(path: str | Path) -> Mapping[str, Any]:
+    with open(path) as fh:
+        loaded = yaml.safe_load(fh) or {}
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(f"config file {str(path)!r} is invalid: allowed a YAML mapping of "
+                          "sections (data, model, optim, precision, train) or dotted keys")
+    return loaded

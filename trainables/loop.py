@@ -1,0 +1,256 @@
+"""The one training function: data -> model -> optimizer -> epochs -> report + checkpoint.
+
+:func:`run_trial` trains one :class:`~trainables.config.TrialConfig` and reports through a
+:class:`~trainables.sessions.Session`: a plain list (tests, scripts), a Ray Tune function
+trial (one worker, no worker group), or a Ray Train worker (DDP, ``num_workers > 1``).
+Precision (``fp32 | amp_bf16 | amp_fp16``) is a switch inside it, not another loop.
+
+Every epoch reports ``train_loss, train_acc, test_loss, test_acc`` (``val_*`` with a
+validation split), ``lr``, ``epoch_seconds``, ``train_seconds``, ``images_per_s`` and
+writes a checkpoint (model, optimizer, scheduler, scaler, config, epoch, history, RNG).
+A run resumed from a checkpoint ends with the same numbers as an uninterrupted one: every
+epoch seeds its own shuffle, crops and dropout from ``(seed, epoch, rank)``.
+
+Example::
+
+    from trainables import TrialConfig, run_trial, LocalSession
+    cfg = TrialConfig().with_overrides(["data.root=../shared/data", "train.epochs=1"])
+    history = run_trial(cfg, LocalSession())
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import optim
+from trainables.config import OptimConfig, TrainConfig, TrialConfig
+from trainables.data import BatchLoader, load_splits
+from trainables.models import build_model
+from trainables.sessions import STATE_FILE, Session
+
+__all__ = ["run_trial", "build_schedule", "pick_device", "train_loop_per_worker"]
+
+_AMP_DTYPES = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
+
+
+def pick_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
+    if cfg.use_gpu and cfg.device in ("auto", "cuda"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if cfg.device == "cuda":
+            raise RuntimeError("train.device=cuda but no CUDA device is visible to this worker")
+    return torch.device("cpu")
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step multiplier of the base learning rate.
+
+    - constant: 1.
+    - step: ``gamma ** (epoch // step_epochs)``.
+    - cosine: linear warm-up over ``warmup_fraction`` of all steps, then cosine to 0.
+    - onecycle: linear warm-up from 0.1 to 1, then linear decay to 0 (the fast recipe).
+    """
+    total = max(1, epochs * steps_per_epoch)
+    warmup = int(cfg.warmup_fraction * total)
+
+    def factor(step: int) -> float:
+        if cfg.schedule == "constant":
+            return 1.0
+        if cfg.schedule == "step":
+            return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_epochs)
+        if step < warmup:
+            start = 0.1 if cfg.schedule == "onecycle" else 0.0
+            return start + (1.0 - start) * (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class _Counts:
+    """Running sums kept on the device: one host sync per epoch, not per batch."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    n: int = 0
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "_Counts":
+        z = torch.zeros((), dtype=torch.float64, device=device)
+        return cls(z.clone(), z.clone())
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss += loss.detach().double() * len(y)
+        self.correct += (logits.argmax(dim=1) == y).sum()
+        self.n += len(y)
+
+    def reduce(self) -> tuple[float, float, int]:
+        """(mean loss, accuracy, examples) summed over all DDP ranks."""
+        t = torch.stack([self.loss, self.correct,
+                         torch.tensor(float(self.n), dtype=torch.float64,
+                                      device=self.loss.device)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t)
+        loss, correct, n = t.tolist()
+        return loss / max(n, 1), correct / max(n, 1), int(n)
+
+
+class _Trainer:
+    """The state of one trial on one worker; :func:`run_trial` drives it."""
+
+    def __init__(self, cfg: TrialConfig, session: Session) -> None:
+        self.cfg, self.session = cfg, session
+        self.device = pick_device(cfg.train, session.local_rank)
+        threads = cfg.train.threads or max(1, round(cfg.train.cpus_per_worker))
+        torch.set_num_threads(threads)
+        torch.manual_seed(cfg.train.seed)  # model init is identical on every rank
+        self.splits = load_splits(cfg.data, seed=cfg.train.seed)
+        model = build_model(cfg.model, self.splits.in_channels, self.splits.image_size,
+                            self.splits.num_classes).to(self.device)
+        self.model = model
+        self.ddp_model: nn.Module = model
+        if session.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        o = cfg.optim
+        self.optimizer = optim.build(o.name, model.parameters(), lr=o.lr, momentum=o.momentum,
+                                     nesterov=o.nesterov, weight_decay=o.weight_decay)
+        self.train_loader = self._loader("train", cfg.data.batch_size)
+        self.eval_loaders = {"test": self._loader("test", cfg.data.test_batch_size)}
+        if self.splits.val is not None:
+            self.eval_loaders["val"] = self._loader("val", cfg.data.test_batch_size)
+        self.scheduler = build_schedule(self.optimizer, o, cfg.train.epochs,
+                                        len(self.train_loader))
+        mode = cfg.precision.mode
+        self.amp_dtype = _AMP_DTYPES.get(mode)
+        # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=mode == "amp_fp16")
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+
+    def _loader(self, split: str, batch_size: int) -> BatchLoader:
+        return self.splits.loader(split, batch_size, self.device, seed=self.cfg.train.seed,
+                                  rank=self.session.world_rank,
+                                  world_size=self.session.world_size)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # -- epochs ---------------------------------------------------------------------------
+    def _seed_epoch(self, epoch: int) -> None:
+        # Dropout and any other torch randomness of this epoch, independent of history.
+        torch.manual_seed((self.cfg.train.seed * 1_000_003 + epoch) * 64 + self.session.world_rank)
+        self.train_loader.set_epoch(epoch)
+
+    def train_epoch(self) -> tuple[float, float, int, float]:
+        self.ddp_model.train()
+        counts = _Counts.zeros(self.device)
+        start = time.perf_counter()
+        for x, y in self.train_loader:
+            with self._autocast():
+                logits = self.ddp_model(x)
+                loss = self.loss_fn(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            counts.add(loss, logits, y)
+        loss, acc, n = counts.reduce()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return loss, acc, n, time.perf_counter() - start
+
+    @torch.no_grad()
+    def evaluate(self, loader: BatchLoader) -> tuple[float, float]:
+        self.model.eval()  # the bare model: evaluation needs no gradient sync
+        counts = _Counts.zeros(self.device)
+        for x, y in loader:
+            with self._autocast():
+                logits = self.model(x)
+                loss = self.loss_fn(logits.float(), y)
+            counts.add(loss, logits, y)
+        loss, acc, _ = counts.reduce()
+        return loss, acc
+
+    def run_epoch(self) -> dict[str, Any]:
+        epoch_start = time.perf_counter()
+        self._seed_epoch(self.epoch)
+        lr = self.optimizer.param_groups[0]["lr"]
+        train_loss, train_acc, n, train_seconds = self.train_epoch()
+        metrics: dict[str, Any] = {"epoch": self.epoch + 1, "train_loss": train_loss,
+                                   "train_acc": train_acc, "lr": lr}
+        for split, loader in self.eval_loaders.items():
+            metrics[f"{split}_loss"], metrics[f"{split}_acc"] = self.evaluate(loader)
+        metrics.update(train_seconds=train_seconds, images_per_s=n / max(train_seconds, 1e-9),
+                       epoch_seconds=time.perf_counter() - epoch_start)
+        self.epoch += 1
+        return metrics
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "config": self.cfg.to_flat(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "rng": torch.get_rng_state(),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.history = int(state["epoch"]), list(state["history"])
+        torch.set_rng_state(state["rng"])
+
+
+def run_trial(cfg: TrialConfig, session: Session) -> list[dict[str, Any]]:
+    """Train ``cfg`` to ``train.epochs``, reporting each epoch to ``session``.
+
+    Resumes from ``session.load_state()`` when the session holds a checkpoint. Returns the
+    per-epoch metrics (the whole history, resumed epochs included).
+    """
+    trainer = _Trainer(cfg, session)
+    state = session.load_state()
+    if state is not None:
+        trainer.restore(state)
+    while trainer.epoch < cfg.train.epochs:
+        metrics = trainer.run_epoch()
+        metrics["device"] = str(trainer.device)
+        trainer.history.append(metrics)
+        if cfg.train.checkpoint and session.world_rank == 0:
+            with tempfile.TemporaryDirectory(prefix="qsweep-ckpt-") as directory:
+                torch.save(trainer.state(), os.path.join(directory, STATE_FILE))
+                session.report(metrics, directory)
+        else:
+            session.report(metrics, None)
+    return trainer.history
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: rebuild the config from its flat keys, train under DDP."""
+    from trainables.sessions import RayTrainSession
+
+    run_trial(TrialConfig.from_flat(config), RayTrainSession())
