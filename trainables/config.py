@@ -121,8 +121,9 @@ class _Section:
         below = value <= lo if lo_open else value < lo
         above = value >= hi if hi_open else value > hi
         if math.isnan(value) or below or above:
-            left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-            _fail(self._name(field_name), value, f"a value in {left}{lo}, {hi}{right}")
+            lower = f"> {lo}" if lo_open else f">= {lo}"
+            upper = "" if hi == INF else (f" and < {hi}" if hi_open else f" and <= {hi}")
+            _fail(self._name(field_name), value, f"a value {lower}{upper}")
 
     def _validate(self) -> None:  # overridden by sections with rules
         pass
@@ -237,6 +238,7 @@ class TrainConfig(_Section):
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # with use_gpu; fractional lets small trials share a GPU
     threads: int = 0  # torch intra-op threads per worker; 0: round(cpus_per_worker)
     device: str = "auto"  # auto: cuda when use_gpu and available, else cpu
     checkpoint: bool = True  # a checkpoint every epoch (model, optimizer, schedule, RNG)
@@ -246,6 +248,7 @@ class TrainConfig(_Section):
         self._range("seed", 0, 2**31 - 1)
         self._range("num_workers", 1, 4096)
         self._range("cpus_per_worker", 0.0, 1024, lo_open=True)
+        self._range("gpus_per_worker", 0.0, 64, lo_open=True)
         self._range("threads", 0, 1024)
         self._choice("device", DEVICES)
         if self.device == "cuda" and not self.use_gpu:
@@ -282,7 +285,11 @@ class TrialConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrialConfig":
-        return cls().replace(_read_yaml(path))
+        return cls().with_yaml(path)
+
+    def with_yaml(self, path: str | Path) -> "TrialConfig":
+        """A copy with the overrides of a YAML file (sections or dotted keys) applied."""
+        return self.replace(_read_yaml(path))
 
     def replace(self, values: Mapping[str, Any]) -> "TrialConfig":
         """A copy with ``values`` (nested or dotted keys) applied, validated."""

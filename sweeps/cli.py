@@ -1,0 +1,97 @@
+"""Flags every sweep script shares, and the summary it prints at the end."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from trainables.config import ConfigError, TrialConfig
+from trainables.tracking import default_tracking_uri
+
+__all__ = ["common_parser", "base_config", "tracking_uri", "print_summary", "main_guard"]
+
+
+def common_parser(description: str, num_samples: int, max_concurrent: int,
+                  epochs: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--num-samples", type=int, default=num_samples,
+                   help="trials Optuna proposes")
+    p.add_argument("--max-concurrent", type=int, default=max_concurrent,
+                   help="trials running at once")
+    p.add_argument("--epochs", type=int, default=epochs, help="epochs per trial (ASHA max_t)")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="tiny subset, few trials: checks the whole path in minutes")
+    p.add_argument("--data-root", default=None,
+                   help="dataset folder (default: $QSWEEP_DATA, else ./data)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
+                        "in the working directory); an http:// server works too")
+    p.add_argument("--storage-path", default="ray_results",
+                   help="Ray Tune results and checkpoints (shared storage on a cluster)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: join the cluster running on this "
+                        "node, as under `ray submit`, else start an embedded one)")
+    p.add_argument("--seed", type=int, default=0, help="searcher seed and base trial seed")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="data-parallel workers per trial (>1: Ray Train DDP)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="GPUs per worker (fractional shares a GPU between trials); 0: CPU")
+    p.add_argument("--config", default=None, help="YAML file of config overrides")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="config override, e.g. --set optim.momentum=0.8")
+    return p
+
+
+def base_config(args: argparse.Namespace, defaults: Sequence[str],
+                smoke: Sequence[str]) -> TrialConfig:
+    """Script defaults, then --smoke-test sizes, --config file, flags and --set overrides."""
+    cfg = TrialConfig().with_overrides(defaults)
+    if args.smoke_test:
+        cfg = cfg.with_overrides(smoke)
+    if args.config:
+        cfg = cfg.with_yaml(args.config)
+    flags = [f"train.epochs={args.epochs}", f"train.seed={args.seed}",
+             f"train.num_workers={args.num_workers}",
+             f"train.cpus_per_worker={args.cpus_per_worker}"]
+    if args.smoke_test:
+        flags = flags[1:]  # the smoke test keeps its own (short) epochs
+    if args.gpus_per_trial > 0:
+        flags += ["train.use_gpu=true", f"train.gpus_per_worker={args.gpus_per_trial}"]
+    if args.data_root:
+        flags.append(f"data.root={args.data_root}")
+    return cfg.with_overrides(flags).with_overrides(args.overrides)
+
+
+def tracking_uri(args: argparse.Namespace) -> str:
+    return args.tracking_uri or default_tracking_uri()
+
+
+def print_summary(outcome: Any, metric: str) -> None:
+    from sweeps.runner import mlflow_ui_command
+
+    best = outcome.best
+    print("\n=== sweep finished ===")
+    print(f"trials: {len(outcome.rows)}  "
+          f"(finished {sum(r['status'] == 'FINISHED' for r in outcome.rows)}, "
+          f"stopped early by ASHA {sum(r['status'] == 'KILLED' for r in outcome.rows)})")
+    print(f"best trial {best['trial_id']} (MLflow run {best['mlflow_run_id']}):")
+    for key, value in best.items():
+        if key not in ("trial_id", "mlflow_run_id"):
+            print(f"  {key:>20} = {value:.6g}" if isinstance(value, float)
+                  else f"  {key:>20} = {value}")
+    print(f"\nMLflow experiment {outcome.experiment!r}, parent run {outcome.parent_run_id}")
+    print(f"See the results:  {mlflow_ui_command(outcome.tracking_uri)}")
+
+
+def main_guard(main: Callable[[], int]) -> None:
+    """Exit 2 with the message (no traceback) for bad input; anything else propagates."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        sys.exit(main())
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,240 @@
+"""Run a sweep: Optuna (define-by-run, TPE) proposes, ASHA stops, MLflow records.
+
+Every sweep script describes a :class:`Sweep` (a base config, a search space function,
+the metric) and calls :func:`run_sweep`. Before any Ray work starts, the space is sampled
+once and every proposed config validated, and the MLflow store is opened: bad input fails
+in a second with the field's name, not minutes later inside a worker.
+
+Example::
+
+    def space(trial):
+        trial.suggest_float("optim.lr", 1e-3, 0.5, log=True)
+
+    outcome = run_sweep(Sweep(name="demo", base=TrialConfig(), space=space, num_samples=4))
+    print(outcome.best["test_acc"])
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from trainables.config import ConfigError, TrialConfig
+from trainables.data import cache_dir, data_root
+from trainables.tracking import MLflowSweepCallback, SweepTracker, default_tracking_uri
+
+__all__ = ["Sweep", "SweepOutcome", "run_sweep", "validate_space", "mlflow_ui_command"]
+
+SpaceFn = Callable[[Any], "dict[str, Any] | None"]
+
+SUMMARY_METRICS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "val_acc",
+                   "images_per_s")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What to search, how long, and where to record it."""
+
+    name: str
+    base: TrialConfig
+    space: SpaceFn
+    num_samples: int = 8
+    max_concurrent: int = 2
+    metric: str = "test_acc"
+    mode: str = "max"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    seed: int = 0
+    tracking_uri: str = field(default_factory=default_tracking_uri)
+    storage_path: str = "ray_results"
+    address: str | None = None
+    max_failures: int = 0
+
+    def __post_init__(self) -> None:
+        for name, low in (("num_samples", 1), ("max_concurrent", 1), ("grace_period", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: allowed >= {low}")
+        if self.mode not in ("max", "min"):
+            raise ConfigError(f"mode={self.mode!r} is invalid: allowed max or min")
+        if self.grace_period > self.base.train.epochs:
+            raise ConfigError(f"grace_period={self.grace_period} is invalid: allowed <= "
+                              f"train.epochs ({self.base.train.epochs})")
+        if self.reduction_factor <= 1:
+            raise ConfigError(f"reduction_factor={self.reduction_factor} is invalid: "
+                              "allowed > 1")
+
+
+@dataclass
+class SweepOutcome:
+    best: dict[str, Any]
+    best_config: dict[str, Any]
+    rows: list[dict[str, Any]]
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+
+
+def validate_space(base: TrialConfig, space: SpaceFn, samples: int = 5) -> list[str]:
+    """Sample the define-by-run space a few times; every config it proposes must be valid.
+
+    Returns the keys the space searched (for the sweep's comparison table)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    keys: dict[str, None] = {}
+    for _ in range(samples):
+        trial = study.ask()
+        constants = space(trial) or {}
+        try:
+            base.replace({**trial.params, **constants})
+        except ConfigError as exc:
+            raise ConfigError(f"the search space proposes an invalid config: {exc}") from None
+        study.tell(trial, 0.0)
+        keys.update(dict.fromkeys(trial.params))
+    return list(keys)
+
+
+def _absolute_paths(base: TrialConfig) -> TrialConfig:
+    # Tune runs trials inside their trial folders: relative paths must be made absolute.
+    return base.replace({"data.root": str(data_root(base.data).resolve()),
+                         "data.cache_dir": str(cache_dir(base.data).resolve())})
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local runs need no token
+    # With no address, ray.init joins a cluster already running on this node (as under
+    # `ray submit`) and otherwise starts an embedded one.
+    ray.init(address=address, include_dashboard=False, configure_logging=True,
+             logging_level="WARNING", log_to_driver=True)
+
+
+def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from trainables.tune_trial import trainable
+
+    searcher = OptunaSearch(space=sweep.space, metric=sweep.metric, mode=sweep.mode,
+                            sampler=optuna.samplers.TPESampler(seed=sweep.seed))
+    scheduler = ASHAScheduler(time_attr="training_iteration", metric=sweep.metric,
+                              mode=sweep.mode, max_t=base.train.epochs,
+                              grace_period=sweep.grace_period,
+                              reduction_factor=sweep.reduction_factor)
+    return tune.Tuner(
+        trainable(),
+        param_space=base.to_flat(),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=sweep.num_samples,
+                                    max_concurrent_trials=sweep.max_concurrent,
+                                    trial_name_creator=_trial_name,
+                                    trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(
+            name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(Path(sweep.storage_path).resolve()),
+            callbacks=[callback],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+            verbose=1,
+        ),
+    )
+
+
+def _trial_name(trial: Any) -> str:
+    # Tune's default names spell out every config key: too long for paths and the UI.
+    return f"trial_{trial.trial_id}"
+
+
+def run_sweep(sweep: Sweep) -> SweepOutcome:
+    """Validate, run the Tune search, and record the sweep as a parent MLflow run."""
+    base = _absolute_paths(sweep.base)
+    searched = validate_space(base, sweep.space)
+    tracker = SweepTracker(sweep.tracking_uri, sweep.name)  # fails now if the store is bad
+    parent = tracker.start_sweep(
+        f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        params={"sweep.num_samples": sweep.num_samples, "sweep.metric": sweep.metric,
+                "sweep.mode": sweep.mode, "sweep.max_concurrent": sweep.max_concurrent,
+                "sweep.grace_period": sweep.grace_period, "sweep.seed": sweep.seed,
+                **base.to_flat()},
+        tags={"sweep": sweep.name, "kind": "sweep"})
+    callback = MLflowSweepCallback(tracker)
+    try:
+        _init_ray(sweep.address)
+        results = _tuner(sweep, base, callback).fit()
+        outcome = _summarize(sweep, results, callback, tracker, parent, searched)
+    except KeyboardInterrupt:
+        tracker.end_run(parent, "KILLED")
+        raise
+    except BaseException:
+        tracker.end_run(parent, "FAILED")
+        raise
+    tracker.end_run(parent, "FINISHED")
+    return outcome
+
+
+def _summarize(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
+               tracker: SweepTracker, parent: str, searched: list[str]) -> SweepOutcome:
+    rows = []
+    for result in results:
+        if not result.metrics:
+            continue
+        trial_id = result.metrics.get("trial_id", "")
+        params = {k: result.config[k] for k in searched if k in result.config}
+        row = {"trial_id": trial_id, "status": callback.statuses.get(trial_id, "UNKNOWN"),
+               "mlflow_run_id": callback.run_ids.get(trial_id, ""), **params}
+        row.update({k: result.metrics.get(k) for k in SUMMARY_METRICS if k in result.metrics})
+        rows.append(row)
+    if not rows:
+        raise RuntimeError(f"sweep {sweep.name!r}: no trial reported a result; see the "
+                           "errors above and the FAILED child runs in MLflow")
+    sign = 1.0 if sweep.mode == "max" else -1.0
+    best = max(rows, key=lambda r: sign * r[sweep.metric] if sweep.metric in r
+               else float("-inf"))
+    best_result = next(r for r in results if r.metrics and
+                       r.metrics.get("trial_id") == best["trial_id"])
+    tracker.log_text(parent, _to_csv(rows), "trials.csv")
+    tracker.log_text(parent, _to_markdown(rows), "trials.md")
+    tracker.log_metrics(parent, {f"best_{k}": v for k, v in best.items()
+                                 if k in SUMMARY_METRICS}, step=0)
+    tracker.set_tags(parent, {"best_trial_id": best["trial_id"],
+                              "best_mlflow_run_id": best["mlflow_run_id"]})
+    return SweepOutcome(best=best, best_config=dict(best_result.config), rows=rows,
+                        parent_run_id=parent, tracking_uri=sweep.tracking_uri,
+                        experiment=sweep.name)
+
+
+def _to_csv(rows: list[dict[str, Any]]) -> str:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _to_markdown(rows: list[dict[str, Any]]) -> str:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_format(row.get(k, "")) for k in keys) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def mlflow_ui_command(tracking_uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"

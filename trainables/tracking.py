@@ -1,0 +1,278 @@
+"""MLflow tracking: one experiment per sweep, a parent run per sweep, a nested child run
+per trial, written from the Ray driver.
+
+Ray's MLflow integrations neither nest runs (ray issue 19978) nor send artifacts through
+an ``http://`` tracking server from remote nodes (ray issue 36257), and a trial stopped by
+ASHA stays RUNNING under ``setup_mlflow``. So all writing happens on the driver, in a Tune
+:class:`~ray.tune.Callback` (:class:`MLflowSweepCallback`) that sees every result and every
+ending: one writer per store (no SQLite lock contention between trials), artifacts go
+wherever the tracking URI says (a server proxies them), and every child run ends
+FINISHED, KILLED (stopped early by the scheduler) or FAILED.
+
+:class:`SweepTracker` is the plain-MLflow part (no Ray), usable from any script.
+
+Example::
+
+    tracker = SweepTracker("sqlite:///mlflow.db", "baseline")
+    parent = tracker.start_sweep("baseline-1", params={"num_samples": 8})
+    child = tracker.start_trial("trial-0", TrialConfig().to_flat(), tags={})
+    tracker.log_metrics(child, {"test_acc": 0.99}, step=1)
+    tracker.end_run(child, "FINISHED")
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+from urllib.parse import urlparse
+
+from ray.tune import Callback
+
+__all__ = ["SweepTracker", "MLflowSweepCallback", "default_tracking_uri", "environment_tags",
+           "git_sha", "plot_curves"]
+
+_PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else a SQLite store ``mlflow.db`` in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def git_sha() -> str:
+    """The project's commit (``-dirty`` if changed), or ``$QSWEEP_GIT_SHA``, or unknown."""
+    if os.environ.get("QSWEEP_GIT_SHA"):
+        return os.environ["QSWEEP_GIT_SHA"]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_PROJECT_DIR, text=True,
+                             capture_output=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=_PROJECT_DIR, text=True, capture_output=True,
+                               timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_tags() -> dict[str, str]:
+    """Code version, host and library versions: what a result needs to be reproduced."""
+    import mlflow
+    import torch
+
+    tags = {"git_sha": git_sha(), "hostname": socket.gethostname(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "mlflow": mlflow.__version__}
+    try:
+        import ray
+
+        tags["ray"] = ray.__version__
+    except ImportError:
+        pass
+    tags["mlflow.source.git.commit"] = tags["git_sha"].removesuffix("-dirty")
+    return tags
+
+
+class SweepTracker:
+    """Thin, explicit wrapper over :class:`mlflow.tracking.MlflowClient` (no global state)."""
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        existing = self.client.get_experiment_by_name(experiment)
+        if existing is not None:
+            self.experiment_id = existing.experiment_id
+        else:
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=_artifact_location(tracking_uri, experiment))
+        self.parent_run_id: str | None = None
+
+    def start_sweep(self, run_name: str, params: Mapping[str, Any] | None = None,
+                    tags: Mapping[str, str] | None = None) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                     tags={**environment_tags(), **(tags or {})})
+        self.parent_run_id = run.info.run_id
+        if params:
+            self.log_params(self.parent_run_id, params)
+        return self.parent_run_id
+
+    def start_trial(self, run_name: str, params: Mapping[str, Any],
+                    tags: Mapping[str, str]) -> str:
+        nested = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                     tags={**environment_tags(), **tags, **nested})
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, str(value))
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None
+                     ) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def end_run(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status=status)
+
+
+def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Artifacts beside a SQLite store; a server (``http://``) chooses (and proxies) its own."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme == "sqlite":
+        db_path = Path(tracking_uri[len("sqlite:///"):])
+        return (db_path.parent / "mlartifacts" / experiment).resolve().as_uri()
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def plot_curves(history: Iterable[Mapping[str, Any]], path: str | Path, title: str) -> Path:
+    """Loss and accuracy per epoch (train, test, val when present) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(history)
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, kind in zip(axes, ("loss", "acc")):
+        for split in ("train", "val", "test"):
+            key = f"{split}_{kind}"
+            if rows and key in rows[0]:
+                ax.plot(epochs, [r[key] for r in rows], marker="o", label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(kind)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+class MLflowSweepCallback(Callback):
+    """Mirror every Tune trial into a nested MLflow child run of the sweep's parent run.
+
+    Per result: numeric metrics with ``step = epoch``. At the end: ``config.yaml``, the
+    final checkpoint, ``curves.png``; status FINISHED when all ``train.epochs`` ran,
+    KILLED when the scheduler stopped it early, FAILED (with the error) on an exception.
+    """
+
+    def __init__(self, tracker: SweepTracker, log_checkpoint: bool = True) -> None:
+        self.tracker = tracker
+        self.log_checkpoint = log_checkpoint
+        self.run_ids: dict[str, str] = {}
+        self.histories: dict[str, list[dict[str, Any]]] = {}
+        self.statuses: dict[str, str] = {}
+        self._checkpoint_paths: dict[str, str] = {}
+
+    # -- Tune hooks -----------------------------------------------------------------------
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self.run_ids:  # restarted after a failure: same run
+            return
+        config = dict(trial.config)
+        tags = {"trial_id": trial.trial_id, "seed": str(config.get("train.seed", "")),
+                "num_workers": str(config.get("train.num_workers", 1))}
+        self.run_ids[trial.trial_id] = self.tracker.start_trial(str(trial), config, tags)
+        self.histories[trial.trial_id] = []
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any,
+                        result: dict[str, Any], **info: Any) -> None:
+        run_id = self.run_ids.get(trial.trial_id)
+        if run_id is None:
+            return
+        history = self.histories[trial.trial_id]
+        if not history:  # first report: where it ran
+            self.tracker.set_tags(run_id, {"device": result.get("device", "unknown"),
+                                           "worker_hostname": result.get("hostname", "")})
+        metrics = {k: v for k, v in result.items() if k in _EPOCH_METRICS}
+        history.append(metrics)
+        self.tracker.log_metrics(run_id, metrics, step=int(result.get("epoch", len(history))))
+        if result.get("checkpoint_path"):  # a Ray Train (DDP) trial's own checkpoint
+            self._checkpoint_paths[trial.trial_id] = result["checkpoint_path"]
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any
+                          ) -> None:
+        epochs = int(trial.config.get("train.epochs", 0))
+        done = len(self.histories.get(trial.trial_id, [])) >= epochs
+        self._finish(trial, "FINISHED" if done else "KILLED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "FAILED")
+
+    # -- endings --------------------------------------------------------------------------
+    def _finish(self, trial: Any, status: str) -> None:
+        run_id = self.run_ids.get(trial.trial_id)
+        if run_id is None or trial.trial_id in self.statuses:
+            return
+        self.statuses[trial.trial_id] = status
+        try:
+            self._log_trial_artifacts(trial, run_id, status)
+        finally:  # whatever happened to the artifacts, the run must not stay RUNNING
+            self.tracker.set_tags(run_id, {"ended_as": status})
+            self.tracker.end_run(run_id, status)
+
+    def _log_trial_artifacts(self, trial: Any, run_id: str, status: str) -> None:
+        import yaml
+
+        from trainables.config import TrialConfig
+
+        config = {k: v for k, v in trial.config.items() if "." in k}
+        try:
+            text = TrialConfig.from_flat(config).to_yaml()
+        except ValueError:
+            text = yaml.safe_dump(config)
+        self.tracker.log_text(run_id, text, "config.yaml")
+        history = self.histories.get(trial.trial_id, [])
+        if history:
+            with tempfile.TemporaryDirectory() as tmp:
+                png = plot_curves(history, Path(tmp) / "curves.png", f"{trial} ({status})")
+                self.tracker.log_artifact(run_id, png)
+        if status == "FAILED":
+            error = getattr(trial, "error_file", None) or ""
+            if error and Path(error).exists():
+                self.tracker.log_artifact(run_id, error, "error")
+        checkpoint = self._checkpoint_dir(trial)
+        if self.log_checkpoint and checkpoint:
+            for item in Path(checkpoint).iterdir():
+                self.tracker.log_artifact(run_id, item, "checkpoint")
+
+    def _checkpoint_dir(self, trial: Any) -> str | None:
+        path = self._checkpoint_paths.get(trial.trial_id)
+        if path is None and getattr(trial, "checkpoint", None) is not None:
+            path = trial.checkpoint.path
+        return path if path and Path(path).is_dir() else None
+
+
+_EPOCH_METRICS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss",
+                  "val_acc", "lr", "epoch_seconds", "train_seconds", "images_per_s")
