@@ -1,0 +1,112 @@
+"""The training loop in-process: learning, metrics, determinism, schedules, precision,
+and checkpoint-resume equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainables.config import OptimConfig, TrialConfig
+from trainables.loop import build_schedule, run_trial
+from trainables.sessions import LocalSession, load_state_file
+
+TIMINGS = {"epoch_seconds", "train_seconds", "images_per_s"}
+
+
+def tiny(root: Path, *overrides: str) -> TrialConfig:
+    return TrialConfig().with_overrides([
+        f"data.root={root}", "data.batch_size=32", "data.test_batch_size=64",
+        "model.name=lenet", "model.channels=[4,8]", "model.hidden=[32]",
+        "optim.lr=0.05", "train.epochs=3", *overrides])
+
+
+def without_timings(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k not in TIMINGS} for m in history]
+
+
+def test_learns_and_reports_every_epoch(tiny_root: Path) -> None:
+    session = LocalSession()
+    history = run_trial(tiny(tiny_root), session)
+    assert session.reports == history and [m["epoch"] for m in history] == [1, 2, 3]
+    expected = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
+                "epoch_seconds", "train_seconds", "images_per_s", "device"}
+    assert set(history[0]) == expected
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["test_acc"] > 0.5  # 10 classes: chance is 0.1
+    assert all(m["images_per_s"] > 0 and m["device"] == "cpu" for m in history)
+
+
+def test_same_seed_same_numbers(tiny_root: Path) -> None:
+    a = run_trial(tiny(tiny_root, "train.epochs=2"), LocalSession())
+    b = run_trial(tiny(tiny_root, "train.epochs=2"), LocalSession())
+    c = run_trial(tiny(tiny_root, "train.epochs=2", "train.seed=1"), LocalSession())
+    assert without_timings(a) == without_timings(b)
+    assert without_timings(a) != without_timings(c)
+
+
+@pytest.mark.parametrize("extra", [[], ["data.name=cifar10", "model.dropout=0.3"]])
+def test_resume_from_checkpoint_equals_uninterrupted(tiny_root: Path, tmp_path: Path,
+                                                     extra: list[str]) -> None:
+    cfg = tiny(tiny_root, *extra)  # cifar10: augmentation and dropout draw random numbers
+    full = LocalSession(checkpoint_dir=tmp_path / "full")
+    uninterrupted = run_trial(cfg, full)
+    crashed = LocalSession(checkpoint_dir=tmp_path / "ckpt", stop_after=1)
+    with pytest.raises(InterruptedError):
+        run_trial(cfg, crashed)
+    assert load_state_file(tmp_path / "ckpt")["epoch"] == 1
+    resumed_session = LocalSession(checkpoint_dir=tmp_path / "resumed",
+                                   resume_from=tmp_path / "ckpt")
+    resumed = run_trial(cfg, resumed_session)
+    assert len(resumed_session.reports) == 2  # only the epochs that were missing
+    assert without_timings(resumed) == without_timings(uninterrupted)
+    a, b = load_state_file(tmp_path / "full"), load_state_file(tmp_path / "resumed")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_checkpoint_holds_what_resume_needs(tiny_root: Path, tmp_path: Path) -> None:
+    run_trial(tiny(tiny_root, "train.epochs=1"), LocalSession(checkpoint_dir=tmp_path / "c"))
+    state = load_state_file(tmp_path / "c")
+    assert set(state) == {"model", "optimizer", "scheduler", "scaler", "config", "epoch",
+                          "history", "rng"}
+    assert TrialConfig.from_flat(state["config"]).optim.lr == 0.05
+
+
+def test_validation_split_is_reported(tiny_root: Path) -> None:
+    history = run_trial(tiny(tiny_root, "train.epochs=1", "data.val_fraction=0.2"),
+                        LocalSession())
+    assert {"val_loss", "val_acc"} <= set(history[0])
+
+
+@pytest.mark.parametrize("mode", ["amp_bf16", "amp_fp16"])
+def test_mixed_precision_trains_on_cpu(tiny_root: Path, mode: str) -> None:
+    history = run_trial(tiny(tiny_root, "train.epochs=2", f"precision.mode={mode}",
+                             "model.name=mlp", "model.widths=[32]"), LocalSession())
+    assert all(math.isfinite(m["train_loss"]) for m in history)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def _factors(cfg: OptimConfig, epochs: int, steps: int) -> list[float]:
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = build_schedule(opt, cfg, epochs, steps)
+    out = []
+    for _ in range(epochs * steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_schedules_against_hand_computed_values() -> None:
+    assert _factors(OptimConfig(schedule="constant"), 2, 3) == [1.0] * 6
+    step = _factors(OptimConfig(schedule="step", step_epochs=1, gamma=0.5), 3, 2)
+    assert step == [1, 1, 0.5, 0.5, 0.25, 0.25]
+    # onecycle, 10 steps, warm-up 2: 0.1 + 0.9*(s+1)/2 for s < 2, then 1 - (s-2)/8
+    onecycle = _factors(OptimConfig(schedule="onecycle", warmup_fraction=0.2), 1, 10)
+    assert onecycle == pytest.approx([0.55, 1.0] + [1 - k / 8 for k in range(8)])
+    cosine = _factors(OptimConfig(schedule="cosine", warmup_fraction=0.0), 1, 4)
+    assert cosine == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])
