@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainables.config import ConfigError, TrialConfig
-from trainables.data import cache_dir, data_root
+from trainables.data import cache_dir, data_root, prepare_data
 from trainables.tracking import MLflowSweepCallback, SweepTracker, default_tracking_uri
 
 __all__ = ["Sweep", "SweepOutcome", "run_sweep", "validate_space", "mlflow_ui_command"]
@@ -54,6 +54,10 @@ class Sweep:
     storage_path: str = "ray_results"
     address: str | None = None
     max_failures: int = 0
+    # Decode (or download) the dataset on the driver first: a missing dataset fails before
+    # any trial starts, and concurrent trials then share one cache instead of racing to
+    # decode. Turn off where the data exists only on worker nodes.
+    prepare_data: bool = True
 
     def __post_init__(self) -> None:
         for name, low in (("num_samples", 1), ("max_concurrent", 1), ("grace_period", 1)):
@@ -114,7 +118,7 @@ def _init_ray(address: str | None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local runs need no token
     # With no address, ray.init joins a cluster already running on this node (as under
     # `ray submit`) and otherwise starts an embedded one.
-    ray.init(address=address, include_dashboard=False, configure_logging=True,
+    ray.init(address=address, configure_logging=True,
              logging_level="WARNING", log_to_driver=True)
 
 
@@ -160,6 +164,8 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     """Validate, run the Tune search, and record the sweep as a parent MLflow run."""
     base = _absolute_paths(sweep.base)
     searched = validate_space(base, sweep.space)
+    if sweep.prepare_data:
+        prepare_data(base.data)
     tracker = SweepTracker(sweep.tracking_uri, sweep.name)  # fails now if the store is bad
     parent = tracker.start_sweep(
         f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -187,8 +193,8 @@ def _summarize(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
                tracker: SweepTracker, parent: str, searched: list[str]) -> SweepOutcome:
     rows = []
     for result in results:
-        if not result.metrics:
-            continue
+        if not result.metrics or sweep.metric not in result.metrics:
+            continue  # failed before its first report
         trial_id = result.metrics.get("trial_id", "")
         params = {k: result.config[k] for k in searched if k in result.config}
         row = {"trial_id": trial_id, "status": callback.statuses.get(trial_id, "UNKNOWN"),

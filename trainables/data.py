@@ -30,7 +30,8 @@ import torch
 
 from trainables.config import DataConfig
 
-__all__ = ["DataNotFoundError", "Splits", "BatchLoader", "load_splits", "data_root", "cache_dir"]
+__all__ = ["DataNotFoundError", "Splits", "BatchLoader", "load_splits", "prepare_data",
+           "data_root", "cache_dir"]
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -242,6 +243,14 @@ def _load_tensors(cfg: DataConfig) -> dict[str, torch.Tensor]:
     torch.save(tensors, tmp)
     os.replace(tmp, path)  # atomic: concurrent trials never read half a file
     return tensors
+
+
+def prepare_data(cfg: DataConfig) -> None:
+    """Make sure the decoded cache exists (downloading or decoding now if needed).
+
+    Raises :class:`DataNotFoundError` naming the missing files and the data root."""
+    if not _cache_path(cfg, data_root(cfg)).exists():
+        _load_tensors(cfg)
 
 
 # --------------------------------------------------------------------------- splitting

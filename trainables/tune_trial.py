@@ -20,10 +20,10 @@ from trainables.config import TrialConfig
 from trainables.loop import run_trial, train_loop_per_worker
 from trainables.sessions import TuneSession
 
-__all__ = ["trial_function", "trial_resources", "trainable"]
+__all__ = ["qsweep_trial", "trial_resources", "trainable"]
 
 
-def trial_function(config: dict[str, Any]) -> None:
+def qsweep_trial(config: dict[str, Any]) -> None:
     """The Tune function: rebuild the config, train in-process or through a TorchTrainer."""
     cfg = TrialConfig.from_flat(config)
     if cfg.train.num_workers == 1:
@@ -62,10 +62,11 @@ def _fit_torch_trainer(cfg: TrialConfig) -> None:
 def trial_resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
     """In-process trials hold their worker's CPUs/GPUs. A DDP trial's function holds no CPU:
     its TorchTrainer asks for the workers' resources itself (a trial that held one of two
-    CPUs while its trainer asked for two more would never schedule)."""
+    CPUs while its trainer asked for two more would never schedule). Ray refuses an empty
+    bundle, so the function's bundle asks for one byte of memory."""
     t = TrialConfig.from_flat(config).train
     if t.num_workers > 1:
-        return tune.PlacementGroupFactory([{"CPU": 0}])
+        return tune.PlacementGroupFactory([{"memory": 1}])
     bundle = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         bundle["GPU"] = t.gpus_per_worker
@@ -74,4 +75,4 @@ def trial_resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
 
 def trainable():
     """The trial function with its per-config resources, ready for ``tune.Tuner``."""
-    return tune.with_resources(trial_function, trial_resources)
+    return tune.with_resources(qsweep_trial, trial_resources)

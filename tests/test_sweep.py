@@ -1,0 +1,127 @@
+"""A real local Ray runtime and a real SQLite MLflow store: the sweep path end to end,
+failures, and data-parallel (2-worker TorchTrainer) trials."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sweeps.runner import Sweep, run_sweep
+from trainables.config import TrialConfig
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_runtime():
+    import ray
+
+    ray.init(num_cpus=2, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def tiny(root: Path, *overrides: str) -> TrialConfig:
+    return TrialConfig().with_overrides([
+        f"data.root={root}", "data.batch_size=32", "data.test_batch_size=64",
+        "model.name=lenet", "model.channels=[4,8]", "model.hidden=[32]", "train.epochs=2",
+        *overrides])
+
+
+def lr_space(trial) -> None:
+    trial.suggest_float("optim.lr", 0.01, 0.2, log=True)
+
+
+def runs_of(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id])
+
+
+def test_sweep_records_a_parent_run_with_nested_trial_runs(tiny_root: Path,
+                                                           tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    outcome = run_sweep(Sweep(name="t-sweep", base=tiny(tiny_root), space=lr_space,
+                              num_samples=3, max_concurrent=2, tracking_uri=uri,
+                              storage_path=str(tmp_path / "ray")))
+    client = MlflowClient(uri)
+    runs = runs_of(uri, "t-sweep")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.run_id == outcome.parent_run_id and parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"trials.csv",
+                                                                            "trials.md"}
+    assert "best_test_acc" in parent.data.metrics
+    assert parent.data.tags["best_mlflow_run_id"] in {c.info.run_id for c in children}
+    flat = tiny(tiny_root).to_flat()
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status in ("FINISHED", "KILLED")
+        params = child.data.params
+        assert set(flat) <= set(params)
+        assert params["model.channels"] == "[4, 8]"
+        for tag in ("git_sha", "hostname", "torch", "ray", "mlflow", "seed", "device"):
+            assert child.data.tags[tag], tag
+        history = client.get_metric_history(child.info.run_id, "test_acc")
+        steps = sorted(m.step for m in history)
+        assert steps == list(range(1, len(steps) + 1))
+        if child.info.status == "FINISHED":
+            assert steps == [1, 2]
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"config.yaml", "curves.png", "checkpoint"} <= artifacts
+        ckpt = {a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")}
+        assert ckpt == {"checkpoint/state.pt"}
+    assert any(c.info.status == "FINISHED" for c in children)
+    assert outcome.best["test_acc"] == max(r["test_acc"] for r in outcome.rows)
+
+
+def test_failing_trials_end_failed_and_so_does_the_sweep(tiny_root: Path,
+                                                         tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    broken = tiny(tiny_root, "data.name=image_folder", "data.folder=does-not-exist")
+    with pytest.raises(RuntimeError, match="no trial reported"):
+        run_sweep(Sweep(name="t-fail", base=broken, space=lr_space, num_samples=1,
+                        tracking_uri=uri, storage_path=str(tmp_path / "ray"),
+                        prepare_data=False))  # so that the failure happens in the trial
+    statuses = sorted((("mlflow.parentRunId" in r.data.tags), r.info.status)
+                      for r in runs_of(uri, "t-fail"))
+    assert statuses == [(False, "FAILED"), (True, "FAILED")]
+
+
+def test_missing_data_fails_before_any_ray_work(tiny_root: Path, tmp_path: Path) -> None:
+    from trainables.data import DataNotFoundError
+
+    broken = tiny(tiny_root, "data.name=image_folder", "data.folder=does-not-exist")
+    with pytest.raises(DataNotFoundError, match="does-not-exist"):
+        run_sweep(Sweep(name="t-nodata", base=broken, space=lr_space, num_samples=1,
+                        tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                        storage_path=str(tmp_path / "ray")))
+    assert not (tmp_path / "ray").exists()
+
+
+def fixed_lr(trial) -> None:
+    trial.suggest_categorical("optim.lr", [0.05])
+
+
+def test_two_worker_ddp_trial_equals_one_worker_with_the_global_batch(
+        tiny_root: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ddp = tiny(tiny_root, "train.num_workers=2", "data.batch_size=32")
+    single = tiny(tiny_root, "train.num_workers=1", "data.batch_size=64")
+    results = {}
+    for name, cfg in (("t-ddp", ddp), ("t-single", single)):
+        outcome = run_sweep(Sweep(name=name, base=cfg, space=fixed_lr, num_samples=1,
+                                  tracking_uri=uri, storage_path=str(tmp_path / "ray")))
+        (child,) = [r for r in runs_of(uri, name) if "mlflow.parentRunId" in r.data.tags]
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["num_workers"] == str(cfg.train.num_workers)
+        results[name] = outcome.best
+    # DDP averages the two shards' gradients: the same steps as one batch of 64.
+    assert results["t-ddp"]["train_loss"] == pytest.approx(results["t-single"]["train_loss"],
+                                                           rel=1e-4)
+    assert results["t-ddp"]["test_acc"] == pytest.approx(results["t-single"]["test_acc"],
+                                                         abs=0.02)
