@@ -8,6 +8,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from trainables.config import ConfigError, TrialConfig
+from trainables.data import DataNotFoundError
 from trainables.tracking import default_tracking_uri
 
 __all__ = ["common_parser", "base_config", "tracking_uri", "print_summary", "main_guard"]
@@ -33,7 +34,8 @@ def common_parser(description: str, num_samples: int, max_concurrent: int,
                    help="Ray Tune results and checkpoints (shared storage on a cluster)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: join the cluster running on this "
-                        "node, as under `ray submit`, else start an embedded one)")
+                        "node, as under `ray submit`, else start an embedded one; 'local': "
+                        "always start an embedded one)")
     p.add_argument("--seed", type=int, default=0, help="searcher seed and base trial seed")
     p.add_argument("--num-workers", type=int, default=1,
                    help="data-parallel workers per trial (>1: Ray Train DDP)")
@@ -88,10 +90,11 @@ def print_summary(outcome: Any, metric: str) -> None:
 
 
 def main_guard(main: Callable[[], int]) -> None:
-    """Exit 2 with the message (no traceback) for bad input; anything else propagates."""
+    """Exit 2 with the message (no traceback) for bad input or missing data; anything else
+    propagates."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         sys.exit(main())
-    except ConfigError as exc:
+    except (ConfigError, DataNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -88,7 +88,7 @@ def write_image_folder(folder: Path, classes: int, size: tuple[int, int], seed: 
 
     for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):
         images, labels = class_images(n, classes, 3, max(size), s)
-        for i, (img, label) in enumerate(zip(images, labels)):
+        for i, (img, label) in enumerate(zip(images, labels, strict=False)):
             target = folder / split / f"class{label}"
             target.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img[: size[1], : size[0]]).save(target / f"{i}.{ext}")

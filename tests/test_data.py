@@ -12,8 +12,7 @@ import torch
 
 from tests.conftest import N_TEST, N_TRAIN
 from trainables.config import DataConfig
-from trainables.data import (BatchLoader, DataNotFoundError, _Arrays, load_splits,
-                             random_crop_flip)
+from trainables.data import BatchLoader, DataNotFoundError, _Arrays, load_splits, random_crop_flip
 
 CPU = torch.device("cpu")
 

@@ -164,7 +164,7 @@ def plot_curves(history: Iterable[Mapping[str, Any]], path: str | Path, title: s
     rows = list(history)
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, kind in zip(axes, ("loss", "acc")):
+    for ax, kind in zip(axes, ("loss", "acc"), strict=False):
         for split in ("train", "val", "test"):
             key = f"{split}_{kind}"
             if rows and key in rows[0]:

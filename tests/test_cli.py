@@ -1,0 +1,66 @@
+"""The sweep script as a user runs it: help, bad input before any Ray work, a smoke run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+SCRIPT = Path(__file__).resolve().parent.parent / "sweeps" / "baseline.py"
+
+
+def run(args: list[str], cwd: Path, data: Path | None = None, timeout: int = 300
+        ) -> subprocess.CompletedProcess:
+    env = dict(os.environ, QSWEEP_CACHE=str(cwd / "cache"))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if data is not None:
+        env["QSWEEP_DATA"] = str(data)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_help(tmp_path: Path) -> None:
+    out = run(["--help"], tmp_path)
+    assert out.returncode == 0
+    for flag in ("--num-samples", "--max-concurrent", "--smoke-test", "--set", "--data-root"):
+        assert flag in out.stdout
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--set", "optim.lr=-1"], ["optim.lr", "-1", "> 0"]),
+    (["--set", "model.name=vgg"], ["model.name", "lenet"]),
+    (["--num-samples", "0"], ["num_samples", ">= 1"]),
+    (["--epochs", "0"], ["train.epochs", ">= 1"]),
+])
+def test_bad_input_fails_fast_with_the_field(tmp_path: Path, tiny_root: Path, args: list[str],
+                                             fragments: list[str]) -> None:
+    out = run(args, tmp_path, tiny_root, timeout=60)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    for fragment in fragments:
+        assert fragment in out.stderr
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_missing_data_says_which_files_under_which_root(tmp_path: Path) -> None:
+    out = run([], tmp_path, tmp_path / "empty", timeout=60)
+    assert out.returncode == 2
+    assert "MNIST/raw/train-images-idx3-ubyte" in out.stderr and "empty" in out.stderr
+    assert not (tmp_path / "ray_results").exists()
+
+
+@pytest.mark.ray
+def test_smoke_test_runs_and_prints_the_summary(tmp_path: Path, tiny_root: Path) -> None:
+    out = run(["--smoke-test", "--num-samples", "2", "--address", "local"], tmp_path,
+              tiny_root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "best trial" in out.stdout and "test_acc" in out.stdout
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in out.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("baseline")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 3 and all(r.info.status in ("FINISHED", "KILLED") for r in runs)
