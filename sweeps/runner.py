@@ -58,6 +58,7 @@ class Sweep:
     # any trial starts, and concurrent trials then share one cache instead of racing to
     # decode. Turn off where the data exists only on worker nodes.
     prepare_data: bool = True
+    callbacks: tuple[Any, ...] = ()  # extra ray.tune.Callback objects (loggers, clocks)
 
     def __post_init__(self) -> None:
         for name, low in (("num_samples", 1), ("max_concurrent", 1), ("grace_period", 1)):
@@ -147,7 +148,7 @@ def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback):
         run_config=tune.RunConfig(
             name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(Path(sweep.storage_path).resolve()),
-            callbacks=[callback],
+            callbacks=[callback, *sweep.callbacks],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
             verbose=1,
