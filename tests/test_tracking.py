@@ -1,0 +1,99 @@
+"""SweepTracker against real stores: SQLite, and an MLflow server over http whose
+artifacts must land in the server's artifact store, not on the client's disk."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from trainables.config import TrialConfig
+from trainables.tracking import SweepTracker, environment_tags, plot_curves
+
+
+def test_nested_runs_params_metrics_and_status_in_sqlite(tmp_path: Path) -> None:
+    tracker = SweepTracker(f"sqlite:///{tmp_path / 'm.db'}", "exp")
+    parent = tracker.start_sweep("sweep", params={"sweep.num_samples": 2})
+    child = tracker.start_trial("trial", TrialConfig().to_flat(), tags={"seed": "0"})
+    for step, acc in ((1, 0.5), (2, 0.75)):
+        tracker.log_metrics(child, {"test_acc": acc, "device": "cpu", "flag": True}, step)
+    tracker.end_run(child, "KILLED")
+    run = tracker.client.get_run(child)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.info.status == "KILLED"
+    assert run.data.params["optim.lr"] == str(TrialConfig().optim.lr)
+    assert set(run.data.metrics) == {"test_acc"}  # strings and bools are not metrics
+    history = tracker.client.get_metric_history(child, "test_acc")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.75)]
+    artifact_uri = tracker.client.get_run(child).info.artifact_uri
+    assert artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+
+
+def test_environment_tags() -> None:
+    tags = environment_tags()
+    for key in ("git_sha", "hostname", "torch", "mlflow", "ray", "python"):
+        assert tags[key]
+
+
+def test_curves_png(tmp_path: Path) -> None:
+    history = [{"epoch": e, "train_loss": 1 / e, "test_loss": 1.1 / e, "train_acc": 0.5,
+                "test_acc": 0.4 + 0.1 * e} for e in (1, 2, 3)]
+    path = plot_curves(history, tmp_path / "c.png", "t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    port = _free_port()
+    artifacts = tmp_path / "server-artifacts"
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(artifacts)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(0.5)
+        yield url, artifacts
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_artifacts_go_to_the_http_server(mlflow_server, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    url, server_artifacts = mlflow_server
+    client_dir = tmp_path / "client"
+    client_dir.mkdir()
+    monkeypatch.chdir(client_dir)
+    tracker = SweepTracker(url, "served")
+    tracker.start_sweep("sweep")
+    child = tracker.start_trial("trial", {"optim.lr": 0.1}, tags={})
+    tracker.log_text(child, "hello", "config.yaml")
+    tracker.end_run(child, "FINISHED")
+    stored = list(server_artifacts.rglob("config.yaml"))
+    assert len(stored) == 1 and stored[0].read_text() == "hello"
+    assert not any(client_dir.rglob("config.yaml"))  # nothing left on the client side
+    assert tracker.client.get_run(child).info.status == "FINISHED"
