@@ -29,8 +29,8 @@ def space(trial: Any) -> None:
 
 
 def main() -> int:
-    parser = common_parser(__doc__.splitlines()[0], num_samples=10, max_concurrent=2,
-                           epochs=3)
+    parser = common_parser(__doc__.splitlines()[0], num_samples=20, max_concurrent=2,
+                           epochs=4)
     args = parser.parse_args()
     base = base_config(args, DEFAULTS, SMOKE)
     num_samples = min(args.num_samples, 4) if args.smoke_test else args.num_samples

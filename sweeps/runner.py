@@ -95,7 +95,12 @@ def validate_space(base: TrialConfig, space: SpaceFn, samples: int = 5) -> list[
     keys: dict[str, None] = {}
     for _ in range(samples):
         trial = study.ask()
-        constants = space(trial) or {}
+        constants = space(trial)
+        if constants is None:
+            constants = {}
+        if not isinstance(constants, dict):
+            raise ConfigError(f"the search space function returned {constants!r}: allowed "
+                              "None or a dict of constant config keys (define-by-run)")
         try:
             base.replace({**trial.params, **constants})
         except ConfigError as exc:

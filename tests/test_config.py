@@ -45,6 +45,12 @@ def test_ints_are_accepted_for_floats_and_integral_floats_for_ints() -> None:
     assert isinstance(cfg.optim.lr, float) and cfg.train.epochs == 4
 
 
+def test_exponent_without_dot_is_a_number() -> None:
+    # YAML 1.1 would read 5e-4 as a string.
+    cfg = TrialConfig().with_overrides(["optim.weight_decay=5e-4", "data.batch_size=1e2"])
+    assert cfg.optim.weight_decay == 5e-4 and cfg.data.batch_size == 100
+
+
 def test_yaml_file_nested_or_dotted(tmp_path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 0.2\nmodel.name: mlp\n")

@@ -125,3 +125,52 @@ def test_two_worker_ddp_trial_equals_one_worker_with_the_global_batch(
                                                            rel=1e-4)
     assert results["t-ddp"]["test_acc"] == pytest.approx(results["t-single"]["test_acc"],
                                                          abs=0.02)
+
+
+class _CrashOnce:
+    """A TuneSession that dies after its first report, once (a marker file remembers)."""
+
+    def __init__(self, marker: str) -> None:
+        from trainables.sessions import TuneSession
+
+        self.inner, self.marker = TuneSession(), Path(marker)
+        self.world_rank = self.local_rank = 0
+        self.world_size = 1
+
+    def report(self, metrics, checkpoint_dir) -> None:
+        self.inner.report(metrics, checkpoint_dir)
+        if not self.marker.exists():
+            self.marker.write_text("crashed")
+            raise RuntimeError("simulated worker crash")
+
+    def load_state(self):
+        return self.inner.load_state()
+
+
+def _crashing_trial(config: dict) -> None:
+    from trainables.loop import run_trial
+
+    cfg = TrialConfig.from_flat({k: v for k, v in config.items() if k != "marker"})
+    run_trial(cfg, _CrashOnce(config["marker"]))
+
+
+def test_tune_restarts_a_crashed_trial_from_its_checkpoint(tiny_root: Path,
+                                                           tmp_path: Path) -> None:
+    from ray import tune
+
+    from trainables.loop import run_trial
+    from trainables.sessions import LocalSession
+
+    cfg = tiny(tiny_root, "train.epochs=3", "train.threads=1")
+    tuner = tune.Tuner(
+        _crashing_trial,
+        param_space={**cfg.to_flat(), "marker": str(tmp_path / "crashed")},
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="crash",
+                                  failure_config=tune.FailureConfig(max_failures=1)))
+    (result,) = list(tuner.fit())
+    assert result.error is None and (tmp_path / "crashed").exists()
+    history = result.metrics_dataframe.sort_values("training_iteration")
+    uninterrupted = run_trial(cfg, LocalSession())
+    assert list(history["epoch"]) == [1, 2, 3]
+    assert list(history["test_loss"]) == [m["test_loss"] for m in uninterrupted]
+    assert list(history["train_loss"]) == [m["train_loss"] for m in uninterrupted]

@@ -68,6 +68,12 @@ def _fail(name: str, value: Any, allowed: str) -> typing.NoReturn:
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
     """Return ``value`` as ``annotation`` (bool, int, float, str, tuple[int, ...])."""
+    if annotation in (int, float) and isinstance(value, str):
+        # YAML 1.1 reads "5e-4" (no dot) as a string; a number is what was meant.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if annotation is bool:
         if isinstance(value, bool):
             return value
