@@ -18,7 +18,10 @@ pytestmark = pytest.mark.ray
 def ray_runtime():
     import ray
 
-    ray.init(num_cpus=2, logging_level="WARNING")
+    # Workers import functions defined here (by module name, as pytest imported it).
+    tests_dir = str(Path(__file__).resolve().parent)
+    ray.init(num_cpus=2, logging_level="WARNING",
+             runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})
     yield
     ray.shutdown()
 
