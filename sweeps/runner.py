@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any, Callable
 
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import cache_dir, data_root, prepare_data
-from trainables.tracking import MLflowSweepCallback, SweepTracker, default_tracking_uri
+from trainables.tracking import MLflowSweepCallback, SweepTracker, default_tracking_uri, plot_sweep
 
 __all__ = ["Sweep", "SweepOutcome", "run_sweep", "validate_space", "mlflow_ui_command"]
 
@@ -217,6 +218,11 @@ def _summarize(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
                        r.metrics.get("trial_id") == best["trial_id"])
     tracker.log_text(parent, _to_csv(rows), "trials.csv")
     tracker.log_text(parent, _to_markdown(rows), "trials.md")
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_sweep(rows, searched, sweep.metric, Path(tmp) / "sweep.png",
+                         f"{sweep.name}: {len(rows)} trials")
+        if png is not None:
+            tracker.log_artifact(parent, png)
     tracker.log_metrics(parent, {f"best_{k}": v for k, v in best.items()
                                  if k in SUMMARY_METRICS}, step=0)
     tracker.set_tags(parent, {"best_trial_id": best["trial_id"],

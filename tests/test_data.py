@@ -112,6 +112,16 @@ def test_shards_are_disjoint_and_equal_for_training() -> None:
     assert sum(e.num_examples for e in evaluation) == 101  # evaluation drops nothing
 
 
+def test_channel_stats_match_float64_reference() -> None:
+    from trainables.data import channel_stats
+
+    x = torch.randint(0, 256, (50, 3, 5, 7), dtype=torch.uint8)
+    mean, std = channel_stats(x)
+    ref = x.double().div(255).transpose(0, 1).reshape(3, -1)
+    assert mean == pytest.approx(ref.mean(dim=1).tolist(), abs=1e-12)
+    assert std == pytest.approx(ref.std(dim=1).tolist(), abs=1e-12)
+
+
 def test_normalization_matches_float64_reference() -> None:
     x = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
     mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)

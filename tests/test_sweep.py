@@ -56,8 +56,8 @@ def test_sweep_records_a_parent_run_with_nested_trial_runs(tiny_root: Path,
     assert len(parents) == 1 and len(children) == 3
     parent = parents[0]
     assert parent.info.run_id == outcome.parent_run_id and parent.info.status == "FINISHED"
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"trials.csv",
-                                                                            "trials.md"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "trials.csv", "trials.md", "sweep.png"}
     assert "best_test_acc" in parent.data.metrics
     assert parent.data.tags["best_mlflow_run_id"] in {c.info.run_id for c in children}
     flat = tiny(tiny_root).to_flat()
