@@ -129,7 +129,7 @@ def _init_ray(address: str | None) -> None:
              logging_level="WARNING", log_to_driver=True)
 
 
-def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback):
+def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_name: str):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -152,7 +152,7 @@ def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback):
                                     trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
-            name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=run_name,
             storage_path=str(Path(sweep.storage_path).resolve()),
             callbacks=[callback, *sweep.callbacks],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -174,8 +174,9 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     if sweep.prepare_data:
         prepare_data(base.data)
     tracker = SweepTracker(sweep.tracking_uri, sweep.name)  # fails now if the store is bad
+    run_name = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # MLflow parent = Tune run
     parent = tracker.start_sweep(
-        f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        run_name,
         params={"sweep.num_samples": sweep.num_samples, "sweep.metric": sweep.metric,
                 "sweep.mode": sweep.mode, "sweep.max_concurrent": sweep.max_concurrent,
                 "sweep.grace_period": sweep.grace_period, "sweep.seed": sweep.seed,
@@ -184,7 +185,7 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     callback = MLflowSweepCallback(tracker)
     try:
         _init_ray(sweep.address)
-        results = _tuner(sweep, base, callback).fit()
+        results = _tuner(sweep, base, callback, run_name).fit()
         outcome = _summarize(sweep, results, callback, tracker, parent, searched)
     except KeyboardInterrupt:
         tracker.end_run(parent, "KILLED")
@@ -206,7 +207,9 @@ def _summarize(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
         params = {k: result.config[k] for k in searched if k in result.config}
         row = {"trial_id": trial_id, "status": callback.statuses.get(trial_id, "UNKNOWN"),
                "mlflow_run_id": callback.run_ids.get(trial_id, ""), **params}
-        row.update({k: result.metrics.get(k) for k in SUMMARY_METRICS if k in result.metrics})
+        for key in dict.fromkeys((*SUMMARY_METRICS, sweep.metric)):
+            if key in result.metrics:
+                row[key] = result.metrics[key]
         rows.append(row)
     if not rows:
         raise RuntimeError(f"sweep {sweep.name!r}: no trial reported a result; see the "
@@ -224,7 +227,7 @@ def _summarize(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
         if png is not None:
             tracker.log_artifact(parent, png)
     tracker.log_metrics(parent, {f"best_{k}": v for k, v in best.items()
-                                 if k in SUMMARY_METRICS}, step=0)
+                                 if k in SUMMARY_METRICS or k == sweep.metric}, step=0)
     tracker.set_tags(parent, {"best_trial_id": best["trial_id"],
                               "best_mlflow_run_id": best["mlflow_run_id"]})
     return SweepOutcome(best=best, best_config=dict(best_result.config), rows=rows,
