@@ -24,7 +24,7 @@ SMOKE = ["data.train_subset=10000", "data.test_subset=2000", "train.epochs=2"]
 
 def space(trial: Any) -> None:
     """Define-by-run: no computation here, only suggestions (Ray's Optuna example)."""
-    trial.suggest_float("optim.lr", 5e-3, 0.5, log=True)
+    trial.suggest_float("optim.lr", 5e-3, 0.3, log=True)
     trial.suggest_float("optim.weight_decay", 1e-6, 1e-2, log=True)
 
 
