@@ -168,7 +168,8 @@ def test_tune_restarts_a_crashed_trial_from_its_checkpoint(tiny_root: Path,
     from trainables.loop import run_trial
     from trainables.sessions import LocalSession
 
-    cfg = tiny(tiny_root, "train.epochs=3", "train.threads=1")
+    cfg = tiny(tiny_root, "train.epochs=3", "train.threads=1",
+               f"data.cache_dir={tmp_path / 'cache'}")
     tuner = tune.Tuner(
         _crashing_trial,
         param_space={**cfg.to_flat(), "marker": str(tmp_path / "crashed")},
