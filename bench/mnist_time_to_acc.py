@@ -11,6 +11,7 @@ Goals (issue 3): 99.0% in <= 20 s; >= 99.3% for a longer run.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -78,9 +79,14 @@ def seconds_to(curve: list[tuple[float, float]], target: float) -> float | None:
 
 
 def summary(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4g} (n=1)"
-    return f"{statistics.mean(values):.4g} +- {statistics.stdev(values):.2g} (n={len(values)})"
+    """mean +- std (n) of the values that exist; NaN marks a target never reached."""
+    reached = [v for v in values if not math.isnan(v)]
+    missing = f", {len(values) - len(reached)} of {len(values)} never reached" \
+        if len(reached) < len(values) else ""
+    if len(reached) < 2:
+        return f"{reached[0]:.4g} (n=1{missing})" if reached else f"none ({missing[2:]})"
+    return (f"{statistics.mean(reached):.4g} +- {statistics.stdev(reached):.2g} "
+            f"(n={len(reached)}{missing})")
 
 
 def main() -> None:
