@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ray.tune import Callback
+
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import cache_dir, data_root, prepare_data
 from trainables.tracking import MLflowSweepCallback, SweepTracker, default_tracking_uri, plot_sweep
@@ -117,6 +119,38 @@ def _absolute_paths(base: TrialConfig) -> TrialConfig:
                          "data.cache_dir": str(cache_dir(base.data).resolve())})
 
 
+class ConsoleProgress(Callback):
+    """One line per trial start, epoch report and ending. (Tune's own output prints every
+    trial's whole config; this prints what a researcher watches.)"""
+
+    def __init__(self, searched: list[str], metric: str, epochs: int) -> None:
+        self.searched, self.metric, self.epochs = searched, metric, epochs
+        self.start = time.time()
+        self.reports: dict[str, int] = {}
+
+    def _say(self, trial: Any, text: str) -> None:
+        print(f"[{time.time() - self.start:6.0f}s] {trial} {text}", flush=True)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        params = " ".join(f"{k}={_format(trial.config.get(k))}" for k in self.searched)
+        self._say(trial, f"started: {params}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any,
+                        result: dict[str, Any], **info: Any) -> None:
+        self.reports[trial.trial_id] = self.reports.get(trial.trial_id, 0) + 1
+        self._say(trial, f"epoch {result.get('epoch')}/{self.epochs} "
+                         f"{self.metric}={_format(result.get(self.metric, float('nan')))} "
+                         f"train_loss={_format(result.get('train_loss', float('nan')))} "
+                         f"{_format(result.get('images_per_s', 0.0))} img/s")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        done = self.reports.get(trial.trial_id, 0) >= self.epochs
+        self._say(trial, "finished" if done else "stopped early by the scheduler")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._say(trial, f"FAILED: see {trial.error_file}")
+
+
 def _init_ray(address: str | None) -> None:
     import ray
 
@@ -129,7 +163,8 @@ def _init_ray(address: str | None) -> None:
              logging_level="WARNING", log_to_driver=True)
 
 
-def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_name: str):
+def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_name: str,
+           searched: list[str]):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -154,10 +189,11 @@ def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_n
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=str(Path(sweep.storage_path).resolve()),
-            callbacks=[callback, *sweep.callbacks],
+            callbacks=[callback, ConsoleProgress(searched, sweep.metric, base.train.epochs),
+                       *sweep.callbacks],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-            verbose=1,
+            verbose=0,  # ConsoleProgress prints the progress
         ),
     )
 
@@ -185,7 +221,7 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     callback = MLflowSweepCallback(tracker)
     try:
         _init_ray(sweep.address)
-        results = _tuner(sweep, base, callback, run_name).fit()
+        results = _tuner(sweep, base, callback, run_name, searched).fit()
         outcome = _summarize(sweep, results, callback, tracker, parent, searched)
     except KeyboardInterrupt:
         tracker.end_run(parent, "KILLED")

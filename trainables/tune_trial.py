@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ray import tune
@@ -25,6 +26,9 @@ __all__ = ["qsweep_trial", "trial_resources", "trainable"]
 
 def qsweep_trial(config: dict[str, Any]) -> None:
     """The Tune function: rebuild the config, train in-process or through a TorchTrainer."""
+    # One "Checkpoint successfully created" line per epoch and trial buries the progress.
+    for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     cfg = TrialConfig.from_flat(config)
     if cfg.train.num_workers == 1:
         run_trial(cfg, TuneSession())
