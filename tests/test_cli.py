@@ -64,3 +64,21 @@ def test_smoke_test_runs_and_prints_the_summary(tmp_path: Path, tiny_root: Path)
     exp = client.get_experiment_by_name("baseline")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 3 and all(r.info.status in ("FINISHED", "KILLED") for r in runs)
+
+
+def test_flags_yaml_and_overrides_compose_in_order(tmp_path: Path) -> None:
+    from sweeps.cli import base_config, common_parser
+
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 0.2\n  momentum: 0.5\nmodel.name: mlp\n")
+    parser = common_parser("t", num_samples=4, max_concurrent=2, epochs=3)
+    args = parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--set", "optim.lr=0.3",
+                              "--epochs", "5", "--num-workers", "2", "--gpus-per-trial", "0.5",
+                              "--data-root", "/data"])
+    cfg = base_config(args, ["model.name=lenet", "optim.lr=0.1"], ["train.epochs=1"])
+    assert cfg.model.name == "mlp" and cfg.optim.momentum == 0.5  # file over defaults
+    assert cfg.optim.lr == 0.3  # --set over the file
+    assert cfg.train.epochs == 5 and cfg.train.num_workers == 2
+    assert cfg.train.use_gpu and cfg.train.gpus_per_worker == 0.5
+    assert cfg.data.root == "/data"
+    smoke = base_config(parser.parse_args(["--smoke-test"]), [], ["train.epochs=1"])
+    assert smoke.train.epochs == 1  # the smoke test keeps its own short epochs

@@ -36,6 +36,18 @@ def test_nested_runs_params_metrics_and_status_in_sqlite(tmp_path: Path) -> None
     assert artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
 
 
+def test_a_deleted_experiment_is_restored_not_lost(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    first = SweepTracker(uri, "exp")
+    old_run = first.start_sweep("old")
+    first.client.delete_experiment(first.experiment_id)
+    second = SweepTracker(uri, "exp")
+    second.start_sweep("new")
+    assert second.experiment_id == first.experiment_id
+    runs = second.client.search_runs([second.experiment_id])
+    assert old_run in {r.info.run_id for r in runs} and len(runs) == 2
+
+
 def test_environment_tags() -> None:
     tags = environment_tags()
     for key in ("git_sha", "hostname", "torch", "mlflow", "ray", "python"):

@@ -89,6 +89,8 @@ class SweepTracker:
         existing = self.client.get_experiment_by_name(experiment)
         if existing is not None:
             self.experiment_id = existing.experiment_id
+            if existing.lifecycle_stage == "deleted":  # deleted in the UI: bring it back
+                self.client.restore_experiment(self.experiment_id)
         else:
             self.experiment_id = self.client.create_experiment(
                 experiment, artifact_location=_artifact_location(tracking_uri, experiment))
