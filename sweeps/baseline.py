@@ -38,7 +38,7 @@ def main() -> int:
                   max_concurrent=args.max_concurrent, metric=METRIC, mode=MODE,
                   seed=args.seed, tracking_uri=tracking_uri(args),
                   storage_path=args.storage_path, address=args.address)
-    print_summary(run_sweep(sweep), METRIC)
+    print_summary(run_sweep(sweep))
     return 0
 
 

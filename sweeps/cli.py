@@ -72,7 +72,7 @@ def tracking_uri(args: argparse.Namespace) -> str:
     return args.tracking_uri or default_tracking_uri()
 
 
-def print_summary(outcome: Any, metric: str) -> None:
+def print_summary(outcome: Any) -> None:
     from sweeps.runner import mlflow_ui_command
 
     best = outcome.best

@@ -123,10 +123,11 @@ class ConsoleProgress(Callback):
     """One line per trial start, epoch report and ending. (Tune's own output prints every
     trial's whole config; this prints what a researcher watches.)"""
 
-    def __init__(self, searched: list[str], metric: str, epochs: int) -> None:
+    def __init__(self, tracking: MLflowSweepCallback, searched: list[str], metric: str,
+                 epochs: int) -> None:
+        self.tracking = tracking  # it already knows how each trial ended
         self.searched, self.metric, self.epochs = searched, metric, epochs
         self.start = time.time()
-        self.reports: dict[str, int] = {}
 
     def _say(self, trial: Any, text: str) -> None:
         print(f"[{time.time() - self.start:6.0f}s] {trial} {text}", flush=True)
@@ -137,15 +138,14 @@ class ConsoleProgress(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any,
                         result: dict[str, Any], **info: Any) -> None:
-        self.reports[trial.trial_id] = self.reports.get(trial.trial_id, 0) + 1
         self._say(trial, f"epoch {result.get('epoch')}/{self.epochs} "
                          f"{self.metric}={_format(result.get(self.metric, float('nan')))} "
                          f"train_loss={_format(result.get('train_loss', float('nan')))} "
                          f"{_format(result.get('images_per_s', 0.0))} img/s")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        done = self.reports.get(trial.trial_id, 0) >= self.epochs
-        self._say(trial, "finished" if done else "stopped early by the scheduler")
+        finished = self.tracking.completion_status(trial) == "FINISHED"
+        self._say(trial, "finished" if finished else "stopped early by the scheduler")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._say(trial, f"FAILED: see {trial.error_file}")
@@ -189,7 +189,8 @@ def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_n
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=str(Path(sweep.storage_path).resolve()),
-            callbacks=[callback, ConsoleProgress(searched, sweep.metric, base.train.epochs),
+            callbacks=[callback, ConsoleProgress(callback, searched, sweep.metric,
+                                                 base.train.epochs),
                        *sweep.callbacks],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),

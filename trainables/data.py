@@ -31,8 +31,7 @@ import torch
 from trainables.config import DataConfig
 
 __all__ = ["DataNotFoundError", "Splits", "BatchLoader", "load_splits", "prepare_data",
-           "channel_stats",
-           "data_root", "cache_dir"]
+           "channel_stats", "data_root", "cache_dir"]
 
 
 class DataNotFoundError(FileNotFoundError):

@@ -251,9 +251,7 @@ def run_trial(cfg: TrialConfig, session: Session) -> list[dict[str, Any]]:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: rebuild the config from its flat keys, train under DDP."""
-    import logging
+    from trainables.sessions import RayTrainSession, quiet_checkpoint_logs
 
-    from trainables.sessions import RayTrainSession
-
-    logging.getLogger("ray.train.v2._internal.execution.storage").setLevel(logging.WARNING)
+    quiet_checkpoint_logs()
     run_trial(TrialConfig.from_flat(config), RayTrainSession())

@@ -11,6 +11,7 @@ Ray is imported lazily so ``LocalSession`` works without a Ray runtime.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -19,9 +20,16 @@ from typing import Any, Protocol
 import torch
 
 __all__ = ["Session", "LocalSession", "TuneSession", "RayTrainSession", "STATE_FILE",
-           "load_state_file"]
+           "load_state_file", "quiet_checkpoint_logs"]
 
 STATE_FILE = "state.pt"
+
+
+def quiet_checkpoint_logs() -> None:
+    """Ray logs "Checkpoint successfully created" per epoch and worker, burying the
+    progress; call in every Ray worker process that reports checkpoints."""
+    for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def load_state_file(directory: str | os.PathLike[str]) -> dict[str, Any]:

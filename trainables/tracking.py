@@ -258,9 +258,14 @@ class MLflowSweepCallback(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any
                           ) -> None:
+        self._finish(trial, self.completion_status(trial))
+
+    def completion_status(self, trial: Any) -> str:
+        """FINISHED when the trial reported all its epochs, else KILLED (the scheduler
+        stopped it early)."""
         epochs = int(trial.config.get("train.epochs", 0))
         done = len(self.histories.get(trial.trial_id, [])) >= epochs
-        self._finish(trial, "FINISHED" if done else "KILLED")
+        return "FINISHED" if done else "KILLED"
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, "FAILED")
@@ -294,9 +299,8 @@ class MLflowSweepCallback(Callback):
                 png = plot_curves(history, Path(tmp) / "curves.png", f"{trial} ({status})")
                 self.tracker.log_artifact(run_id, png)
         if status == "FAILED":
-            error = getattr(trial, "error_file", None) or ""
-            if error and Path(error).exists():
-                self.tracker.log_artifact(run_id, error, "error")
+            if trial.error_file and Path(trial.error_file).exists():
+                self.tracker.log_artifact(run_id, trial.error_file, "error")
         checkpoint = self._checkpoint_dir(trial)
         if self.log_checkpoint and checkpoint:
             for item in Path(checkpoint).iterdir():

@@ -12,23 +12,20 @@ Example::
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from ray import tune
 
 from trainables.config import TrialConfig
 from trainables.loop import run_trial, train_loop_per_worker
-from trainables.sessions import TuneSession
+from trainables.sessions import TuneSession, quiet_checkpoint_logs
 
 __all__ = ["qsweep_trial", "trial_resources", "trainable"]
 
 
 def qsweep_trial(config: dict[str, Any]) -> None:
     """The Tune function: rebuild the config, train in-process or through a TorchTrainer."""
-    # One "Checkpoint successfully created" line per epoch and trial buries the progress.
-    for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_checkpoint_logs()
     cfg = TrialConfig.from_flat(config)
     if cfg.train.num_workers == 1:
         run_trial(cfg, TuneSession())
