@@ -1,26 +1,61 @@
-"""Name -> optimizer class, so a config can say ``optim.name=sgd``."""
+"""Name -> optimizer, so a config can say ``optim.name=eg``.
+
+Factories take the flat hyperparameter names of :class:`trainables.config.OptimConfig`
+(``beta1``, ``lns_bits``, ...) and ignore the ones their optimizer has no use for, so one
+config section serves every optimizer.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
+from torch import nn
 
-__all__ = ["available", "build", "register"]
+from optim.adam_eg import AdamEG
+from optim.adam_gd import AdamGD
+from optim.eg import EG
+from optim.egpm import EGPM
+from optim.groups import split_params
+from optim.lns_madam import LNSMadam
+from optim.madam import Madam
+
+__all__ = ["available", "build", "build_for_model", "register", "is_multiplicative"]
 
 Factory = Callable[..., torch.optim.Optimizer]
-_REGISTRY: dict[str, Factory] = {}
 
 
-def register(name: str, factory: Factory) -> None:
+@dataclass(frozen=True)
+class _Entry:
+    factory: Factory
+    # True: the update multiplies weights, so biases/norm parameters get an additive group.
+    multiplicative: bool
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register(name: str, factory: Factory, multiplicative: bool = False) -> None:
     """Make ``factory(params, **hparams)`` buildable as ``name``."""
     if name in _REGISTRY:
         raise ValueError(f"optimizer {name!r} is already registered")
-    _REGISTRY[name] = factory
+    _REGISTRY[name] = _Entry(factory, multiplicative)
 
 
 def available() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY:
+        raise ValueError(f"optimizer name={name!r} is invalid: allowed one of "
+                         f"{', '.join(available())}")
+    return _REGISTRY[name]
+
+
+def is_multiplicative(name: str) -> bool:
+    return _entry(name).multiplicative
 
 
 def build(name: str, params: Iterable[Any], **hparams: Any) -> torch.optim.Optimizer:
@@ -30,10 +65,21 @@ def build(name: str, params: Iterable[Any], **hparams: Any) -> torch.optim.Optim
 
         opt = build("gd", model.parameters(), lr=0.1)
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"optimizer name={name!r} is invalid: allowed one of "
-                         f"{', '.join(available())}")
-    return _REGISTRY[name](params, **hparams)
+    return _entry(name).factory(params, **hparams)
+
+
+def build_for_model(name: str, model: nn.Module, bias_lr: float | None = None,
+                    **hparams: Any) -> torch.optim.Optimizer:
+    """Like :func:`build`, with :func:`optim.split_params` groups for a multiplicative
+    optimizer (biases and norm parameters step additively at ``bias_lr``).
+
+    Example::
+
+        opt = build_for_model("eg", model, bias_lr=0.05, lr=2.0)
+    """
+    if is_multiplicative(name):
+        return build(name, split_params(model, bias_lr), **hparams)
+    return build(name, model.parameters(), **hparams)
 
 
 def _gd(params: Iterable[Any], lr: float, weight_decay: float = 0.0,
@@ -48,5 +94,48 @@ def _sgd(params: Iterable[Any], lr: float, momentum: float = 0.0, nesterov: bool
                            weight_decay=weight_decay)
 
 
+def _eg(params: Iterable[Any], lr: float, momentum: float = 0.0, nesterov: bool = False,
+        weight_decay: float = 0.0, **_ignored: Any) -> torch.optim.Optimizer:
+    return EG(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
+              weight_decay=weight_decay)
+
+
+def _egpm(params: Iterable[Any], lr: float, weight_decay: float = 0.0,
+          egpm_offset: float = 0.01, egpm_normalize: bool = False,
+          **_ignored: Any) -> torch.optim.Optimizer:
+    return EGPM(params, lr=lr, offset=egpm_offset, normalize=egpm_normalize,
+                weight_decay=weight_decay)
+
+
+def _adam(cls: type) -> Factory:
+    def factory(params: Iterable[Any], lr: float, beta1: float = 0.9, beta2: float = 0.999,
+                eps: float = 1e-8, weight_decay: float = 0.0,
+                **_ignored: Any) -> torch.optim.Optimizer:
+        return cls(params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+    return factory
+
+
+def _madam(params: Iterable[Any], lr: float, p_scale: float = 3.0, g_bound: float = 10.0,
+           beta2: float = 0.999, weight_decay: float = 0.0,
+           **_ignored: Any) -> torch.optim.Optimizer:
+    # Madam's second-moment decay is Adam's beta2 (the config has one name for both).
+    return Madam(params, lr=lr, p_scale=p_scale, g_bound=g_bound, beta=beta2,
+                 weight_decay=weight_decay)
+
+
+def _lns_madam(params: Iterable[Any], lr: float, p_scale: float = 3.0,
+               g_bound: float = 10.0, beta2: float = 0.999, weight_decay: float = 0.0,
+               lns_bits: int = 8, lns_frac_bits: int = 3,
+               **_ignored: Any) -> torch.optim.Optimizer:
+    return LNSMadam(params, lr=lr, bits=lns_bits, frac_bits=lns_frac_bits, p_scale=p_scale,
+                    g_bound=g_bound, beta=beta2, weight_decay=weight_decay)
+
+
 register("gd", _gd)
 register("sgd", _sgd)
+register("eg", _eg, multiplicative=True)
+register("egpm", _egpm)  # u, v > 0 move even where w = 0: no separate bias group
+register("adam_gd", _adam(AdamGD))
+register("adam_eg", _adam(AdamEG), multiplicative=True)
+register("madam", _madam, multiplicative=True)
+register("lns_madam", _lns_madam, multiplicative=True)

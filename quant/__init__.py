@@ -1,8 +1,14 @@
-"""Number formats and compression transforms (pure torch; no Ray, no MLflow).
+"""Number formats and compression transforms, pure torch (no Ray, no MLflow).
 
-The formats (INT4/8/16, FP16/BF16, LNS, codebooks), PTQ/QAT, pruning, low-rank and packed
-artifacts land with the quantization issue. This package exists now so that the
-layering (``sweeps -> trainables -> quant``) and the installed package set are fixed.
+Today it holds the logarithmic number system that LNS-Madam trains in; the quantization
+issue adds INT/FP formats, PTQ/QAT, pruning, low-rank and packed artifacts beside it.
+
+Example::
+
+    from quant import LNSFormat
+    q = LNSFormat(bits=4, frac_bits=0).quantize(torch.randn(16))
 """
 
-__all__: list[str] = []
+from quant.lns import LNSFormat
+
+__all__ = ["LNSFormat"]

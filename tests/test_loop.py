@@ -47,7 +47,9 @@ def test_same_seed_same_numbers(tiny_root: Path) -> None:
     assert without_timings(a) != without_timings(c)
 
 
-@pytest.mark.parametrize("extra", [[], ["data.name=cifar10", "model.dropout=0.3"]])
+@pytest.mark.parametrize("extra", [[], ["data.name=cifar10", "model.dropout=0.3"],
+                                   ["optim.name=lns_madam", "optim.lr=0.125"],
+                                   ["optim.name=egpm", "optim.lr=0.5"]])
 def test_resume_from_checkpoint_equals_uninterrupted(tiny_root: Path, tmp_path: Path,
                                                      extra: list[str]) -> None:
     cfg = tiny(tiny_root, *extra)  # cifar10: augmentation and dropout draw random numbers
@@ -65,6 +67,21 @@ def test_resume_from_checkpoint_equals_uninterrupted(tiny_root: Path, tmp_path: 
     a, b = load_state_file(tmp_path / "full"), load_state_file(tmp_path / "resumed")
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+# Learning rates that train the tiny LeNet in 2 epochs (multiplicative lrs are relative).
+OPTIMIZER_LR = {"gd": 0.1, "sgd": 0.1, "eg": 2.0, "egpm": 1.0, "adam_gd": 3e-3,
+                "adam_eg": 0.03, "madam": 0.03, "lns_madam": 0.125}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZER_LR))
+def test_every_registered_optimizer_trains(tiny_root: Path, name: str) -> None:
+    cfg = tiny(tiny_root, f"optim.name={name}", f"optim.lr={OPTIMIZER_LR[name]}",
+               "optim.bias_lr=0.02", "optim.momentum=0.0", "optim.nesterov=false",
+               "optim.schedule=constant", "train.epochs=2")
+    history = run_trial(cfg, LocalSession())
+    assert history[-1]["train_loss"] < 0.8 * math.log(10), history  # below chance loss
+    assert history[-1]["test_acc"] > 0.3, history
 
 
 def test_checkpoint_holds_what_resume_needs(tiny_root: Path, tmp_path: Path) -> None:

@@ -209,9 +209,37 @@ class OptimConfig(_Section):
     warmup_fraction: float = 0.2  # onecycle/cosine: share of all steps spent warming up
     step_epochs: int = 1  # step schedule: epochs between decays
     gamma: float = 0.5  # step schedule: decay factor
+    # Per-optimizer hyperparameters; each optimizer reads the ones it has (optim.registry).
+    beta1: float = 0.9  # adam_gd, adam_eg
+    beta2: float = 0.999  # adam_gd, adam_eg; madam and lns_madam's second-moment decay
+    eps: float = 1e-8  # adam_gd, adam_eg
+    p_scale: float = 3.0  # madam, lns_madam: magnitudes stay <= p_scale * rms(initial)
+    g_bound: float = 10.0  # madam, lns_madam: normalized gradient clamp
+    lns_bits: int = 8  # lns_madam: bits per weight, sign included
+    lns_frac_bits: int = 3  # lns_madam: fractional exponent bits (2**k codes per octave)
+    egpm_offset: float = 0.01  # egpm: u0 = max(w, 0) + offset, v0 = max(-w, 0) + offset
+    egpm_normalize: bool = False  # egpm: keep sum(u + v) of each tensor fixed
+    # Multiplicative optimizers (eg, adam_eg, madam, lns_madam) update biases and norm
+    # parameters additively (they start at 0, which a multiplicative step cannot move):
+    # their learning rate, 0 meaning optim.lr.
+    bias_lr: float = 0.0
+
+    def hparams(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`optim.build` (everything but name and schedule)."""
+        schedule_keys = ("name", "schedule", "warmup_fraction", "step_epochs", "gamma",
+                         "bias_lr")
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in schedule_keys}
 
     def _validate(self) -> None:
         self._choice("name", optim.available())
+        for name in ("beta1", "beta2"):
+            self._range(name, 0.0, 1.0, hi_open=True)
+        for name in ("eps", "p_scale", "g_bound", "egpm_offset"):
+            self._range(name, 0.0, INF, lo_open=True)
+        self._range("lns_bits", 2, 16)
+        self._range("lns_frac_bits", 0, 10)
+        self._range("bias_lr", 0.0, INF)
         self._choice("schedule", SCHEDULES)
         self._range("lr", 0.0, INF, lo_open=True)
         self._range("momentum", 0.0, 1.0, hi_open=True)

@@ -127,8 +127,8 @@ class _Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         o = cfg.optim
-        self.optimizer = optim.build(o.name, model.parameters(), lr=o.lr, momentum=o.momentum,
-                                     nesterov=o.nesterov, weight_decay=o.weight_decay)
+        self.optimizer = optim.build_for_model(o.name, model, bias_lr=o.bias_lr or None,
+                                               **o.hparams())
         self.train_loader = self._loader("train", cfg.data.batch_size)
         self.eval_loaders = {"test": self._loader("test", cfg.data.test_batch_size)}
         if self.splits.val is not None:

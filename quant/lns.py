@@ -1,0 +1,109 @@
+"""The logarithmic number system (LNS) format, shared by quantization and LNS-Madam.
+
+A value is a sign and an unsigned integer exponent code ``e`` on a base-2 grid with
+``frac_bits`` fractional bits (``gamma = 2**frac_bits`` codes per octave)::
+
+    x = sign * scale * 2 ** (-e / gamma),   e in {0, ..., levels - 1}
+
+``bits`` counts the sign bit, so the exponent has ``bits - 1`` bits; its all-ones code
+(``e == levels``) means zero. ``scale`` is the largest magnitude (per tensor). Rounding is
+to the nearest code in the log domain (nearest in relative error); a magnitude below the
+smallest level either becomes zero (``underflow="zero"``, when it is closer to 0 than to
+the smallest level) or stays at the smallest level (``underflow="clamp"``, what a
+multiplicative optimizer needs: a weight at zero could never move again).
+
+Example::
+
+    fmt = LNSFormat(bits=4, frac_bits=0)   # sign + 3-bit exponent: 1, 1/2, ..., 1/64, 0
+    q = fmt.quantize(torch.randn(100))     # every |q| / max|x| is a power of two or 0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["LNSFormat", "UNDERFLOWS"]
+
+UNDERFLOWS = ("zero", "clamp")
+
+
+@dataclass(frozen=True)
+class LNSFormat:
+    """Sign + ``bits - 1``-bit exponent code with ``frac_bits`` fractional bits."""
+
+    bits: int = 8
+    frac_bits: int = 3
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise ValueError(f"bits={self.bits!r} is invalid: allowed an integer in 2..16")
+        if not isinstance(self.frac_bits, int) or not 0 <= self.frac_bits <= 10:
+            raise ValueError(f"frac_bits={self.frac_bits!r} is invalid: allowed an integer "
+                             "in 0..10")
+
+    @property
+    def gamma(self) -> int:
+        """Exponent codes per factor of two."""
+        return 1 << self.frac_bits
+
+    @property
+    def levels(self) -> int:
+        """Number of nonzero magnitudes; code ``levels`` is zero."""
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def zero_code(self) -> int:
+        return self.levels
+
+    def unit_magnitudes(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``2**(-e / gamma)`` for every code, zero for the zero code (float64). Decoding
+        looks values up here: a vectorized exp2 can differ in the last bit between tensor
+        lengths, and grid values must be the same numbers everywhere."""
+        codes = torch.arange(self.levels + 1, dtype=torch.float64, device=device)
+        table = torch.exp2(-codes / self.gamma)
+        table[self.zero_code] = 0.0
+        return table
+
+    def magnitudes(self, scale: float = 1.0) -> torch.Tensor:
+        """All nonzero magnitudes of the grid, largest first (float64)."""
+        return scale * self.unit_magnitudes()[: self.levels]
+
+    def encode(self, x: torch.Tensor, scale: torch.Tensor | float,
+               underflow: str = "zero") -> tuple[torch.Tensor, torch.Tensor]:
+        """(sign in {-1, 0, 1} as int8, exponent code as int32) of ``x``; ``scale`` > 0."""
+        if underflow not in UNDERFLOWS:
+            raise ValueError(f"underflow={underflow!r} is invalid: allowed one of "
+                             f"{', '.join(UNDERFLOWS)}")
+        scale = torch.as_tensor(scale, dtype=torch.float64, device=x.device)
+        ratio = x.detach().abs().double() / scale
+        # Nearest code in the log domain; ratio 0 gives +inf, clamped below.
+        code = torch.round(-torch.log2(ratio) * self.gamma)
+        code = code.clamp(0, self.levels - 1)
+        sign = torch.sign(x.detach()).to(torch.int8)
+        if underflow == "zero":
+            smallest = 2.0 ** (-(self.levels - 1) / self.gamma)
+            is_zero = (ratio < smallest / 2) | (sign == 0)
+            code = torch.where(is_zero, torch.full_like(code, self.zero_code), code)
+            sign = torch.where(is_zero, torch.zeros_like(sign), sign)
+        return sign, code.to(torch.int32)
+
+    def decode(self, sign: torch.Tensor, code: torch.Tensor, scale: torch.Tensor | float,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The values that (sign, code) encode, in ``dtype``."""
+        scale = torch.as_tensor(scale, dtype=torch.float64, device=code.device)
+        magnitude = scale * self.unit_magnitudes(code.device)[code.long()]
+        return (sign.double() * magnitude).to(dtype)
+
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor | float | None = None,
+                 underflow: str = "zero") -> torch.Tensor:
+        """Round ``x`` onto the grid (``scale`` default: max |x|, so nothing clips)."""
+        if scale is None:
+            scale = x.detach().abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+        sign, code = self.encode(x, scale, underflow)
+        return self.decode(sign, code, scale, dtype=x.dtype)
+
+    def on_grid(self, x: torch.Tensor, scale: torch.Tensor | float) -> bool:
+        """Whether every value of ``x`` is exactly a grid value (for tests and asserts)."""
+        return bool(torch.equal(self.quantize(x, scale), x))

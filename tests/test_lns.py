@@ -1,0 +1,79 @@
+"""The LNS format that quant/ and LNS-Madam share: hand-computed grids and properties."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quant import LNSFormat
+
+
+def test_lns4_grid_by_hand():
+    fmt = LNSFormat(bits=4, frac_bits=0)  # sign + 3-bit exponent: 7 magnitudes and zero
+    assert (fmt.levels, fmt.gamma, fmt.zero_code) == (7, 1, 7)
+    assert fmt.magnitudes(2.0).tolist() == [2.0, 1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125]
+    x = torch.tensor([2.0, -1.3, 0.7, 0.36, 0.02, 0.01, 0.0, -5.0], dtype=torch.float64)
+    # Codes are round(-log2(|x| / 2)): 1.3 -> 0.62 -> 1 (1.0); 0.7 -> 1.51 -> 2 (0.5);
+    # 0.36 -> 2.47 -> 2 (0.5); 0.02 -> 6.64, past the last code 6 but above half of it
+    # (0.0156 / 2) -> 0.03125; 0.01 is below that half -> 0; -5 clips to -2.
+    q = fmt.quantize(x, scale=2.0)
+    assert q.tolist() == [2.0, -1.0, 0.5, 0.5, 0.03125, 0.0, 0.0, -2.0]
+
+
+def test_frac_bits_put_gamma_codes_per_octave():
+    fmt = LNSFormat(bits=8, frac_bits=2)
+    mags = fmt.magnitudes(1.0)
+    assert mags[:5].tolist() == pytest.approx([1, 2**-0.25, 2**-0.5, 2**-0.75, 0.5])
+    assert fmt.levels == 127 and mags[-1].item() == pytest.approx(2 ** (-126 / 4))
+
+
+def test_underflow_modes():
+    fmt = LNSFormat(bits=3, frac_bits=0)  # magnitudes 1, 1/2, 1/4 and zero
+    x = torch.tensor([0.1, 0.2, -0.01, 0.0])
+    assert fmt.quantize(x, 1.0, underflow="zero").tolist() == [0.0, 0.25, 0.0, 0.0]
+    assert fmt.quantize(x, 1.0, underflow="clamp").tolist() == [0.25, 0.25, -0.25, 0.0]
+    with pytest.raises(ValueError, match="underflow='up' is invalid: allowed one of zero"):
+        fmt.encode(x, 1.0, underflow="up")
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(bits=1), "bits=1 is invalid"),
+                                          (dict(bits=17), "bits=17"),
+                                          (dict(frac_bits=-1), "frac_bits=-1"),
+                                          (dict(bits=4.0), "bits=4.0")])
+def test_bad_formats_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LNSFormat(**kwargs)
+
+
+formats = st.builds(LNSFormat, bits=st.integers(2, 12), frac_bits=st.integers(0, 5))
+values = st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=1, max_size=64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(formats, values)
+def test_quantize_is_on_grid_idempotent_and_within_half_a_log_step(fmt, xs):
+    x = torch.tensor(xs, dtype=torch.float64)
+    scale = x.abs().max().clamp_min(1e-30)
+    q = fmt.quantize(x, scale)
+    grid = set(fmt.magnitudes(scale.item()).tolist()) | {0.0}
+    assert all(abs(v) in grid for v in q.tolist())
+    assert torch.equal(fmt.quantize(q, scale), q)
+    assert torch.all(torch.sign(q) * torch.sign(x) >= 0)
+    smallest = fmt.magnitudes(scale.item())[-1].item()
+    inside = (x.abs() >= smallest) & (q != 0)
+    ratio = (q[inside] / x[inside]).abs().log2().abs()
+    assert torch.all(ratio <= 0.5 / fmt.gamma + 1e-12)  # nearest code in log2 units
+
+
+def test_encode_decode_round_trip_every_code():
+    fmt = LNSFormat(bits=6, frac_bits=2)
+    code = torch.arange(fmt.levels + 1, dtype=torch.int32)
+    sign = torch.ones_like(code, dtype=torch.int8)
+    x = fmt.decode(sign, code, 3.0, dtype=torch.float64)
+    s2, c2 = fmt.encode(x, 3.0)
+    assert torch.equal(c2, code) and torch.equal(s2[:-1], sign[:-1]) and s2[-1] == 0
+    assert x[-1] == 0 and x[0] == 3.0 and math.isclose(x[4].item(), 1.5)
