@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ray.tune import Callback
 
@@ -31,7 +31,9 @@ from trainables.config import ConfigError, TrialConfig
 from trainables.data import cache_dir, data_root, prepare_data
 from trainables.tracking import MLflowSweepCallback, SweepTracker, default_tracking_uri, plot_sweep
 
-__all__ = ["Sweep", "SweepOutcome", "run_sweep", "validate_space", "mlflow_ui_command"]
+__all__ = ["Sweep", "SweepOutcome", "run_sweep", "validate_space", "validate_points",
+           "rows_to_csv", "rows_to_markdown",
+           "mlflow_ui_command"]
 
 SpaceFn = Callable[[Any], "dict[str, Any] | None"]
 
@@ -45,7 +47,11 @@ class Sweep:
 
     name: str
     base: TrialConfig
-    space: SpaceFn
+    # Either a define-by-run search space (Optuna proposes num_samples configs, ASHA stops
+    # the poor ones) or explicit points: flat config overrides run exactly as given, each
+    # to the end (re-running the best configs with new seeds, grids).
+    space: SpaceFn | None = None
+    points: tuple[Mapping[str, Any], ...] = ()
     num_samples: int = 8
     max_concurrent: int = 2
     metric: str = "test_acc"
@@ -62,8 +68,14 @@ class Sweep:
     # decode. Turn off where the data exists only on worker nodes.
     prepare_data: bool = True
     callbacks: tuple[Any, ...] = ()  # extra ray.tune.Callback objects (loggers, clocks)
+    # Nest this sweep's MLflow run under another run (a study of several sweeps).
+    parent_run_id: str | None = None
+    run_name: str = ""  # default: <name>-<timestamp>
 
     def __post_init__(self) -> None:
+        if (self.space is None) == (not self.points):
+            raise ConfigError("a Sweep needs exactly one of space (a define-by-run search) "
+                              "or points (explicit configs)")
         for name, low in (("num_samples", 1), ("max_concurrent", 1), ("grace_period", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: allowed >= {low}")
@@ -85,6 +97,7 @@ class SweepOutcome:
     parent_run_id: str
     tracking_uri: str
     experiment: str
+    results: Any = None  # the ray.tune.ResultGrid: per-epoch histories and checkpoints
 
 
 def validate_space(base: TrialConfig, space: SpaceFn, samples: int = 5) -> list[str]:
@@ -111,6 +124,17 @@ def validate_space(base: TrialConfig, space: SpaceFn, samples: int = 5) -> list[
         study.tell(trial, 0.0)
         keys.update(dict.fromkeys(trial.params))
     return list(keys)
+
+
+def validate_points(base: TrialConfig, points: tuple[Mapping[str, Any], ...]) -> list[str]:
+    """Every explicit point must make a valid config; returns the keys that vary."""
+    configs = []
+    for i, point in enumerate(points):
+        try:
+            configs.append(base.replace(point).to_flat())
+        except ConfigError as exc:
+            raise ConfigError(f"point {i} of the sweep is an invalid config: {exc}") from None
+    return [k for k in configs[0] if len({repr(c[k]) for c in configs}) > 1]
 
 
 def _absolute_paths(base: TrialConfig) -> TrialConfig:
@@ -157,6 +181,9 @@ def _init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local runs need no token
+    # Short trials checkpoint every few seconds, and Tune then warns at every snapshot of
+    # the experiment state; the snapshots are cheap here (small state, local disk).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # With no address, ray.init joins a cluster already running on this node (as under
     # `ray submit`) and otherwise starts an embedded one.
     ray.init(address=address, configure_logging=True,
@@ -165,24 +192,16 @@ def _init_ray(address: str | None) -> None:
 
 def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_name: str,
            searched: list[str]):
-    import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from trainables.tune_trial import trainable
 
-    searcher = OptunaSearch(space=sweep.space, metric=sweep.metric, mode=sweep.mode,
-                            sampler=optuna.samplers.TPESampler(seed=sweep.seed))
-    scheduler = ASHAScheduler(time_attr="training_iteration", metric=sweep.metric,
-                              mode=sweep.mode, max_t=base.train.epochs,
-                              grace_period=sweep.grace_period,
-                              reduction_factor=sweep.reduction_factor)
+    searcher, scheduler, num_samples = _search(sweep, base)
     return tune.Tuner(
         trainable(),
         param_space=base.to_flat(),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                    num_samples=sweep.num_samples,
+                                    num_samples=num_samples,
                                     max_concurrent_trials=sweep.max_concurrent,
                                     trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_name),
@@ -199,6 +218,27 @@ def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_n
     )
 
 
+def _search(sweep: Sweep, base: TrialConfig) -> tuple[Any, Any, int]:
+    """(searcher, scheduler, num_samples): Optuna TPE + ASHA for a space; the points in
+    order, each run to the end, for explicit points."""
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    if sweep.points:
+        points = [_absolute_paths(base.replace(p)).to_flat() for p in sweep.points]
+        return (BasicVariantGenerator(points_to_evaluate=points), FIFOScheduler(),
+                len(points))
+    searcher = OptunaSearch(space=sweep.space, metric=sweep.metric, mode=sweep.mode,
+                            sampler=optuna.samplers.TPESampler(seed=sweep.seed))
+    scheduler = ASHAScheduler(time_attr="training_iteration", metric=sweep.metric,
+                              mode=sweep.mode, max_t=base.train.epochs,
+                              grace_period=sweep.grace_period,
+                              reduction_factor=sweep.reduction_factor)
+    return searcher, scheduler, sweep.num_samples
+
+
 def _trial_name(trial: Any) -> str:
     # Tune's default names spell out every config key: too long for paths and the UI.
     return f"trial_{trial.trial_id}"
@@ -207,18 +247,27 @@ def _trial_name(trial: Any) -> str:
 def run_sweep(sweep: Sweep) -> SweepOutcome:
     """Validate, run the Tune search, and record the sweep as a parent MLflow run."""
     base = _absolute_paths(sweep.base)
-    searched = validate_space(base, sweep.space)
+    if sweep.points:
+        searched = validate_points(base, sweep.points)
+        datasets = {base.replace(p).data for p in sweep.points}
+    else:
+        searched = validate_space(base, sweep.space)
+        datasets = {base.data}
     if sweep.prepare_data:
-        prepare_data(base.data)
+        for data in datasets:
+            prepare_data(data)
     tracker = SweepTracker(sweep.tracking_uri, sweep.name)  # fails now if the store is bad
-    run_name = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # MLflow parent = Tune run
+    # The MLflow parent run and the Tune run folder share this name.
+    run_name = sweep.run_name or f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    nested = {"mlflow.parentRunId": sweep.parent_run_id} if sweep.parent_run_id else {}
     parent = tracker.start_sweep(
         run_name,
-        params={"sweep.num_samples": sweep.num_samples, "sweep.metric": sweep.metric,
+        params={"sweep.num_samples": len(sweep.points) or sweep.num_samples,
+                "sweep.metric": sweep.metric,
                 "sweep.mode": sweep.mode, "sweep.max_concurrent": sweep.max_concurrent,
                 "sweep.grace_period": sweep.grace_period, "sweep.seed": sweep.seed,
                 **base.to_flat()},
-        tags={"sweep": sweep.name, "kind": "sweep"})
+        tags={"sweep": sweep.name, "kind": "points" if sweep.points else "search", **nested})
     callback = MLflowSweepCallback(tracker)
     try:
         _init_ray(sweep.address)
@@ -256,8 +305,8 @@ def _summarize(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
                else float("-inf"))
     best_result = next(r for r in results if r.metrics and
                        r.metrics.get("trial_id") == best["trial_id"])
-    tracker.log_text(parent, _to_csv(rows), "trials.csv")
-    tracker.log_text(parent, _to_markdown(rows), "trials.md")
+    tracker.log_text(parent, rows_to_csv(rows), "trials.csv")
+    tracker.log_text(parent, rows_to_markdown(rows), "trials.md")
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_sweep(rows, searched, sweep.metric, Path(tmp) / "sweep.png",
                          f"{sweep.name}: {len(rows)} trials")
@@ -269,10 +318,10 @@ def _summarize(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
                               "best_mlflow_run_id": best["mlflow_run_id"]})
     return SweepOutcome(best=best, best_config=dict(best_result.config), rows=rows,
                         parent_run_id=parent, tracking_uri=sweep.tracking_uri,
-                        experiment=sweep.name)
+                        experiment=sweep.name, results=results)
 
 
-def _to_csv(rows: list[dict[str, Any]]) -> str:
+def rows_to_csv(rows: list[dict[str, Any]]) -> str:
     keys = list(dict.fromkeys(k for row in rows for k in row))
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=keys)
@@ -287,7 +336,7 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def _to_markdown(rows: list[dict[str, Any]]) -> str:
+def rows_to_markdown(rows: list[dict[str, Any]]) -> str:
     keys = list(dict.fromkeys(k for row in rows for k in row))
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_format(row.get(k, "")) for k in keys) + " |" for row in rows]

@@ -1,0 +1,206 @@
+"""Compare optimizers across cells (dataset x model): the table, curves, learning-rate
+sensitivity and final weight histograms that a study's parent MLflow run holds.
+
+A *cell* is one (dataset, model, optimizer): its search trials, its best config, and the
+best config re-run with several seeds (histories and final weights per seed).
+
+Example::
+
+    cells = [CellResult("mnist", "mlp", "eg", search_rows, best_config)]
+    cells[0].add_seed_run(history, weights)
+    print(rows_to_markdown(table_rows(cells)))
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+__all__ = ["CellResult", "table_rows", "weight_vector", "weight_stats", "plot_curves",
+           "plot_sensitivity", "plot_weights"]
+
+# A search trial "worked" when its final accuracy is within this of the cell's best.
+WORKED_WITHIN = 0.01
+
+
+@dataclass
+class CellResult:
+    dataset: str
+    model: str
+    optimizer: str
+    search_rows: list[dict[str, Any]]
+    best_config: dict[str, Any]
+    histories: list[list[dict[str, Any]]] = field(default_factory=list)
+    weights: list[torch.Tensor] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+    @property
+    def panel(self) -> tuple[str, str]:
+        return (self.dataset, self.model)
+
+    def add_seed_run(self, seed: int, history: list[dict[str, Any]],
+                     weights: torch.Tensor | None) -> None:
+        self.seeds.append(seed)
+        self.histories.append(history)
+        if weights is not None:
+            self.weights.append(weights)
+
+    def finals(self, metric: str = "test_acc") -> list[float]:
+        return [h[-1][metric] for h in self.histories if h]
+
+
+def weight_vector(model_state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """All linear/conv weights (tensors of 2+ dims) of a state_dict, flattened (float64)."""
+    parts = [t.detach().double().flatten() for t in model_state.values()
+             if t.is_floating_point() and t.dim() >= 2]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def weight_stats(w: torch.Tensor) -> dict[str, float]:
+    """Excess kurtosis (0 for a Gaussian; heavier tails are larger) and the spread of
+    log2|w| (what a log-domain format has to cover)."""
+    if w.numel() < 2:
+        return {"kurtosis": math.nan, "log2_abs_std": math.nan}
+    centred = w - w.mean()
+    var = centred.pow(2).mean()
+    nonzero = w[w != 0].abs()
+    return {"kurtosis": (centred.pow(4).mean() / var.pow(2) - 3.0).item(),
+            "log2_abs_std": nonzero.log2().std().item() if nonzero.numel() > 1 else math.nan}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _worked_range(rows: list[dict[str, Any]], metric: str) -> tuple[float, float]:
+    scored = [r for r in rows if metric in r and not math.isnan(r[metric])]
+    if not scored:
+        return math.nan, math.nan
+    best = max(r[metric] for r in scored)
+    lrs = [r["optim.lr"] for r in scored if r[metric] >= best - WORKED_WITHIN]
+    return min(lrs), max(lrs)
+
+
+def table_rows(cells: list[CellResult], metric: str = "test_acc") -> list[dict[str, Any]]:
+    """One row per cell: the best searched config, mean +- std over the seed re-runs,
+    the learning rates that worked, and the final weights' tail statistics."""
+    rows = []
+    for cell in cells:
+        mean, std = _mean_std(cell.finals(metric))
+        lo, hi = _worked_range(cell.search_rows, metric)
+        stats = [weight_stats(w) for w in cell.weights]
+        searched_lrs = [r["optim.lr"] for r in cell.search_rows if "optim.lr" in r]
+        rows.append({
+            "dataset": cell.dataset, "model": cell.model, "optimizer": cell.optimizer,
+            f"{metric}_mean": mean, f"{metric}_std": std, "n_seeds": len(cell.finals(metric)),
+            "result": f"{100 * mean:.2f} +- {100 * std:.2f}" if not math.isnan(mean) else "",
+            "best_lr": cell.best_config.get("optim.lr", math.nan),
+            "best_weight_decay": cell.best_config.get("optim.weight_decay", math.nan),
+            "search_trials": len(cell.search_rows),
+            "search_best": max((r.get(metric, math.nan) for r in cell.search_rows),
+                               default=math.nan),
+            "lr_searched": (f"{min(searched_lrs):.3g}..{max(searched_lrs):.3g}"
+                            if searched_lrs else ""),
+            "lr_worked": f"{lo:.3g}..{hi:.3g}" if not math.isnan(lo) else "",
+            "weight_kurtosis": _mean_std([s["kurtosis"] for s in stats])[0],
+            "weight_log2_abs_std": _mean_std([s["log2_abs_std"] for s in stats])[0],
+        })
+    return rows
+
+
+def _panels(cells: list[CellResult]) -> list[tuple[str, str]]:
+    return list(dict.fromkeys(c.panel for c in cells))
+
+
+def _figure(rows: int, cols: int, width: float = 4.5, height: float = 3.4):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    return plt, fig, axes
+
+
+def _save(plt: Any, fig: Any, path: str | Path, title: str) -> Path:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_curves(cells: list[CellResult], path: str | Path) -> Path:
+    """Train loss and test accuracy per epoch of each optimizer's best config: mean over
+    seeds, the band is +- one std."""
+    panels = _panels(cells)
+    plt, fig, axes = _figure(len(panels), 2)
+    for row, panel in enumerate(panels):
+        for cell in (c for c in cells if c.panel == panel and c.histories):
+            epochs = [m["epoch"] for m in cell.histories[0]]
+            for ax, key in zip(axes[row], ("train_loss", "test_acc"), strict=True):
+                runs = [[m[key] for m in h] for h in cell.histories if len(h) == len(epochs)]
+                mean = [statistics.fmean(v) for v in zip(*runs, strict=True)]
+                std = [statistics.pstdev(v) for v in zip(*runs, strict=True)]
+                line = ax.plot(epochs, mean, marker="o", label=cell.optimizer)[0]
+                ax.fill_between(epochs, [m - s for m, s in zip(mean, std, strict=True)],
+                                [m + s for m, s in zip(mean, std, strict=True)],
+                                color=line.get_color(), alpha=0.2)
+        for ax, key in zip(axes[row], ("train loss", "test accuracy"), strict=True):
+            ax.set_title(f"{panel[0]} / {panel[1]}: {key}")
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[row][0].set_yscale("log")
+    return _save(plt, fig, path, "best config of each optimizer (mean +- std over seeds)")
+
+
+def plot_sensitivity(cells: list[CellResult], path: str | Path,
+                     metric: str = "test_acc") -> Path:
+    """Final accuracy of every search trial against its learning rate, per optimizer;
+    hollow markers are trials the scheduler stopped early."""
+    panels = _panels(cells)
+    plt, fig, axes = _figure(1, len(panels), width=5.5)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for i, cell in enumerate(c for c in cells if c.panel == panel):
+            colour = f"C{i}"
+            for finished in (True, False):
+                chosen = [r for r in cell.search_rows if metric in r and
+                          (r.get("status") == "FINISHED") == finished]
+                ax.scatter([r["optim.lr"] for r in chosen], [r[metric] for r in chosen],
+                           edgecolors=colour, facecolors=colour if finished else "none",
+                           label=cell.optimizer if finished else None, s=25)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(f"final {metric}")
+        ax.set_title(f"{panel[0]} / {panel[1]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(plt, fig, path, "learning-rate sensitivity (hollow: stopped by ASHA)")
+
+
+def plot_weights(cells: list[CellResult], path: str | Path) -> Path:
+    """Histograms of log2|w| of the final weights (all seeds) per optimizer: the range a
+    logarithmic format must cover; the legend gives the excess kurtosis of w."""
+    panels = _panels(cells)
+    plt, fig, axes = _figure(1, len(panels), width=5.5)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for cell in (c for c in cells if c.panel == panel and c.weights):
+            w = torch.cat(cell.weights)
+            w = w[w != 0]
+            kurtosis = weight_stats(w)["kurtosis"]
+            ax.hist(w.abs().log2().clamp(min=-24).numpy(), bins=80, histtype="step",
+                    density=True, label=f"{cell.optimizer} (kurtosis {kurtosis:.1f})")
+        ax.set_xlabel("log2 |w|")
+        ax.set_ylabel("density")
+        ax.set_title(f"{panel[0]} / {panel[1]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(plt, fig, path, "final weights of each optimizer's best config")
