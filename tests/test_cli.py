@@ -13,13 +13,13 @@ from mlflow.tracking import MlflowClient
 SCRIPT = Path(__file__).resolve().parent.parent / "sweeps" / "baseline.py"
 
 
-def run(args: list[str], cwd: Path, data: Path | None = None, timeout: int = 300
-        ) -> subprocess.CompletedProcess:
+def run(args: list[str], cwd: Path, data: Path | None = None, timeout: int = 300,
+        script: Path = SCRIPT) -> subprocess.CompletedProcess:
     env = dict(os.environ, QSWEEP_CACHE=str(cwd / "cache"))
     env.pop("MLFLOW_TRACKING_URI", None)
     if data is not None:
         env["QSWEEP_DATA"] = str(data)
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,0 +1,71 @@
+"""sweeps/eg_vs_gd.py as a researcher runs it: flags, bad input before Ray, and a smoke
+study whose parent MLflow run holds the comparison table and the plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from test_cli import run
+
+SCRIPT = Path(__file__).resolve().parent.parent / "sweeps" / "eg_vs_gd.py"
+
+
+def test_help_lists_the_study_flags(tmp_path: Path) -> None:
+    out = run(["--help"], tmp_path, script=SCRIPT)
+    assert out.returncode == 0
+    for flag in ("--smoke-test", "--num-samples", "--datasets", "--optimizers", "--models",
+                 "--gpus-per-trial", "--seeds", "lns_madam", "fashion_mnist"):
+        assert flag in out.stdout
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--optimizers", "adagrad"], ["--optimizers", "invalid choice: 'adagrad'", "adam_eg"]),
+    (["--datasets", "cifar10"], ["--datasets", "invalid choice", "fashion_mnist"]),
+    (["--seeds", "0"], ["--seeds=0 is invalid", ">= 1"]),
+    (["--set", "optim.eps=0"], ["optim.eps", "> 0"]),
+    (["--set", "optim.lns_bits=40"], ["optim.lns_bits", "<= 16"]),
+])
+def test_bad_input_fails_before_any_ray_work(tmp_path: Path, tiny_root: Path,
+                                             args: list[str], fragments: list[str]) -> None:
+    out = run(args, tmp_path, tiny_root, timeout=60, script=SCRIPT)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    for fragment in fragments:
+        assert fragment in out.stderr, out.stderr
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.ray
+def test_smoke_study_records_the_table_and_plots(tmp_path: Path, tiny_root: Path) -> None:
+    out = run(["--smoke-test", "--optimizers", "gd", "eg", "--address", "local"], tmp_path,
+              tiny_root, timeout=600, script=SCRIPT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| mnist | mlp | gd |" in out.stdout and "| mnist | mlp | eg |" in out.stdout
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("eg_vs_gd")
+    runs = client.search_runs([exp.experiment_id])
+    study = [r for r in runs if r.data.tags.get("kind") == "study"]
+    assert len(study) == 1 and study[0].info.status == "FINISHED"
+    study_id = study[0].info.run_id
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == study_id]
+    assert sorted(r.data.tags["kind"] for r in children) == ["points", "search", "search"]
+    child_ids = {r.info.run_id for r in children}
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in child_ids]
+    assert len(trials) == 2 * 2 + 2 * 2  # 2 searched per cell, then 2 cells x 2 seeds
+
+    artifacts = {f.path for f in client.list_artifacts(study_id)}
+    assert {"comparison.csv", "comparison.md", "curves.png", "sensitivity.png",
+            "weights.png"} <= artifacts
+    local = client.download_artifacts(study_id, "comparison.csv", str(tmp_path))
+    rows = list(csv.DictReader(io.StringIO(Path(local).read_text())))
+    assert [r["optimizer"] for r in rows] == ["gd", "eg"]
+    for row in rows:
+        assert row["n_seeds"] == "2" and 0.0 <= float(row["test_acc_mean"]) <= 1.0
+        assert float(row["weight_kurtosis"]) == float(row["weight_kurtosis"])  # not NaN
+    metrics = study[0].data.metrics
+    assert "mnist.mlp.eg.test_acc_mean" in metrics and "mnist.mlp.gd.test_acc_std" in metrics
