@@ -38,17 +38,22 @@ class CellResult:
     histories: list[list[dict[str, Any]]] = field(default_factory=list)
     weights: list[torch.Tensor] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    # Per seed: test accuracy with the weights rounded to a format ({"lns4": 0.97, ...}).
+    rounded: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def panel(self) -> tuple[str, str]:
         return (self.dataset, self.model)
 
     def add_seed_run(self, seed: int, history: list[dict[str, Any]],
-                     weights: torch.Tensor | None) -> None:
+                     weights: torch.Tensor | None,
+                     rounded: dict[str, float] | None = None) -> None:
         self.seeds.append(seed)
         self.histories.append(history)
         if weights is not None:
             self.weights.append(weights)
+        if rounded:
+            self.rounded.append(rounded)
 
     def finals(self, metric: str = "test_acc") -> list[float]:
         return [h[-1][metric] for h in self.histories if h]
@@ -89,18 +94,25 @@ def _worked_range(rows: list[dict[str, Any]], metric: str) -> tuple[float, float
 
 
 def table_rows(cells: list[CellResult], metric: str = "test_acc") -> list[dict[str, Any]]:
-    """One row per cell: the best searched config, mean +- std over the seed re-runs,
-    the learning rates that worked, and the final weights' tail statistics."""
+    """One row per cell: mean +- std over the seed re-runs (in percent in ``result``, and
+    with weights rounded to each format), the best searched config, the learning rates
+    that worked, and the final weights' tail statistics."""
     rows = []
     for cell in cells:
         mean, std = _mean_std(cell.finals(metric))
         lo, hi = _worked_range(cell.search_rows, metric)
         stats = [weight_stats(w) for w in cell.weights]
         searched_lrs = [r["optim.lr"] for r in cell.search_rows if "optim.lr" in r]
+        formats = list(dict.fromkeys(k for r in cell.rounded for k in r if k != "fp32"))
+        rounded = {}
+        for name in formats:
+            r_mean, r_std = _mean_std([r[name] for r in cell.rounded if name in r])
+            rounded[f"{metric}_{name}"] = f"{100 * r_mean:.2f} +- {100 * r_std:.2f}"
         rows.append({
             "dataset": cell.dataset, "model": cell.model, "optimizer": cell.optimizer,
             f"{metric}_mean": mean, f"{metric}_std": std, "n_seeds": len(cell.finals(metric)),
             "result": f"{100 * mean:.2f} +- {100 * std:.2f}" if not math.isnan(mean) else "",
+            **rounded,
             "best_lr": cell.best_config.get("optim.lr", math.nan),
             "best_weight_decay": cell.best_config.get("optim.weight_decay", math.nan),
             "search_trials": len(cell.search_rows),

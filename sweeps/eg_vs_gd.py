@@ -3,7 +3,8 @@ ones, and what do their weights look like? Optimizers x datasets x models on rea
 
 For every cell (dataset, model, optimizer) Optuna TPE searches the learning rate (a
 log range per optimizer, define-by-run) and weight decay under ASHA; then the best config
-of every cell is re-run with fresh seeds and reported as mean +- std. The study's parent
+of every cell is re-run with fresh seeds and reported as mean +- std, also with the final
+weights rounded to LNS-8 and LNS-4 (weight-only post-training quantization). The study's parent
 MLflow run holds comparison.csv/.md, curves.png, sensitivity.png and weights.png; each
 cell's search and the seed re-runs are nested runs under it, trials nested under those.
 
@@ -141,6 +142,7 @@ def search_cells(args: argparse.Namespace, bases: dict[tuple[str, str, str], Tri
 def rerun_seeds(args: argparse.Namespace, cells: list[CellResult], parent: str,
                 stamp: str) -> None:
     """All cells' best configs x seeds in one run, each trial to the last epoch."""
+    from trainables.evaluate import LNS_PTQ_FORMATS, weight_rounding_accuracy
     from trainables.sessions import load_state_file
 
     seeds = [args.seed + i for i in range(1, args.seeds + 1)]
@@ -159,11 +161,15 @@ def rerun_seeds(args: argparse.Namespace, cells: list[CellResult], parent: str,
         cfg = result.config
         cell = by_key[(cfg["data.name"], labels[cfg["model.name"]], cfg["optim.name"])]
         history = result.metrics_dataframe.to_dict("records")
-        weights = None
+        weights, rounded = None, None
         if result.checkpoint is not None:
             with result.checkpoint.as_directory() as folder:
-                weights = weight_vector(load_state_file(Path(folder))["model"])
-        cell.add_seed_run(cfg["train.seed"], history, weights)
+                model_state = load_state_file(Path(folder))["model"]
+            weights = weight_vector(model_state)
+            # Which optimizer's weights survive log-domain rounding (weight-only PTQ).
+            rounded = weight_rounding_accuracy(TrialConfig.from_flat(cfg), model_state,
+                                               LNS_PTQ_FORMATS)
+        cell.add_seed_run(cfg["train.seed"], history, weights, rounded)
 
 
 def report(tracker: SweepTracker, parent: str, cells: list[CellResult]) -> str:

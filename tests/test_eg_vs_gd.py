@@ -67,5 +67,6 @@ def test_smoke_study_records_the_table_and_plots(tmp_path: Path, tiny_root: Path
     for row in rows:
         assert row["n_seeds"] == "2" and 0.0 <= float(row["test_acc_mean"]) <= 1.0
         assert float(row["weight_kurtosis"]) == float(row["weight_kurtosis"])  # not NaN
+        assert " +- " in row["test_acc_lns4"] and " +- " in row["test_acc_lns8"]
     metrics = study[0].data.metrics
     assert "mnist.mlp.eg.test_acc_mean" in metrics and "mnist.mlp.gd.test_acc_std" in metrics
