@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["check_range", "check_bool", "rms"]
+__all__ = ["check_range", "check_bool", "rms", "closure_loss", "params_with_grad"]
 
 
 def check_range(name: str, value: Any, lo: float, hi: float = math.inf,
@@ -33,3 +33,17 @@ def rms(p: torch.Tensor) -> torch.Tensor:
     """Root mean square of a tensor as a 0-dim tensor (Madam's weight scale), in float32 or
     the parameter's dtype if wider (half-precision squares would overflow)."""
     return p.detach().to(torch.promote_types(p.dtype, torch.float32)).pow(2).mean().sqrt()
+
+
+def closure_loss(closure: Callable[[], float] | None) -> float | None:
+    """Re-evaluate the model through ``closure`` (with gradients on, as torch's optimizers
+    do inside their no-grad ``step``)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def params_with_grad(group: dict[str, Any]) -> Iterator[torch.Tensor]:
+    """The parameters of a param group that received a gradient."""
+    return (p for p in group["params"] if p.grad is not None)

@@ -8,6 +8,7 @@ import torch
 from torch.optim import Optimizer
 
 from optim._adam_moments import adam_direction, check_adam
+from optim._common import closure_loss, params_with_grad
 
 __all__ = ["AdamGD", "adam_gd_update"]
 
@@ -40,14 +41,9 @@ class AdamGD(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            for p in params_with_grad(group):
                 d = adam_direction(p.grad, self.state[p], group["betas"], group["eps"])
                 adam_gd_update(p, d, lr=group["lr"], weight_decay=group["weight_decay"])
         return loss

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from optim._common import check_bool, check_range
+from optim._common import check_bool, check_range, closure_loss, params_with_grad
 
 __all__ = ["EG", "eg_update"]
 
@@ -49,14 +49,9 @@ class EG(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            for p in params_with_grad(group):
                 eg_update(p, p.grad, self.state[p], lr=group["lr"], momentum=group["momentum"],
                           nesterov=group["nesterov"], weight_decay=group["weight_decay"],
                           multiplicative=group["multiplicative"])

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from optim._common import check_bool, check_range
+from optim._common import check_bool, check_range, closure_loss, params_with_grad
 
 __all__ = ["EGPM", "egpm_update"]
 
@@ -47,14 +47,9 @@ class EGPM(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            for p in params_with_grad(group):
                 state = self.state[p]
                 if not state:
                     state["u"] = p.clamp(min=0) + group["offset"]

@@ -7,8 +7,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from optim._common import check_range, rms
-from optim.madam import check_madam, madam_direction
+from optim._common import check_range, closure_loss, params_with_grad, rms
+from optim.madam import check_madam, madam_additive_step, madam_direction
 from quant.lns import LNSFormat
 
 __all__ = ["LNSMadam"]
@@ -91,23 +91,16 @@ class LNSMadam(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            for p in params_with_grad(group):
                 state = self.state[p]
                 g = madam_direction(p.grad, state, group["beta"], group["g_bound"])
                 lr, wd = group["lr"], group["weight_decay"]
                 if group["multiplicative"]:
                     self._exponent_step(p, g, state, group)
                 else:
-                    if wd:
-                        p.mul_(1 - lr * wd)
-                    p.add_(g, alpha=-lr)
+                    madam_additive_step(p, g, lr, wd)
         return loss
 
     def _exponent_step(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, Any],

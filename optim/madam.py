@@ -7,9 +7,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from optim._common import check_bool, check_range, rms
+from optim._common import check_bool, check_range, closure_loss, params_with_grad, rms
 
-__all__ = ["Madam", "madam_direction", "check_madam"]
+__all__ = ["Madam", "madam_direction", "madam_additive_step", "check_madam"]
 
 
 class Madam(Optimizer):
@@ -47,14 +47,9 @@ class Madam(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            for p in params_with_grad(group):
                 state = self.state[p]
                 if not state:
                     state["max"] = group["p_scale"] * rms(p)
@@ -64,10 +59,15 @@ class Madam(Optimizer):
                     p.mul_(torch.exp(-lr * (torch.sign(p) * g + wd)))
                     p.clamp_(-state["max"], state["max"])
                 else:
-                    if wd:
-                        p.mul_(1 - lr * wd)
-                    p.add_(g, alpha=-lr)
+                    madam_additive_step(p, g, lr, wd)
         return loss
+
+
+def madam_additive_step(p: torch.Tensor, g: torch.Tensor, lr: float, wd: float) -> None:
+    """The step of ``multiplicative=False`` groups: w <- w (1 - lr wd) - lr g."""
+    if wd:
+        p.mul_(1 - lr * wd)
+    p.add_(g, alpha=-lr)
 
 
 def check_madam(lr: float, p_scale: float, g_bound: float, beta: float, weight_decay: float,

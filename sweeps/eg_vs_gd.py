@@ -207,19 +207,12 @@ def main(argv: list[str] | None = None) -> int:
                 **{f"study.lr_range.{k}": f"{v[0]}..{v[1]}" for k, v in LR_RANGE.items()
                    if k in args.optimizers}},
         tags={"sweep": STUDY, "kind": "study"})
-    try:
+    with tracker.ending(parent):
         cells = search_cells(args, bases, parent, stamp)
         if not cells:
             raise RuntimeError("no cell produced a result; see the FAILED runs in MLflow")
         rerun_seeds(args, cells, parent, stamp)
         table = report(tracker, parent, cells)
-    except KeyboardInterrupt:
-        tracker.end_run(parent, "KILLED")
-        raise
-    except BaseException:
-        tracker.end_run(parent, "FAILED")
-        raise
-    tracker.end_run(parent, "FINISHED")
     print(f"\n=== {STUDY}: {METRIC} over seeds per cell ===\n{table}")
     print(f"MLflow experiment {STUDY!r}, parent run {parent}")
     print(f"See the results:  {mlflow_ui_command(tracking_uri(args))}")

@@ -269,18 +269,10 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
                 **base.to_flat()},
         tags={"sweep": sweep.name, "kind": "points" if sweep.points else "search", **nested})
     callback = MLflowSweepCallback(tracker)
-    try:
+    with tracker.ending(parent):
         _init_ray(sweep.address)
         results = _tuner(sweep, base, callback, run_name, searched).fit()
-        outcome = _summarize(sweep, results, callback, tracker, parent, searched)
-    except KeyboardInterrupt:
-        tracker.end_run(parent, "KILLED")
-        raise
-    except BaseException:
-        tracker.end_run(parent, "FAILED")
-        raise
-    tracker.end_run(parent, "FINISHED")
-    return outcome
+        return _summarize(sweep, results, callback, tracker, parent, searched)
 
 
 def _summarize(sweep: Sweep, results: Any, callback: MLflowSweepCallback,

@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import socket
@@ -29,7 +30,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 from urllib.parse import urlparse
 
 from ray.tune import Callback
@@ -141,6 +142,20 @@ class SweepTracker:
 
     def end_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
+
+    @contextlib.contextmanager
+    def ending(self, run_id: str) -> Iterator[None]:
+        """End ``run_id`` FINISHED when the block completes, KILLED on Ctrl-C, FAILED on any
+        other exception (which propagates): no run is left RUNNING."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.end_run(run_id, "KILLED")
+            raise
+        except BaseException:
+            self.end_run(run_id, "FAILED")
+            raise
+        self.end_run(run_id, "FINISHED")
 
 
 def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
