@@ -80,7 +80,8 @@ class LNSFormat:
         ratio = x.detach().abs().double() / scale
         # Nearest code in the log domain; ratio 0 gives +inf, clamped below.
         code = torch.round(-torch.log2(ratio) * self.gamma)
-        code = code.clamp(0, self.levels - 1)
+        # NaN (from a NaN input or scale) gets a valid code; quantize() passes it through.
+        code = torch.nan_to_num(code, nan=float(self.levels - 1)).clamp(0, self.levels - 1)
         sign = torch.sign(x.detach()).to(torch.int8)
         if underflow == "zero":
             smallest = 2.0 ** (-(self.levels - 1) / self.gamma)
@@ -102,7 +103,8 @@ class LNSFormat:
         if scale is None:
             scale = x.detach().abs().max().clamp_min(torch.finfo(torch.float32).tiny)
         sign, code = self.encode(x, scale, underflow)
-        return self.decode(sign, code, scale, dtype=x.dtype)
+        q = self.decode(sign, code, scale, dtype=x.dtype)
+        return torch.where(torch.isfinite(x), q, x)  # NaN and inf stay what they were
 
     def on_grid(self, x: torch.Tensor, scale: torch.Tensor | float) -> bool:
         """Whether every value of ``x`` is exactly a grid value (for tests and asserts)."""

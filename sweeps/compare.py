@@ -79,7 +79,8 @@ def weight_stats(w: torch.Tensor) -> dict[str, float]:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
+    # NaN in (a diverged run's weights): NaN out. (statistics.stdev raises on NaN.)
+    if not values or any(math.isnan(v) for v in values):
         return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -111,6 +112,8 @@ def table_rows(cells: list[CellResult], metric: str = "test_acc") -> list[dict[s
         rows.append({
             "dataset": cell.dataset, "model": cell.model, "optimizer": cell.optimizer,
             f"{metric}_mean": mean, f"{metric}_std": std, "n_seeds": len(cell.finals(metric)),
+            # Seeds whose training loss went NaN: their chance-level accuracy is in the mean.
+            "diverged": sum(math.isnan(x) for x in cell.finals("train_loss")),
             "result": f"{100 * mean:.2f} +- {100 * std:.2f}" if not math.isnan(mean) else "",
             **rounded,
             "best_lr": cell.best_config.get("optim.lr", math.nan),
@@ -158,10 +161,17 @@ def plot_curves(cells: list[CellResult], path: str | Path) -> Path:
         for cell in (c for c in cells if c.panel == panel and c.histories):
             epochs = [m["epoch"] for m in cell.histories[0]]
             for ax, key in zip(axes[row], ("train_loss", "test_acc"), strict=True):
-                runs = [[m[key] for m in h] for h in cell.histories if len(h) == len(epochs)]
-                mean = [statistics.fmean(v) for v in zip(*runs, strict=True)]
-                std = [statistics.pstdev(v) for v in zip(*runs, strict=True)]
-                line = ax.plot(epochs, mean, marker="o", label=cell.optimizer)[0]
+                runs = torch.tensor([[float(m[key]) for m in h] for h in cell.histories
+                                     if len(h) == len(epochs)], dtype=torch.float64)
+                # Diverged seeds (NaN loss) are counted in the label, not averaged in.
+                finite = runs[torch.isfinite(runs).all(1)]
+                label = cell.optimizer
+                if len(finite) < len(runs):
+                    label += f" ({len(runs) - len(finite)}/{len(runs)} diverged)"
+                if not len(finite):
+                    continue
+                mean, std = finite.mean(0).tolist(), finite.std(0, unbiased=False).tolist()
+                line = ax.plot(epochs, mean, marker="o", label=label)[0]
                 ax.fill_between(epochs, [m - s for m, s in zip(mean, std, strict=True)],
                                 [m + s for m, s in zip(mean, std, strict=True)],
                                 color=line.get_color(), alpha=0.2)
@@ -170,7 +180,8 @@ def plot_curves(cells: list[CellResult], path: str | Path) -> Path:
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        axes[row][0].set_yscale("log")
+        if axes[row][0].lines:
+            axes[row][0].set_yscale("log")
     return _save(plt, fig, path, "best config of each optimizer (mean +- std over seeds)")
 
 
@@ -206,7 +217,9 @@ def plot_weights(cells: list[CellResult], path: str | Path) -> Path:
     for ax, panel in zip(axes[0], panels, strict=True):
         for cell in (c for c in cells if c.panel == panel and c.weights):
             w = torch.cat(cell.weights)
-            w = w[w != 0]
+            w = w[torch.isfinite(w) & (w != 0)]  # a diverged run's inf/NaN has no log
+            if not w.numel():
+                continue
             kurtosis = weight_stats(w)["kurtosis"]
             ax.hist(w.abs().log2().clamp(min=-24).numpy(), bins=80, histtype="step",
                     density=True, label=f"{cell.optimizer} (kurtosis {kurtosis:.1f})")

@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         choices=OPTIMIZERS)
     parser.add_argument("--seeds", type=int, default=3,
                         help="re-runs of each cell's best config, with seeds seed+1..seed+N")
+    parser.add_argument("--report-from", default=None, metavar="RUN_ID",
+                        help="train nothing: rebuild the table and plots of this finished "
+                             "study run from its MLflow runs and Tune folders")
     args = parser.parse_args(argv)
     args.datasets = args.datasets or (["mnist"] if args.smoke_test else list(DATASETS))
     args.models = args.models or (["mlp"] if args.smoke_test else list(MODELS))
@@ -142,9 +145,6 @@ def search_cells(args: argparse.Namespace, bases: dict[tuple[str, str, str], Tri
 def rerun_seeds(args: argparse.Namespace, cells: list[CellResult], parent: str,
                 stamp: str) -> None:
     """All cells' best configs x seeds in one run, each trial to the last epoch."""
-    from trainables.evaluate import LNS_PTQ_FORMATS, weight_rounding_accuracy
-    from trainables.sessions import load_state_file
-
     seeds = [args.seed + i for i in range(1, args.seeds + 1)]
     points = tuple({**cell.best_config, "train.seed": s} for cell in cells for s in seeds)
     print(f"\n=== best configs x seeds {seeds}: {len(points)} trials ===", flush=True)
@@ -153,13 +153,25 @@ def rerun_seeds(args: argparse.Namespace, cells: list[CellResult], parent: str,
         max_concurrent=args.max_concurrent, metric=METRIC, mode=MODE,
         tracking_uri=tracking_uri(args), storage_path=args.storage_path,
         address=args.address, parent_run_id=parent, run_name=f"{STUDY}-{stamp}-seeds"))
+    add_seed_results(cells, outcome.results)
+
+
+def _model_label(model_name: str) -> str:
+    """The study's name of a model (lenet -> cnn)."""
+    return {MODELS[m][0].split("=")[1]: m for m in MODELS}[model_name]
+
+
+def add_seed_results(cells: list[CellResult], results: Any) -> None:
+    """Histories, final weights and weight-rounding accuracies of the seed re-runs."""
+    from trainables.evaluate import LNS_PTQ_FORMATS, weight_rounding_accuracy
+    from trainables.sessions import load_state_file
+
     by_key = {(c.dataset, c.model, c.optimizer): c for c in cells}
-    labels = {tuple(MODELS[m])[0].split("=")[1]: m for m in MODELS}
-    for result in outcome.results:
+    for result in results:
         if result.error or result.metrics_dataframe is None:
             continue
         cfg = result.config
-        cell = by_key[(cfg["data.name"], labels[cfg["model.name"]], cfg["optim.name"])]
+        cell = by_key[(cfg["data.name"], _model_label(cfg["model.name"]), cfg["optim.name"])]
         history = result.metrics_dataframe.to_dict("records")
         weights, rounded = None, None
         if result.checkpoint is not None:
@@ -170,6 +182,53 @@ def rerun_seeds(args: argparse.Namespace, cells: list[CellResult], parent: str,
             rounded = weight_rounding_accuracy(TrialConfig.from_flat(cfg), model_state,
                                                LNS_PTQ_FORMATS)
         cell.add_seed_run(cfg["train.seed"], history, weights, rounded)
+
+
+def restore_cells(args: argparse.Namespace, tracker: SweepTracker,
+                  study_run: str) -> list[CellResult]:
+    """Rebuild the cells of a study that has run (its report failed or is to be redrawn)
+    from its nested MLflow runs and their Tune folders under --storage-path."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    children = tracker.client.search_runs(
+        [tracker.experiment_id], f"tags.mlflow.parentRunId = '{study_run}'")
+    if not children:
+        raise ConfigError(f"--report-from={study_run} is invalid: allowed the run id of an "
+                          f"{STUDY} study run with nested search runs")
+    storage = Path(args.storage_path).resolve()
+    cells, seeds = [], None
+    for run in children:
+        grid = ResultGrid(ExperimentAnalysis(str(storage / run.info.run_name)))
+        if run.data.tags.get("kind") == "points":
+            seeds = grid
+            continue
+        params = run.data.params
+        rows = _search_rows(grid, int(params["train.epochs"]))
+        best = max(rows, key=lambda r: r[METRIC])
+        best_config = next(r.config for r in grid
+                           if r.metrics and r.metrics.get("trial_id") == best["trial_id"])
+        cells.append(CellResult(params["data.name"], _model_label(params["model.name"]),
+                                params["optim.name"], rows, best_config))
+    order = {k: i for i, k in enumerate((*DATASETS, *MODELS, *OPTIMIZERS))}
+    cells.sort(key=lambda c: (order[c.dataset], order[c.model], order[c.optimizer]))
+    if seeds is not None:
+        add_seed_results(cells, seeds)
+    return cells
+
+
+def _search_rows(grid: Any, epochs: int) -> list[dict[str, Any]]:
+    # A trial that stopped before the last epoch was stopped by ASHA.
+    rows = []
+    for result in grid:
+        if not result.metrics or METRIC not in result.metrics:
+            continue
+        m = result.metrics
+        rows.append({"trial_id": m["trial_id"],
+                     "status": "FINISHED" if m.get("epoch") == epochs else "KILLED",
+                     "optim.lr": result.config["optim.lr"],
+                     "optim.weight_decay": result.config["optim.weight_decay"],
+                     **{k: m[k] for k in ("epoch", "train_loss", "test_acc") if k in m}})
+    return rows
 
 
 def report(tracker: SweepTracker, parent: str, cells: list[CellResult]) -> str:
@@ -193,6 +252,13 @@ def report(tracker: SweepTracker, parent: str, cells: list[CellResult]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_from:
+        tracker = SweepTracker(tracking_uri(args), STUDY)
+        with tracker.ending(args.report_from):
+            table = report(tracker, args.report_from,
+                           restore_cells(args, tracker, args.report_from))
+        print(f"\n=== {STUDY}: {METRIC} over seeds per cell ===\n{table}")
+        return 0
     bases = plan(args)
     for data in {base.data for base in bases.values()}:
         prepare_data(data)  # a missing dataset fails here, before any Ray work

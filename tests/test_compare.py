@@ -66,3 +66,20 @@ def test_a_sweep_needs_a_space_or_points():
         Sweep(name="x", base=TrialConfig())
     with pytest.raises(ConfigError, match="exactly one of space"):
         Sweep(name="x", base=TrialConfig(), space=lambda t: None, points=({},))
+
+
+def test_a_diverged_seed_gives_nan_not_a_crash(tmp_path):
+    from sweeps.compare import plot_curves, plot_sensitivity, plot_weights
+
+    nan = float("nan")
+    cell = CellResult("mnist", "mlp", "gd", [{"optim.lr": 1.0, "test_acc": 0.9,
+                                              "status": "FINISHED"}], {"optim.lr": 1.0})
+    cell.add_seed_run(1, _history([0.9, 0.95]), torch.tensor([0.5, -1.0, 2.0]))
+    cell.add_seed_run(2, [{"epoch": 1, "test_acc": 0.1, "train_loss": nan},
+                          {"epoch": 2, "test_acc": 0.1, "train_loss": nan}],
+                      torch.tensor([nan, 1.0, -nan]))
+    [row] = table_rows([cell])
+    assert row["test_acc_mean"] == pytest.approx(0.525) and math.isnan(row["weight_kurtosis"])
+    assert row["diverged"] == 1
+    for plot in (plot_curves, plot_sensitivity, plot_weights):
+        assert plot([cell], tmp_path / f"{plot.__name__}.png").stat().st_size > 0

@@ -77,3 +77,11 @@ def test_encode_decode_round_trip_every_code():
     s2, c2 = fmt.encode(x, 3.0)
     assert torch.equal(c2, code) and torch.equal(s2[:-1], sign[:-1]) and s2[-1] == 0
     assert x[-1] == 0 and x[0] == 3.0 and math.isclose(x[4].item(), 1.5)
+
+
+def test_non_finite_values_pass_through():
+    fmt = LNSFormat(bits=4, frac_bits=0)
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5])
+    q = fmt.quantize(x, 1.0)
+    assert torch.isnan(q[0]) and q[1] == float("inf") and q[2] == -float("inf") and q[3] == 0.5
+    assert torch.isnan(fmt.quantize(torch.tensor([float("nan"), 1.0]))).all()  # NaN scale
