@@ -94,14 +94,17 @@ def _worked_range(rows: list[dict[str, Any]], metric: str) -> tuple[float, float
     return min(lrs), max(lrs)
 
 
-def table_rows(cells: list[CellResult], metric: str = "test_acc") -> list[dict[str, Any]]:
-    """One row per cell: mean +- std over the seed re-runs (in percent in ``result``, and
-    with weights rounded to each format), the best searched config, the learning rates
-    that worked, and the final weights' tail statistics."""
+def table_rows(cells: list[CellResult], metric: str = "test_acc",
+               search_metric: str | None = None) -> list[dict[str, Any]]:
+    """One row per cell: ``metric`` mean +- std over the seed re-runs (in percent in
+    ``result``, and with weights rounded to each format), the best searched config, the
+    learning rates that worked (by ``search_metric``, default ``metric``), and the final
+    weights' tail statistics."""
     rows = []
     for cell in cells:
+        search_metric = search_metric or metric
         mean, std = _mean_std(cell.finals(metric))
-        lo, hi = _worked_range(cell.search_rows, metric)
+        lo, hi = _worked_range(cell.search_rows, search_metric)
         stats = [weight_stats(w) for w in cell.weights]
         searched_lrs = [r["optim.lr"] for r in cell.search_rows if "optim.lr" in r]
         formats = list(dict.fromkeys(k for r in cell.rounded for k in r if k != "fp32"))
@@ -119,7 +122,8 @@ def table_rows(cells: list[CellResult], metric: str = "test_acc") -> list[dict[s
             "best_lr": cell.best_config.get("optim.lr", math.nan),
             "best_weight_decay": cell.best_config.get("optim.weight_decay", math.nan),
             "search_trials": len(cell.search_rows),
-            "search_best": max((r.get(metric, math.nan) for r in cell.search_rows),
+            f"search_best_{search_metric}": max((r.get(search_metric, math.nan)
+                                                 for r in cell.search_rows),
                                default=math.nan),
             "lr_searched": (f"{min(searched_lrs):.3g}..{max(searched_lrs):.3g}"
                             if searched_lrs else ""),

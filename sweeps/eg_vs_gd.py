@@ -2,8 +2,9 @@
 ones, and what do their weights look like? Optimizers x datasets x models on real data.
 
 For every cell (dataset, model, optimizer) Optuna TPE searches the learning rate (a
-log range per optimizer, define-by-run) and weight decay under ASHA; then the best config
-of every cell is re-run with fresh seeds and reported as mean +- std, also with the final
+log range per optimizer, define-by-run) and weight decay under ASHA, choosing on a
+validation split (10% of the training set); then the best config of every cell is re-run
+with fresh seeds and its test accuracy reported as mean +- std, also with the final
 weights rounded to LNS-8 and LNS-4 (weight-only post-training quantization). The study's parent
 MLflow run holds comparison.csv/.md, curves.png, sensitivity.png and weights.png; each
 cell's search and the seed re-runs are nested runs under it, trials nested under those.
@@ -46,7 +47,9 @@ from trainables.config import ConfigError, TrialConfig
 from trainables.data import prepare_data
 from trainables.tracking import SweepTracker
 
-METRIC, MODE = "test_acc", "max"
+# Configs are chosen on a validation split held out of the training set (SEARCH_METRIC);
+# the test set only scores the re-runs (METRIC), so the table is not tuned on it.
+SEARCH_METRIC, METRIC, MODE = "val_acc", "test_acc", "max"
 STUDY = "eg_vs_gd"
 OPTIMIZERS = ("gd", "eg", "adam_gd", "adam_eg", "madam", "lns_madam")
 DATASETS = ("mnist", "fashion_mnist")
@@ -64,7 +67,7 @@ WEIGHT_DECAY_RANGE = (1e-6, 1e-3)
 BIAS_LR = {"eg": 0.05, "adam_eg": 1e-3, "madam": 0.01, "lns_madam": 0.01}
 # Plain updates: no momentum for gd/eg, so the pair differs only in the update's form.
 COMMON = ["optim.momentum=0", "optim.nesterov=false", "optim.schedule=onecycle",
-          "data.batch_size=128", "train.threads=1"]
+          "data.batch_size=128", "data.val_fraction=0.1", "train.threads=1"]
 SMOKE = ["data.train_subset=2000", "data.test_subset=1000", "train.epochs=2"]
 
 
@@ -132,7 +135,8 @@ def search_cells(args: argparse.Namespace, bases: dict[tuple[str, str, str], Tri
             outcome = run_sweep(Sweep(
                 name=STUDY, base=base, space=CellSpace(optimizer),
                 num_samples=args.num_samples, max_concurrent=args.max_concurrent,
-                metric=METRIC, mode=MODE, seed=args.seed, tracking_uri=tracking_uri(args),
+                metric=SEARCH_METRIC, mode=MODE, seed=args.seed,
+                tracking_uri=tracking_uri(args),
                 storage_path=args.storage_path, address=args.address, parent_run_id=parent,
                 run_name=f"{STUDY}-{stamp}-search-{dataset}-{model}-{optimizer}"))
         except RuntimeError as exc:  # every trial failed: record it, go on with the rest
@@ -204,7 +208,7 @@ def restore_cells(args: argparse.Namespace, tracker: SweepTracker,
             continue
         params = run.data.params
         rows = _search_rows(grid, int(params["train.epochs"]))
-        best = max(rows, key=lambda r: r[METRIC])
+        best = max(rows, key=lambda r: r[SEARCH_METRIC])
         best_config = next(r.config for r in grid
                            if r.metrics and r.metrics.get("trial_id") == best["trial_id"])
         cells.append(CellResult(params["data.name"], _model_label(params["model.name"]),
@@ -220,26 +224,28 @@ def _search_rows(grid: Any, epochs: int) -> list[dict[str, Any]]:
     # A trial that stopped before the last epoch was stopped by ASHA.
     rows = []
     for result in grid:
-        if not result.metrics or METRIC not in result.metrics:
+        if not result.metrics or SEARCH_METRIC not in result.metrics:
             continue
         m = result.metrics
         rows.append({"trial_id": m["trial_id"],
                      "status": "FINISHED" if m.get("epoch") == epochs else "KILLED",
                      "optim.lr": result.config["optim.lr"],
                      "optim.weight_decay": result.config["optim.weight_decay"],
-                     **{k: m[k] for k in ("epoch", "train_loss", "test_acc") if k in m}})
+                     **{k: m[k] for k in ("epoch", "train_loss", SEARCH_METRIC, METRIC)
+                        if k in m}})
     return rows
 
 
 def report(tracker: SweepTracker, parent: str, cells: list[CellResult]) -> str:
-    rows = table_rows(cells, METRIC)
+    rows = table_rows(cells, METRIC, SEARCH_METRIC)
     tracker.log_text(parent, rows_to_csv(rows), "comparison.csv")
     table = rows_to_markdown(rows)
     tracker.log_text(parent, table, "comparison.md")
     with tempfile.TemporaryDirectory() as tmp:
-        for plot, name in ((plot_curves, "curves.png"), (plot_sensitivity, "sensitivity.png"),
-                           (plot_weights, "weights.png")):
-            tracker.log_artifact(parent, plot(cells, Path(tmp) / name))
+        tracker.log_artifact(parent, plot_curves(cells, Path(tmp) / "curves.png"))
+        tracker.log_artifact(parent, plot_sensitivity(cells, Path(tmp) / "sensitivity.png",
+                                                      SEARCH_METRIC))
+        tracker.log_artifact(parent, plot_weights(cells, Path(tmp) / "weights.png"))
     metrics = {}
     for row in rows:
         key = f"{row['dataset']}.{row['model']}.{row['optimizer']}"

@@ -31,7 +31,7 @@ def test_table_row_by_hand():
     assert row["test_acc_std"] == pytest.approx(math.sqrt(2) * 0.01)  # sample std of 2
     assert row["result"] == "97.00 +- 1.41" and row["n_seeds"] == 2
     assert row["lr_worked"] == "0.1..0.3"  # within 1 point of 0.95: not 0.939, not 0.5
-    assert row["lr_searched"] == "0.05..1" and row["search_best"] == 0.95
+    assert row["lr_searched"] == "0.05..1" and row["search_best_test_acc"] == 0.95
     assert row["weight_kurtosis"] == pytest.approx(-2.0)  # two-point distribution: 1 - 3
 
 
