@@ -225,7 +225,7 @@ def plot_weights(cells: list[CellResult], path: str | Path) -> Path:
             if not w.numel():
                 continue
             kurtosis = weight_stats(w)["kurtosis"]
-            ax.hist(w.abs().log2().clamp(min=-24).numpy(), bins=80, histtype="step",
+            ax.hist(w.abs().log2().clamp(-24, 8).numpy(), bins=80, histtype="step",
                     density=True, label=f"{cell.optimizer} (kurtosis {kurtosis:.1f})")
         ax.set_xlabel("log2 |w|")
         ax.set_ylabel("density")
