@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -58,17 +59,14 @@ class LNSFormat:
         return self.levels
 
     def unit_magnitudes(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``2**(-e / gamma)`` for every code, zero for the zero code (float64). Decoding
-        looks values up here: a vectorized exp2 can differ in the last bit between tensor
-        lengths, and grid values must be the same numbers everywhere."""
-        codes = torch.arange(self.levels + 1, dtype=torch.float64, device=device)
-        table = torch.exp2(-codes / self.gamma)
-        table[self.zero_code] = 0.0
-        return table
+        """``2**(-e / gamma)`` for every code, zero for the zero code (float64, a copy).
+        Decoding looks values up in this table: a vectorized exp2 can differ in the last
+        bit between tensor lengths, and grid values must be the same numbers everywhere."""
+        return _unit_table(self.bits, self.frac_bits, str(device)).clone()
 
     def magnitudes(self, scale: float = 1.0) -> torch.Tensor:
         """All nonzero magnitudes of the grid, largest first (float64)."""
-        return scale * self.unit_magnitudes()[: self.levels]
+        return scale * _unit_table(self.bits, self.frac_bits, "cpu")[: self.levels]
 
     def encode(self, x: torch.Tensor, scale: torch.Tensor | float,
                underflow: str = "zero") -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +92,7 @@ class LNSFormat:
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The values that (sign, code) encode, in ``dtype``."""
         scale = torch.as_tensor(scale, dtype=torch.float64, device=code.device)
-        magnitude = scale * self.unit_magnitudes(code.device)[code.long()]
+        magnitude = scale * _unit_table(self.bits, self.frac_bits, str(code.device))[code.long()]
         return (sign.double() * magnitude).to(dtype)
 
     def quantize(self, x: torch.Tensor, scale: torch.Tensor | float | None = None,
@@ -109,3 +107,14 @@ class LNSFormat:
     def on_grid(self, x: torch.Tensor, scale: torch.Tensor | float) -> bool:
         """Whether every value of ``x`` is exactly a grid value (for tests and asserts)."""
         return bool(torch.equal(self.quantize(x, scale), x))
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_table(bits: int, frac_bits: int, device: str) -> torch.Tensor:
+    # Built once per format and device: LNS-Madam decodes every weight at every step, and
+    # a 16-bit format's table has 32768 entries. Callers index it and never write to it.
+    fmt = LNSFormat(bits, frac_bits)
+    codes = torch.arange(fmt.levels + 1, dtype=torch.float64, device=device)
+    table = torch.exp2(-codes / fmt.gamma)
+    table[fmt.zero_code] = 0.0
+    return table

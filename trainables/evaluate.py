@@ -15,14 +15,15 @@ Example::
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
 from quant.lns import LNSFormat
-from trainables.config import TrialConfig
-from trainables.data import load_splits
+from trainables.config import DataConfig, TrialConfig
+from trainables.data import Splits, load_splits
 from trainables.models import build_model
 
 __all__ = ["weight_rounding_accuracy", "LNS_PTQ_FORMATS"]
@@ -45,12 +46,18 @@ def _accuracy(model: nn.Module, loader) -> float:
     return correct / total
 
 
+@functools.lru_cache(maxsize=4)
+def _splits(data: DataConfig, seed: int) -> Splits:
+    # A study evaluates many trained models of the same dataset and seed: load it once.
+    return load_splits(data, seed=seed)
+
+
 def weight_rounding_accuracy(cfg: TrialConfig, model_state: Mapping[str, torch.Tensor],
                              formats: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
                              ) -> dict[str, float]:
     """``{"fp32": acc, name: acc with every 2+-dim weight tensor rounded by formats[name]}``
     on the test split of ``cfg.data`` (CPU)."""
-    splits = load_splits(cfg.data, seed=cfg.train.seed)
+    splits = _splits(cfg.data, cfg.train.seed)
     model = build_model(cfg.model, splits.in_channels, splits.image_size, splits.num_classes)
     model.load_state_dict(model_state)
     loader = splits.loader("test", cfg.data.test_batch_size, torch.device("cpu"),
