@@ -17,7 +17,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 def header(name: str) -> dict[str, Any]:
     import torch
 
-    from trainables.tracking import git_sha
+    from sweeps.provenance import git_sha
 
     env = {"bench": name, "git_sha": git_sha(), "torch": torch.__version__,
            "cpus": os.cpu_count(), "python": platform.python_version(),

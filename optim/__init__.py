@@ -18,7 +18,18 @@ from optim.egpm import EGPM
 from optim.groups import split_params
 from optim.lns_madam import LNSMadam
 from optim.madam import Madam
-from optim.registry import available, build, build_for_model, is_multiplicative, register
+from optim.registry import (
+    available,
+    build,
+    build_for_model,
+    defaults,
+    is_multiplicative,
+    readers,
+    reads,
+    register,
+    validate,
+)
 
 __all__ = ["EG", "EGPM", "AdamEG", "AdamGD", "Madam", "LNSMadam", "split_params",
-           "available", "build", "build_for_model", "is_multiplicative", "register"]
+           "available", "build", "build_for_model", "is_multiplicative", "register",
+           "reads", "readers", "defaults", "validate"]

@@ -1,18 +1,22 @@
 """Name -> optimizer, so a config can say ``optim.name=eg``.
 
-Factories take the flat hyperparameter names of :class:`trainables.config.OptimConfig`
-(``beta1``, ``lns_bits``, ...) and ignore the ones their optimizer has no use for, so one
-config section serves every optimizer.
+Each registered factory is the one source of truth for its optimizer's hyperparameters:
+its keyword arguments are the names it reads (the config's ``optim.*`` field names), their
+defaults are its defaults, and the optimizer class validates their values. :func:`build`
+refuses any other keyword, naming it and what the optimizer takes; :func:`reads`,
+:func:`defaults` and :func:`validate` let a config ask instead of repeating the rules.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
+from optim._common import check_bool, check_range
 from optim.adam_eg import AdamEG
 from optim.adam_gd import AdamGD
 from optim.eg import EG
@@ -21,7 +25,8 @@ from optim.groups import split_params
 from optim.lns_madam import LNSMadam
 from optim.madam import Madam
 
-__all__ = ["available", "build", "build_for_model", "register", "is_multiplicative"]
+__all__ = ["available", "build", "build_for_model", "register", "is_multiplicative", "reads",
+           "defaults", "validate", "readers"]
 
 Factory = Callable[..., torch.optim.Optimizer]
 
@@ -58,14 +63,47 @@ def is_multiplicative(name: str) -> bool:
     return _entry(name).multiplicative
 
 
+def reads(name: str) -> tuple[str, ...]:
+    """The hyperparameters optimizer ``name`` takes (``lr`` first)."""
+    return tuple(defaults(name))
+
+
+def defaults(name: str) -> dict[str, Any]:
+    """Hyperparameter -> default of optimizer ``name`` (``lr`` has none: ``None``)."""
+    signature = inspect.signature(_entry(name).factory)
+    return {p.name: (None if p.default is inspect.Parameter.empty else p.default)
+            for p in list(signature.parameters.values())[1:]}
+
+
+def readers(hparam: str) -> tuple[str, ...]:
+    """The optimizers that take ``hparam``."""
+    return tuple(n for n in available() if hparam in reads(n))
+
+
 def build(name: str, params: Iterable[Any], **hparams: Any) -> torch.optim.Optimizer:
-    """Construct the optimizer registered as ``name``; hyperparameters are validated by it.
+    """Construct the optimizer registered as ``name``; hyperparameters are validated by it,
+    and a keyword it does not take raises ``ValueError`` naming it.
 
     Example::
 
         opt = build("gd", model.parameters(), lr=0.1)
     """
+    known = reads(name)
+    for key in hparams:
+        if key not in known:
+            raise ValueError(f"Invalid keyword {key!r} for optimizer {name!r}: it takes "
+                             f"{', '.join(known)}")
+    if "lr" not in hparams:
+        raise ValueError(f"optimizer {name!r} needs lr")
+    check_range("lr", hparams["lr"], 0.0, lo_open=True)
+    check_range("weight_decay", hparams.get("weight_decay", 0.0), 0.0)
     return _entry(name).factory(params, **hparams)
+
+
+def validate(name: str, **hparams: Any) -> None:
+    """Raise ``ValueError`` (the optimizer's own message) unless ``build(name, ...,
+    **hparams)`` would accept these hyperparameters. Builds it on a tiny tensor."""
+    build(name, [nn.Parameter(torch.ones(2, 2))], **hparams)
 
 
 def build_for_model(name: str, model: nn.Module, bias_lr: float | None = None,
@@ -82,51 +120,53 @@ def build_for_model(name: str, model: nn.Module, bias_lr: float | None = None,
     return build(name, model.parameters(), **hparams)
 
 
-def _gd(params: Iterable[Any], lr: float, weight_decay: float = 0.0,
-        **_ignored: Any) -> torch.optim.Optimizer:
-    # Plain gradient descent: SGD without momentum, whatever the config's momentum says.
+def _gd(params: Iterable[Any], lr: float, weight_decay: float = 0.0
+        ) -> torch.optim.Optimizer:
+    # Plain gradient descent: SGD without momentum.
     return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
 
 
-def _sgd(params: Iterable[Any], lr: float, momentum: float = 0.0, nesterov: bool = False,
-         weight_decay: float = 0.0, **_ignored: Any) -> torch.optim.Optimizer:
+def _sgd(params: Iterable[Any], lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
+         nesterov: bool = True) -> torch.optim.Optimizer:
+    # torch's SGD accepts momentum >= 1 (a diverging average) and words the Nesterov
+    # condition its own way: check both here, in the optimizers' vocabulary.
+    check_range("momentum", momentum, 0.0, 1.0, hi_open=True)
+    check_bool("nesterov", nesterov)
+    if nesterov and momentum == 0.0:
+        raise ValueError("Invalid nesterov: True (allowed only with momentum > 0)")
     return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov,
                            weight_decay=weight_decay)
 
 
-def _eg(params: Iterable[Any], lr: float, momentum: float = 0.0, nesterov: bool = False,
-        weight_decay: float = 0.0, **_ignored: Any) -> torch.optim.Optimizer:
-    return EG(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
-              weight_decay=weight_decay)
+def _eg(params: Iterable[Any], lr: float, weight_decay: float = 0.0, momentum: float = 0.0,
+        nesterov: bool = False) -> torch.optim.Optimizer:
+    return EG(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
 
 def _egpm(params: Iterable[Any], lr: float, weight_decay: float = 0.0,
-          egpm_offset: float = 0.01, egpm_normalize: bool = False,
-          **_ignored: Any) -> torch.optim.Optimizer:
+          egpm_offset: float = 0.01, egpm_normalize: bool = False) -> torch.optim.Optimizer:
     return EGPM(params, lr=lr, offset=egpm_offset, normalize=egpm_normalize,
                 weight_decay=weight_decay)
 
 
 def _adam(cls: type) -> Factory:
-    def factory(params: Iterable[Any], lr: float, beta1: float = 0.9, beta2: float = 0.999,
-                eps: float = 1e-8, weight_decay: float = 0.0,
-                **_ignored: Any) -> torch.optim.Optimizer:
+    def factory(params: Iterable[Any], lr: float, weight_decay: float = 0.0,
+                beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8
+                ) -> torch.optim.Optimizer:
         return cls(params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
     return factory
 
 
-def _madam(params: Iterable[Any], lr: float, p_scale: float = 3.0, g_bound: float = 10.0,
-           beta2: float = 0.999, weight_decay: float = 0.0,
-           **_ignored: Any) -> torch.optim.Optimizer:
+def _madam(params: Iterable[Any], lr: float, weight_decay: float = 0.0, p_scale: float = 3.0,
+           g_bound: float = 10.0, beta2: float = 0.999) -> torch.optim.Optimizer:
     # Madam's second-moment decay is Adam's beta2 (the config has one name for both).
     return Madam(params, lr=lr, p_scale=p_scale, g_bound=g_bound, beta=beta2,
                  weight_decay=weight_decay)
 
 
-def _lns_madam(params: Iterable[Any], lr: float, p_scale: float = 3.0,
-               g_bound: float = 10.0, beta2: float = 0.999, weight_decay: float = 0.0,
-               lns_bits: int = 8, lns_frac_bits: int = 3,
-               **_ignored: Any) -> torch.optim.Optimizer:
+def _lns_madam(params: Iterable[Any], lr: float, weight_decay: float = 0.0,
+               p_scale: float = 3.0, g_bound: float = 10.0, beta2: float = 0.999,
+               lns_bits: int = 8, lns_frac_bits: int = 3) -> torch.optim.Optimizer:
     return LNSMadam(params, lr=lr, bits=lns_bits, frac_bits=lns_frac_bits, p_scale=p_scale,
                     g_bound=g_bound, beta=beta2, weight_decay=weight_decay)
 

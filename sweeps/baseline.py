@@ -1,5 +1,6 @@
 """Baseline sweep: FP32 LeNet on real MNIST, Optuna TPE over learning rate and weight
-decay, ASHA on test accuracy, every trial tracked in MLflow.
+decay, ASHA on validation accuracy (10% of the training set held out; the test accuracy
+is reported beside it), every trial tracked in MLflow.
 
     python sweeps/baseline.py                  # ~10 minutes on 2 cores, full MNIST
     python sweeps/baseline.py --smoke-test     # a small subset, under 3 minutes
@@ -14,11 +15,13 @@ from typing import Any
 from sweeps.cli import base_config, common_parser, main_guard, print_summary, tracking_uri
 from sweeps.runner import Sweep, run_sweep
 
-METRIC, MODE = "test_acc", "max"
+# Chosen on a validation split, as the studies do: the test set only reports.
+METRIC, MODE = "val_acc", "max"
 
 DEFAULTS = ["data.name=mnist", "model.name=lenet", "model.channels=[16,32]",
             "model.hidden=[128]", "optim.name=sgd", "optim.momentum=0.9",
-            "optim.nesterov=true", "optim.schedule=onecycle", "data.batch_size=128"]
+            "optim.nesterov=true", "optim.schedule=onecycle", "data.batch_size=128",
+            "data.val_fraction=0.1"]
 SMOKE = ["data.train_subset=10000", "data.test_subset=2000", "train.epochs=2"]
 
 

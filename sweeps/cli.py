@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import DataNotFoundError
-from trainables.tracking import default_tracking_uri
+from sweeps.tracking import default_tracking_uri
 
 __all__ = ["common_parser", "base_config", "tracking_uri", "print_summary", "main_guard"]
 

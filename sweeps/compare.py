@@ -1,14 +1,16 @@
-"""Compare optimizers across cells (dataset x model): the table, curves, learning-rate
-sensitivity and final weight histograms that a study's parent MLflow run holds.
+"""Compare the cells of a study: the table, curves, learning-rate sensitivity and final
+weight histograms that a study's MLflow run holds.
 
-A *cell* is one (dataset, model, optimizer): its search trials, its best config, and the
-best config re-run with several seeds (histories and final weights per seed).
+A *cell* is one point of the study's grid, named by its key (e.g. dataset, model,
+optimizer): its search trials, the config picked from them, and that config re-run with
+several seeds (histories and final weights per seed). Plots draw one panel per key
+without its last part (dataset / model) and one series per last part (the optimizer).
 
 Example::
 
-    cells = [CellResult("mnist", "mlp", "eg", search_rows, best_config)]
-    cells[0].add_seed_run(history, weights)
-    print(rows_to_markdown(table_rows(cells)))
+    cells = [CellResult(("mnist", "mlp", "eg"), search_rows, best_config)]
+    cells[0].add_seed_run(1, history, weights)
+    print(rows_to_markdown(table_rows(cells, ("dataset", "model", "optimizer"))))
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any, Mapping
 
 import torch
 
+from sweeps.outcome import diverged
+
 __all__ = ["CellResult", "table_rows", "weight_vector", "weight_stats", "plot_curves",
            "plot_sensitivity", "plot_weights"]
 
@@ -30,33 +34,31 @@ WORKED_WITHIN = 0.01
 
 @dataclass
 class CellResult:
-    dataset: str
-    model: str
-    optimizer: str
+    key: tuple[str, ...]
     search_rows: list[dict[str, Any]]
     best_config: dict[str, Any]
     histories: list[list[dict[str, Any]]] = field(default_factory=list)
     weights: list[torch.Tensor] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
-    # Per seed: test accuracy with the weights rounded to a format ({"lns4": 0.97, ...}).
-    rounded: list[dict[str, float]] = field(default_factory=list)
 
     @property
-    def panel(self) -> tuple[str, str]:
-        return (self.dataset, self.model)
+    def panel(self) -> tuple[str, ...]:
+        return self.key[:-1]
+
+    @property
+    def series(self) -> str:
+        return self.key[-1]
 
     def add_seed_run(self, seed: int, history: list[dict[str, Any]],
-                     weights: torch.Tensor | None,
-                     rounded: dict[str, float] | None = None) -> None:
+                     weights: torch.Tensor | None) -> None:
         self.seeds.append(seed)
         self.histories.append(history)
         if weights is not None:
             self.weights.append(weights)
-        if rounded:
-            self.rounded.append(rounded)
 
     def finals(self, metric: str = "test_acc") -> list[float]:
-        return [h[-1][metric] for h in self.histories if h]
+        """The last reported value of ``metric`` of each seed run that has it."""
+        return [h[-1][metric] for h in self.histories if h and metric in h[-1]]
 
 
 def weight_vector(model_state: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -94,12 +96,18 @@ def _worked_range(rows: list[dict[str, Any]], metric: str) -> tuple[float, float
     return min(lrs), max(lrs)
 
 
-def table_rows(cells: list[CellResult], metric: str = "test_acc",
-               search_metric: str | None = None) -> list[dict[str, Any]]:
+def _percent(values: list[float]) -> str:
+    mean, std = _mean_std(values)
+    return f"{100 * mean:.2f} +- {100 * std:.2f}" if not math.isnan(mean) else ""
+
+
+def table_rows(cells: list[CellResult], key_names: tuple[str, ...],
+               metric: str = "test_acc", search_metric: str | None = None,
+               extra_metrics: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """One row per cell: ``metric`` mean +- std over the seed re-runs (in percent in
-    ``result``, and with weights rounded to each format), the best searched config, the
-    learning rates that worked (by ``search_metric``, default ``metric``), and the final
-    weights' tail statistics."""
+    ``result``), each of ``extra_metrics`` that the runs reported (e.g. accuracy with
+    rounded weights) likewise, the picked config, the learning rates that worked (by
+    ``search_metric``, default ``metric``), and the final weights' tail statistics."""
     rows = []
     for cell in cells:
         search_metric = search_metric or metric
@@ -107,18 +115,15 @@ def table_rows(cells: list[CellResult], metric: str = "test_acc",
         lo, hi = _worked_range(cell.search_rows, search_metric)
         stats = [weight_stats(w) for w in cell.weights]
         searched_lrs = [r["optim.lr"] for r in cell.search_rows if "optim.lr" in r]
-        formats = list(dict.fromkeys(k for r in cell.rounded for k in r if k != "fp32"))
-        rounded = {}
-        for name in formats:
-            r_mean, r_std = _mean_std([r[name] for r in cell.rounded if name in r])
-            rounded[f"{metric}_{name}"] = f"{100 * r_mean:.2f} +- {100 * r_std:.2f}"
+        extra = {name: _percent(cell.finals(name)) for name in extra_metrics
+                 if cell.finals(name)}
         rows.append({
-            "dataset": cell.dataset, "model": cell.model, "optimizer": cell.optimizer,
+            **dict(zip(key_names, cell.key, strict=True)),
             f"{metric}_mean": mean, f"{metric}_std": std, "n_seeds": len(cell.finals(metric)),
-            # Seeds whose training loss went NaN: their chance-level accuracy is in the mean.
-            "diverged": sum(math.isnan(x) for x in cell.finals("train_loss")),
-            "result": f"{100 * mean:.2f} +- {100 * std:.2f}" if not math.isnan(mean) else "",
-            **rounded,
+            # Seeds whose training loss was ever non-finite (their accuracy is in the mean).
+            "diverged": sum(diverged(h) for h in cell.histories),
+            "result": _percent(cell.finals(metric)),
+            **extra,
             "best_lr": cell.best_config.get("optim.lr", math.nan),
             "best_weight_decay": cell.best_config.get("optim.weight_decay", math.nan),
             "search_trials": len(cell.search_rows),
@@ -134,7 +139,7 @@ def table_rows(cells: list[CellResult], metric: str = "test_acc",
     return rows
 
 
-def _panels(cells: list[CellResult]) -> list[tuple[str, str]]:
+def _panels(cells: list[CellResult]) -> list[tuple[str, ...]]:
     return list(dict.fromkeys(c.panel for c in cells))
 
 
@@ -169,7 +174,7 @@ def plot_curves(cells: list[CellResult], path: str | Path) -> Path:
                                      if len(h) == len(epochs)], dtype=torch.float64)
                 # Diverged seeds (NaN loss) are counted in the label, not averaged in.
                 finite = runs[torch.isfinite(runs).all(1)]
-                label = cell.optimizer
+                label = cell.series
                 if len(finite) < len(runs):
                     label += f" ({len(runs) - len(finite)}/{len(runs)} diverged)"
                 if not len(finite):
@@ -180,7 +185,7 @@ def plot_curves(cells: list[CellResult], path: str | Path) -> Path:
                                 [m + s for m, s in zip(mean, std, strict=True)],
                                 color=line.get_color(), alpha=0.2)
         for ax, key in zip(axes[row], ("train loss", "test accuracy"), strict=True):
-            ax.set_title(f"{panel[0]} / {panel[1]}: {key}")
+            ax.set_title(f"{' / '.join(panel)}: {key}")
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
@@ -203,11 +208,11 @@ def plot_sensitivity(cells: list[CellResult], path: str | Path,
                           (r.get("status") == "FINISHED") == finished]
                 ax.scatter([r["optim.lr"] for r in chosen], [r[metric] for r in chosen],
                            edgecolors=colour, facecolors=colour if finished else "none",
-                           label=cell.optimizer if finished else None, s=25)
+                           label=cell.series if finished else None, s=25)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel(f"final {metric}")
-        ax.set_title(f"{panel[0]} / {panel[1]}")
+        ax.set_title(" / ".join(panel))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(plt, fig, path, "learning-rate sensitivity (hollow: stopped by ASHA)")
@@ -226,10 +231,10 @@ def plot_weights(cells: list[CellResult], path: str | Path) -> Path:
                 continue
             kurtosis = weight_stats(w)["kurtosis"]
             ax.hist(w.abs().log2().clamp(-24, 8).numpy(), bins=80, histtype="step",
-                    density=True, label=f"{cell.optimizer} (kurtosis {kurtosis:.1f})")
+                    density=True, label=f"{cell.series} (kurtosis {kurtosis:.1f})")
         ax.set_xlabel("log2 |w|")
         ax.set_ylabel("density")
-        ax.set_title(f"{panel[0]} / {panel[1]}")
+        ax.set_title(" / ".join(panel))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(plt, fig, path, "final weights of each optimizer's best config")

@@ -1,7 +1,9 @@
-"""Run a sweep: Optuna (define-by-run, TPE) proposes, ASHA stops, MLflow records.
+"""Run a sweep: Optuna (define-by-run, TPE) proposes, ASHA stops, MLflow records; or run
+explicit points (a fixed design, seed re-runs), each trial to its last epoch.
 
-Every sweep script describes a :class:`Sweep` (a base config, a search space function,
-the metric) and calls :func:`run_sweep`. Before any Ray work starts, the space is sampled
+Every sweep script describes a :class:`Sweep` (a base config, a search space function or
+points, the metric) and calls :func:`run_sweep`; a study of many cells uses
+:mod:`sweeps.study`, which runs one sweep per cell. Before any Ray work starts, the space is sampled
 once and every proposed config validated, and the MLflow store is opened: bad input fails
 in a second with the field's name, not minutes later inside a worker.
 
@@ -27,9 +29,10 @@ from typing import Any, Callable, Mapping
 
 from ray.tune import Callback
 
+from sweeps.outcome import diverged
+from sweeps.tracking import MLflowSweepCallback, SweepTracker, default_tracking_uri, plot_sweep
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import cache_dir, data_root, prepare_data
-from trainables.tracking import MLflowSweepCallback, SweepTracker, default_tracking_uri, plot_sweep
 
 __all__ = ["Sweep", "SweepOutcome", "run_sweep", "validate_space", "validate_points",
            "rows_to_csv", "rows_to_markdown",
@@ -37,6 +40,8 @@ __all__ = ["Sweep", "SweepOutcome", "run_sweep", "validate_space", "validate_poi
 
 SpaceFn = Callable[[Any], "dict[str, Any] | None"]
 
+# The metrics a sweep's table, console summary and parent run show (every metric a trial
+# reports reaches its own MLflow run regardless).
 SUMMARY_METRICS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "val_acc",
                    "images_per_s")
 
@@ -71,6 +76,8 @@ class Sweep:
     # Nest this sweep's MLflow run under another run (a study of several sweeps).
     parent_run_id: str | None = None
     run_name: str = ""  # default: <name>-<timestamp>
+    kind: str = ""  # the run's kind tag; default: search (space) or points
+    tags: Mapping[str, str] = field(default_factory=dict)  # more tags on the sweep's run
 
     def __post_init__(self) -> None:
         if (self.space is None) == (not self.points):
@@ -168,8 +175,9 @@ class ConsoleProgress(Callback):
                          f"{_format(result.get('images_per_s', 0.0))} img/s")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        finished = self.tracking.completion_status(trial) == "FINISHED"
-        self._say(trial, "finished" if finished else "stopped early by the scheduler")
+        finished = self.tracking.status(trial) == "FINISHED"
+        ending = "finished" if finished else "stopped early by the scheduler"
+        self._say(trial, ending + (" (diverged)" if self.tracking.diverged(trial) else ""))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._say(trial, f"FAILED: see {trial.error_file}")
@@ -266,8 +274,10 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
                 "sweep.metric": sweep.metric,
                 "sweep.mode": sweep.mode, "sweep.max_concurrent": sweep.max_concurrent,
                 "sweep.grace_period": sweep.grace_period, "sweep.seed": sweep.seed,
-                **base.to_flat()},
-        tags={"sweep": sweep.name, "kind": "points" if sweep.points else "search", **nested})
+                # The fixed fields: a searched field's base value is not what ran.
+                **{k: v for k, v in base.tracked_params().items() if k not in searched}},
+        tags={"sweep": sweep.name, "kind": sweep.kind or ("points" if sweep.points else "search"),
+              **sweep.tags, **nested})
     callback = MLflowSweepCallback(tracker)
     with tracker.ending(parent):
         _init_ray(sweep.address)
@@ -283,7 +293,10 @@ def _summarize(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
             continue  # failed before its first report
         trial_id = result.metrics.get("trial_id", "")
         params = {k: result.config[k] for k in searched if k in result.config}
+        history = result.metrics_dataframe.to_dict("records") \
+            if result.metrics_dataframe is not None else [result.metrics]
         row = {"trial_id": trial_id, "status": callback.statuses.get(trial_id, "UNKNOWN"),
+               "diverged": diverged(history),
                "mlflow_run_id": callback.run_ids.get(trial_id, ""), **params}
         for key in dict.fromkeys((*SUMMARY_METRICS, sweep.metric)):
             if key in result.metrics:

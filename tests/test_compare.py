@@ -12,6 +12,9 @@ from sweeps.runner import Sweep, validate_points
 from trainables.config import ConfigError, TrialConfig
 
 
+KEYS = ("dataset", "model", "optimizer")
+
+
 def _history(accs):
     return [{"epoch": i + 1, "test_acc": a, "train_loss": 1.0 / (i + 1)}
             for i, a in enumerate(accs)]
@@ -22,17 +25,29 @@ def test_table_row_by_hand():
               {"optim.lr": 0.3, "test_acc": 0.945, "status": "FINISHED"},
               {"optim.lr": 1.0, "test_acc": 0.5, "status": "KILLED"},
               {"optim.lr": 0.05, "test_acc": 0.939, "status": "KILLED"}]
-    cell = CellResult("mnist", "mlp", "eg", search, {"optim.lr": 0.1,
+    cell = CellResult(("mnist", "mlp", "eg"), search, {"optim.lr": 0.1,
                                                      "optim.weight_decay": 1e-4})
     cell.add_seed_run(1, _history([0.9, 0.96]), torch.tensor([-1.0, 1.0]))
     cell.add_seed_run(2, _history([0.9, 0.98]), torch.tensor([-2.0, 2.0]))
-    [row] = table_rows([cell])
+    [row] = table_rows([cell], KEYS)
+    assert row["optimizer"] == "eg" and row["dataset"] == "mnist"
     assert row["test_acc_mean"] == pytest.approx(0.97)
     assert row["test_acc_std"] == pytest.approx(math.sqrt(2) * 0.01)  # sample std of 2
     assert row["result"] == "97.00 +- 1.41" and row["n_seeds"] == 2
     assert row["lr_worked"] == "0.1..0.3"  # within 1 point of 0.95: not 0.939, not 0.5
     assert row["lr_searched"] == "0.05..1" and row["search_best_test_acc"] == 0.95
     assert row["weight_kurtosis"] == pytest.approx(-2.0)  # two-point distribution: 1 - 3
+
+
+def test_extra_metrics_are_tabled_from_the_final_reports():
+    cell = CellResult(("mnist", "mlp", "eg"), [], {})
+    for seed, rounded in ((1, 0.90), (2, 0.94)):
+        history = _history([0.9, 0.95])
+        history[-1]["test_acc_lns4"] = rounded  # a stage's metric joins the last report
+        cell.add_seed_run(seed, history, None)
+    [row] = table_rows([cell], KEYS, extra_metrics=("test_acc_lns4", "test_acc_int8"))
+    assert row["test_acc_lns4"] == "92.00 +- 2.83"
+    assert "test_acc_int8" not in row  # not reported: no column
 
 
 def test_weight_stats_by_hand():
@@ -72,13 +87,13 @@ def test_a_diverged_seed_gives_nan_not_a_crash(tmp_path):
     from sweeps.compare import plot_curves, plot_sensitivity, plot_weights
 
     nan = float("nan")
-    cell = CellResult("mnist", "mlp", "gd", [{"optim.lr": 1.0, "test_acc": 0.9,
+    cell = CellResult(("mnist", "mlp", "gd"), [{"optim.lr": 1.0, "test_acc": 0.9,
                                               "status": "FINISHED"}], {"optim.lr": 1.0})
     cell.add_seed_run(1, _history([0.9, 0.95]), torch.tensor([0.5, -1.0, 2.0]))
     cell.add_seed_run(2, [{"epoch": 1, "test_acc": 0.1, "train_loss": nan},
                           {"epoch": 2, "test_acc": 0.1, "train_loss": nan}],
                       torch.tensor([nan, 1.0, -nan]))
-    [row] = table_rows([cell])
+    [row] = table_rows([cell], KEYS)
     assert row["test_acc_mean"] == pytest.approx(0.525) and math.isnan(row["weight_kurtosis"])
     assert row["diverged"] == 1
     for plot in (plot_curves, plot_sensitivity, plot_weights):

@@ -73,13 +73,13 @@ def test_frozen() -> None:
     ("optim.schedule=linear", ["optim.schedule", "'linear'", "onecycle", "cosine"]),
     ("optim.name=adamw", ["optim.name", "'adamw'", "sgd"]),
     ("optim.gamma=0", ["optim.gamma", "> 0"]),
-    ("optim.beta1=1", ["optim.beta1", "< 1"]),
-    ("optim.eps=0", ["optim.eps", "> 0"]),
-    ("optim.lns_bits=1", ["optim.lns_bits", ">= 2", "<= 16"]),
-    ("optim.lns_frac_bits=11", ["optim.lns_frac_bits", "<= 10"]),
-    ("optim.egpm_offset=0", ["optim.egpm_offset", "> 0"]),
-    ("optim.bias_lr=-0.1", ["optim.bias_lr", ">= 0"]),
-    ("optim.egpm_normalize=2", ["optim.egpm_normalize", "true or false"]),
+    (("optim.name=adam_gd", "optim.beta1=1"), ["optim.beta1", "< 1"]),
+    (("optim.name=adam_eg", "optim.eps=0"), ["optim.eps", "> 0"]),
+    (("optim.name=lns_madam", "optim.lns_bits=1"), ["optim.lns_bits", ">= 2", "<= 16"]),
+    (("optim.name=lns_madam", "optim.lns_frac_bits=11"), ["optim.lns_frac_bits", "<= 10"]),
+    (("optim.name=egpm", "optim.egpm_offset=0"), ["optim.egpm_offset", "> 0"]),
+    (("optim.name=eg", "optim.bias_lr=-0.1"), ["optim.bias_lr", ">= 0"]),
+    (("optim.name=egpm", "optim.egpm_normalize=2"), ["optim.egpm_normalize", "true or false"]),
     ("data.name=imagenet", ["data.name", "'imagenet'", "mnist", "cifar100"]),
     ("data.batch_size=0", ["data.batch_size", ">= 1"]),
     ("data.batch_size=abc", ["data.batch_size", "'abc'", "integer"]),
@@ -102,19 +102,38 @@ def test_frozen() -> None:
     ("train.device=tpu", ["train.device", "'tpu'", "cuda"]),
     ("train.device=cuda", ["train.device", "use_gpu"]),
     ("optim.foo=1", ["optim.foo", "weight_decay", "lr"]),
-    ("opt.lr=1", ["'opt'", "data, model, optim, precision, train"]),
+    ("opt.lr=1", ["'opt'", "data, model, optim, precision, train, evaluate"]),
+    # A field the chosen optimizer does not read: its name and the optimizers that read it.
+    (("optim.name=eg", "optim.lns_bits=4"), ["optim.lns_bits", "lns_madam", "eg reads"]),
+    ("optim.beta2=0.9", ["optim.beta2", "adam_gd", "madam", "sgd reads"]),
+    (("optim.name=gd", "optim.momentum=0.5"), ["optim.momentum", "sgd", "gd reads optim.lr"]),
     ("nodots=1", ["'nodots'", "allowed sections"]),
 ])
-def test_bad_values_name_field_value_and_allowed(override: str, expected: list[str]) -> None:
+def test_bad_values_name_field_value_and_allowed(override: str | tuple[str, ...],
+                                                 expected: list[str]) -> None:
     with pytest.raises(ConfigError) as info:
-        TrialConfig().with_overrides([override])
+        TrialConfig().with_overrides([override] if isinstance(override, str) else override)
     for fragment in expected:
         assert fragment in str(info.value), (fragment, str(info.value))
 
 
 def test_nesterov_needs_momentum() -> None:
-    with pytest.raises(ConfigError, match="optim.nesterov.*momentum"):
+    # sgd's nesterov defaults to true: momentum 0 alone is what breaks it.
+    with pytest.raises(ConfigError, match="optim.momentum=0.0.*nesterov.*momentum > 0"):
         OptimConfig(momentum=0.0, nesterov=True)
+    with pytest.raises(ConfigError, match="optim.momentum=0.0.*nesterov"):
+        OptimConfig(momentum=0.0)
+    assert OptimConfig(momentum=0.0, nesterov=False).read_fields()["momentum"] == 0.0
+
+
+def test_unset_hyperparameters_take_the_optimizers_defaults() -> None:
+    cfg = TrialConfig().with_overrides(["optim.name=lns_madam", "optim.lns_bits=6"])
+    params = cfg.tracked_params()
+    assert params["optim.lns_bits"] == 6 and params["optim.lns_frac_bits"] == 3
+    assert params["optim.bias_lr"] == cfg.optim.lr  # unset: the weights' lr
+    assert not {"optim.momentum", "optim.beta1", "optim.eps", "optim.step_epochs"} & set(params)
+    assert TrialConfig().tracked_params()["optim.momentum"] == 0.9  # sgd's default
+    assert TrialConfig.from_flat(cfg.to_flat()) == cfg  # unset fields survive the trip
 
 
 def test_direct_construction_validates() -> None:

@@ -26,8 +26,12 @@ def test_help_lists_the_study_flags(tmp_path: Path) -> None:
     (["--optimizers", "adagrad"], ["--optimizers", "invalid choice: 'adagrad'", "adam_eg"]),
     (["--datasets", "cifar10"], ["--datasets", "invalid choice", "fashion_mnist"]),
     (["--seeds", "0"], ["--seeds=0 is invalid", ">= 1"]),
-    (["--set", "optim.eps=0"], ["optim.eps", "> 0"]),
-    (["--set", "optim.lns_bits=40"], ["optim.lns_bits", "<= 16"]),
+    (["--optimizers", "adam_eg", "--set", "optim.eps=0"], ["optim.eps", "> 0"]),
+    (["--optimizers", "lns_madam", "--set", "optim.lns_bits=40"], ["optim.lns_bits", "<= 16"]),
+    # A field the optimizer does not read: named, with the optimizers that read it.
+    (["--set", "optim.lns_bits=4", "--set", "optim.name=eg"],
+     ["optim.lns_bits=4", "optim.name=eg does not read it", "lns_madam"]),
+    (["--set", "optim.name=eg"], ["optim.name", "--optimizers"]),
 ])
 def test_bad_input_fails_before_any_ray_work(tmp_path: Path, tiny_root: Path,
                                              args: list[str], fragments: list[str]) -> None:
@@ -68,5 +72,11 @@ def test_smoke_study_records_the_table_and_plots(tmp_path: Path, tiny_root: Path
         assert row["n_seeds"] == "2" and 0.0 <= float(row["test_acc_mean"]) <= 1.0
         assert float(row["weight_kurtosis"]) == float(row["weight_kurtosis"])  # not NaN
         assert " +- " in row["test_acc_lns4"] and " +- " in row["test_acc_lns8"]
+    # The rounding ran inside each seed trial: its metrics and file are on the trial run.
+    seeds = next(r for r in children if r.data.tags["kind"] == "points")
+    for trial in (r for r in trials if r.data.tags["mlflow.parentRunId"] == seeds.info.run_id):
+        assert {"test_acc_lns8", "test_acc_lns4"} <= set(trial.data.metrics)
+        assert "weight_rounding.json" in {f.path for f in client.list_artifacts(
+            trial.info.run_id)}
     metrics = study[0].data.metrics
     assert "mnist.mlp.eg.test_acc_mean" in metrics and "mnist.mlp.gd.test_acc_std" in metrics

@@ -168,12 +168,29 @@ TOY_LR = {"gd": 0.1, "sgd": 0.05, "eg": 0.2, "egpm": 0.05, "adam_gd": 0.05,
           "adam_eg": 0.05, "madam": 0.05, "lns_madam": 0.125}
 
 
+def _read_by(name, **hparams):
+    """The hyperparameters optimizer ``name`` takes (build refuses any other)."""
+    return {k: v for k, v in hparams.items() if k in optim.reads(name)}
+
+
+def test_build_refuses_keywords_the_optimizer_does_not_take():
+    p = [torch.nn.Parameter(torch.ones(2, 2))]
+    with pytest.raises(ValueError, match="'maximize' for optimizer 'sgd': it takes lr, "
+                                         "weight_decay, momentum, nesterov"):
+        optim.build("sgd", p, lr=0.1, maximize=True)
+    with pytest.raises(ValueError, match="'weight_decy'"):
+        optim.build("eg", p, lr=0.1, weight_decy=0.1)
+    assert optim.readers("lns_bits") == ("lns_madam",)
+    assert optim.defaults("sgd") == {"lr": None, "weight_decay": 0.0, "momentum": 0.9,
+                                     "nesterov": True}
+
+
 @pytest.mark.parametrize("name", sorted(TOY_LR))
 def test_loss_falls_on_regression(name):
     x, y, model = _regression()
     # Madam's clamp is relative to the initial scale: give it room for the true weights.
-    opt = optim.build_for_model(name, model, bias_lr=0.05, lr=TOY_LR[name], momentum=0.5,
-                                p_scale=30.0, lns_bits=12, lns_frac_bits=4)
+    opt = optim.build_for_model(name, model, bias_lr=0.05, **_read_by(
+        name, lr=TOY_LR[name], momentum=0.5, p_scale=30.0, lns_bits=12, lns_frac_bits=4))
     losses = []
     for _ in range(300):
         opt.zero_grad()
@@ -187,9 +204,9 @@ def test_loss_falls_on_regression(name):
 def _make(name):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    opt = optim.build_for_model(name, model, bias_lr=0.02, lr=TOY_LR[name] / 4, momentum=0.9,
-                                nesterov=True, weight_decay=1e-3, lns_bits=10,
-                                lns_frac_bits=4, egpm_normalize=True)
+    opt = optim.build_for_model(name, model, bias_lr=0.02, **_read_by(
+        name, lr=TOY_LR[name] / 4, momentum=0.9, nesterov=True, weight_decay=1e-3,
+        lns_bits=10, lns_frac_bits=4, egpm_normalize=True))
     return model, opt
 
 

@@ -3,6 +3,7 @@ failures, and data-parallel (2-worker TorchTrainer) trials."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -62,12 +63,14 @@ def test_sweep_records_a_parent_run_with_nested_trial_runs(tiny_root: Path,
         "trials.csv", "trials.md", "sweep.png"}
     assert {"best_test_acc", "best_val_acc"} <= set(parent.data.metrics)
     assert parent.data.tags["best_mlflow_run_id"] in {c.info.run_id for c in children}
-    flat = base.to_flat()
+    tracked = base.tracked_params()
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.info.status in ("FINISHED", "KILLED")
         params = child.data.params
-        assert set(flat) <= set(params)
+        # The fields the trial reads: sgd's momentum at its default, no Adam or LNS fields.
+        assert set(tracked) == set(params) and params["optim.momentum"] == "0.9"
+        assert not {"optim.beta1", "optim.lns_bits", "optim.bias_lr"} & set(params)
         assert params["model.channels"] == "[4, 8]"
         for tag in ("git_sha", "hostname", "torch", "ray", "mlflow", "seed", "device"):
             assert child.data.tags[tag], tag
@@ -117,9 +120,12 @@ def fixed_lr(trial) -> None:
 def test_two_worker_ddp_trial_equals_one_worker_with_the_global_batch(
         tiny_root: Path, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    ddp = tiny(tiny_root, "train.num_workers=2", "data.batch_size=32")
-    single = tiny(tiny_root, "train.num_workers=1", "data.batch_size=64")
-    results = {}
+    # With a stage: its final metric and file must reach the trial's run from the worker.
+    rounding = "evaluate.weight_rounding=[lns4]"
+    ddp = tiny(tiny_root, "train.num_workers=2", "data.batch_size=32", rounding)
+    single = tiny(tiny_root, "train.num_workers=1", "data.batch_size=64", rounding)
+    results, final = {}, {}
+    client = MlflowClient(uri)
     for name, cfg in (("t-ddp", ddp), ("t-single", single)):
         outcome = run_sweep(Sweep(name=name, base=cfg, space=fixed_lr, num_samples=1,
                                   tracking_uri=uri, storage_path=str(tmp_path / "ray")))
@@ -127,6 +133,14 @@ def test_two_worker_ddp_trial_equals_one_worker_with_the_global_batch(
         assert child.info.status == "FINISHED"
         assert child.data.tags["num_workers"] == str(cfg.train.num_workers)
         results[name] = outcome.best
+        final[name] = child.data.metrics["test_acc_lns4"]
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert "weight_rounding.json" in artifacts, artifacts
+        local = client.download_artifacts(child.info.run_id, "weight_rounding.json",
+                                          str(tmp_path / name))
+        assert json.loads(Path(local).read_text())["lns4"]["test_acc"] == final[name]
+    # The rounded model is evaluated on the whole test set in both (sharded, then summed).
+    assert final["t-ddp"] == pytest.approx(final["t-single"], abs=0.05)
     # DDP averages the two shards' gradients: the same steps as one batch of 64.
     assert results["t-ddp"]["train_loss"] == pytest.approx(results["t-single"]["train_loss"],
                                                            rel=1e-4)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from sweeps.outcome import diverged, trial_status
+from sweeps.provenance import environment_tags
+from sweeps.tracking import SweepTracker, plot_curves, trial_metrics
 from trainables.config import TrialConfig
-from trainables.tracking import SweepTracker, environment_tags, plot_curves
 
 
 def test_nested_runs_params_metrics_and_status_in_sqlite(tmp_path: Path) -> None:
@@ -52,6 +54,28 @@ def test_environment_tags() -> None:
     tags = environment_tags()
     for key in ("git_sha", "hostname", "torch", "mlflow", "ray", "python"):
         assert tags[key]
+
+
+def test_provenance_imports_no_ray() -> None:
+    code = ("import sys, sweeps.provenance as p; p.environment_tags(); "
+            "assert 'ray' not in sys.modules and 'mlflow' not in sys.modules, sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_numeric_metric_a_trial_reports_is_kept() -> None:
+    result = {"test_acc": 0.9, "test_acc_lns4": 0.8, "packed_bytes": 1200, "device": "cpu",
+              "training_iteration": 2, "time_this_iter_s": 1.0, "timestamp": 5, "pid": 7,
+              "trial_id": "abc", "done": False, "time_total_s": 3.0}
+    assert trial_metrics(result) == {"test_acc": 0.9, "test_acc_lns4": 0.8,
+                                     "packed_bytes": 1200}
+
+
+def test_one_rule_for_how_a_trial_ended() -> None:
+    assert trial_status(3, 3) == "FINISHED" and trial_status(1, 3) == "KILLED"
+    assert trial_status(3, 3, errored=True) == "FAILED"
+    assert trial_status(0, 3, errored=True) == "FAILED"
+    assert diverged([{"train_loss": 1.0}, {"train_loss": float("inf")}])
+    assert not diverged([{"train_loss": 1.0}, {"test_acc": 0.1}])
 
 
 def test_curves_png(tmp_path: Path) -> None:

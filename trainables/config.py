@@ -1,7 +1,7 @@
 """One frozen, validated trial configuration, from sweep script to Ray worker.
 
 The config is a tree of frozen dataclasses (``data``, ``model``, ``optim``,
-``precision``, ``train``). It flattens to dotted keys (``optim.lr``) for Ray Tune's
+``precision``, ``train``, ``evaluate``). It flattens to dotted keys (``optim.lr``) for Ray Tune's
 ``param_space``, Optuna and MLflow params, and is rebuilt from them on the first line of
 the worker. Every field is type-checked and range-checked at construction: a bad value
 raises :class:`ConfigError` naming the field, the value and what is allowed, before any
@@ -21,7 +21,7 @@ import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping, NoReturn
 
 import yaml
 
@@ -34,6 +34,7 @@ __all__ = [
     "OptimConfig",
     "PrecisionConfig",
     "TrainConfig",
+    "EvaluateConfig",
     "TrialConfig",
     "DATASETS",
     "MODELS",
@@ -67,7 +68,13 @@ def _fail(name: str, value: Any, allowed: str) -> typing.NoReturn:
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Return ``value`` as ``annotation`` (bool, int, float, str, tuple[int, ...])."""
+    """Return ``value`` as ``annotation`` (bool, int, float, str, tuple[int, ...], or one of
+    them | None, where None means "not set")."""
+    options = typing.get_args(annotation)
+    if type(None) in options:
+        if value is None:
+            return None
+        (annotation,) = [a for a in options if a is not type(None)]
     if annotation in (int, float) and isinstance(value, str):
         # YAML 1.1 reads "5e-4" (no dot) as a string; a number is what was meant.
         try:
@@ -195,60 +202,105 @@ class ModelConfig(_Section):
         self._range("dropout", 0.0, 1.0, hi_open=True)
 
 
+# The loop's fields of the optim section (the learning-rate schedule and the bias group);
+# every other field is an optimizer hyperparameter, read by the optimizers whose registry
+# factory takes it (optim.reads).
+_SCHEDULE_FIELDS = {"constant": ("schedule",), "step": ("schedule", "step_epochs", "gamma"),
+                    "cosine": ("schedule", "warmup_fraction"),
+                    "onecycle": ("schedule", "warmup_fraction")}
+
+
 @dataclass(frozen=True)
 class OptimConfig(_Section):
-    """Optimizer (by registry name, see :func:`optim.build`) and learning-rate schedule."""
+    """Optimizer (by registry name, see :func:`optim.build`) and learning-rate schedule.
+
+    ``lr`` and ``weight_decay`` every optimizer reads. The other hyperparameters are unset
+    (``None``: the optimizer's own default, ``optim.defaults(name)``); setting one that the
+    chosen optimizer does not read is an error naming the optimizers that do. Values are
+    checked by the optimizer itself (``optim.validate``), not repeated here.
+    """
 
     section: ClassVar[str] = "optim"
     name: str = "sgd"
     lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
     warmup_fraction: float = 0.2  # onecycle/cosine: share of all steps spent warming up
     step_epochs: int = 1  # step schedule: epochs between decays
     gamma: float = 0.5  # step schedule: decay factor
-    # Per-optimizer hyperparameters; each optimizer reads the ones it has (optim.registry).
-    beta1: float = 0.9  # adam_gd, adam_eg
-    beta2: float = 0.999  # adam_gd, adam_eg; madam and lns_madam's second-moment decay
-    eps: float = 1e-8  # adam_gd, adam_eg
-    p_scale: float = 3.0  # madam, lns_madam: magnitudes stay <= p_scale * rms(initial)
-    g_bound: float = 10.0  # madam, lns_madam: normalized gradient clamp
-    lns_bits: int = 8  # lns_madam: bits per weight, sign included
-    lns_frac_bits: int = 3  # lns_madam: fractional exponent bits (2**k codes per octave)
-    egpm_offset: float = 0.01  # egpm: u0 = max(w, 0) + offset, v0 = max(-w, 0) + offset
-    egpm_normalize: bool = False  # egpm: keep sum(u + v) of each tensor fixed
+    momentum: float | None = None  # sgd (default 0.9), eg (0)
+    nesterov: bool | None = None  # sgd (default true), eg (false)
+    beta1: float | None = None  # adam_gd, adam_eg
+    beta2: float | None = None  # adam_gd, adam_eg; madam and lns_madam's second-moment decay
+    eps: float | None = None  # adam_gd, adam_eg
+    p_scale: float | None = None  # madam, lns_madam: magnitudes stay <= p_scale * rms(initial)
+    g_bound: float | None = None  # madam, lns_madam: normalized gradient clamp
+    lns_bits: int | None = None  # lns_madam: bits per weight, sign included
+    lns_frac_bits: int | None = None  # lns_madam: fractional exponent bits
+    egpm_offset: float | None = None  # egpm: u0 = max(w, 0) + offset, v0 = max(-w, 0) + offset
+    egpm_normalize: bool | None = None  # egpm: keep sum(u + v) of each tensor fixed
     # Multiplicative optimizers (eg, adam_eg, madam, lns_madam) update biases and norm
     # parameters additively (they start at 0, which a multiplicative step cannot move):
-    # their learning rate, 0 meaning optim.lr.
-    bias_lr: float = 0.0
+    # their learning rate; unset or 0 means optim.lr.
+    bias_lr: float | None = None
 
     def hparams(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`optim.build` (everything but name and schedule)."""
-        schedule_keys = ("name", "schedule", "warmup_fraction", "step_epochs", "gamma",
-                         "bias_lr")
+        """Keyword arguments for :func:`optim.build`: lr, weight_decay and the fields set."""
+        loop = {"name", "bias_lr", *(f for names in _SCHEDULE_FIELDS.values() for f in names)}
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in schedule_keys}
+                if f.name not in loop and getattr(self, f.name) is not None}
+
+    def bias_group_lr(self) -> float | None:
+        """The additive group's lr of a multiplicative optimizer (None: optim.lr)."""
+        return self.bias_lr or None
+
+    def read_fields(self) -> dict[str, Any]:
+        """The fields this optimizer and schedule read, unset ones at their defaults."""
+        values = {"name": self.name, **optim.defaults(self.name), **self.hparams()}
+        if optim.is_multiplicative(self.name):
+            values["bias_lr"] = self.bias_group_lr() or self.lr
+        values.update({f: getattr(self, f) for f in _SCHEDULE_FIELDS[self.schedule]})
+        return values
 
     def _validate(self) -> None:
         self._choice("name", optim.available())
-        for name in ("beta1", "beta2"):
-            self._range(name, 0.0, 1.0, hi_open=True)
-        for name in ("eps", "p_scale", "g_bound", "egpm_offset"):
-            self._range(name, 0.0, INF, lo_open=True)
-        self._range("lns_bits", 2, 16)
-        self._range("lns_frac_bits", 0, 10)
-        self._range("bias_lr", 0.0, INF)
         self._choice("schedule", SCHEDULES)
-        self._range("lr", 0.0, INF, lo_open=True)
-        self._range("momentum", 0.0, 1.0, hi_open=True)
-        self._range("weight_decay", 0.0, INF)
         self._range("warmup_fraction", 0.0, 1.0, hi_open=True)
         self._range("step_epochs", 1, INF)
         self._range("gamma", 0.0, 1.0, lo_open=True)
-        if self.nesterov and self.momentum == 0.0:
-            _fail("optim.nesterov", True, "false when optim.momentum=0 (Nesterov needs momentum)")
+        if self.bias_lr is not None:
+            if not optim.is_multiplicative(self.name):
+                _not_read("bias_lr", self.bias_lr, self.name,
+                          tuple(n for n in optim.available() if optim.is_multiplicative(n)))
+            self._range("bias_lr", 0.0, INF)
+        for name, value in self.hparams().items():
+            if name not in optim.reads(self.name):
+                _not_read(name, value, self.name, optim.readers(name))
+        self._ask_optimizer()
+
+    def _ask_optimizer(self) -> None:
+        """Let the optimizer validate its hyperparameters; name the field it rejects."""
+        hparams = self.hparams()
+        try:
+            optim.validate(self.name, **hparams)
+            return
+        except ValueError as exc:
+            joint = exc
+        for key, value in hparams.items():  # which one alone is refused?
+            try:
+                optim.validate(self.name, **{"lr": self.lr, key: value})
+            except ValueError as exc:
+                raise ConfigError(f"optim.{key}={value!r} is invalid for optim.name="
+                                  f"{self.name}: {exc}") from None
+        given = ", ".join(f"optim.{k}={v!r}" for k, v in hparams.items())
+        raise ConfigError(f"{given} are invalid together for optim.name={self.name}: "
+                          f"{joint}") from None
+
+
+def _not_read(name: str, value: Any, optimizer: str, readers: tuple[str, ...]) -> NoReturn:
+    raise ConfigError(f"optim.{name}={value!r} is invalid: optim.name={optimizer} does not "
+                      f"read it (read by {', '.join(readers) or 'no optimizer'}); "
+                      f"{optimizer} reads optim.{', optim.'.join(optim.reads(optimizer))}")
 
 
 @dataclass(frozen=True)
@@ -289,12 +341,33 @@ class TrainConfig(_Section):
             _fail("train.device", "cuda", "auto or cpu unless train.use_gpu=true")
 
 
+@dataclass(frozen=True)
+class EvaluateConfig(_Section):
+    """Evaluations a trial runs after its last epoch (trial stages, see trainables.stages).
+
+    ``weight_rounding``: number formats (``lns8``, ``lns4``) to round every 2+-dim weight
+    tensor to (weight-only post-training rounding, scale = max |w| per tensor); each adds
+    the metric ``test_acc_<format>`` and the file ``weight_rounding.json``.
+    """
+
+    section: ClassVar[str] = "evaluate"
+    weight_rounding: tuple[str, ...] = ()
+
+    def _validate(self) -> None:
+        from trainables.weight_rounding import FORMATS  # lazy: that module imports this one
+
+        for i, name in enumerate(self.weight_rounding):
+            if name not in FORMATS:
+                _fail(f"evaluate.weight_rounding[{i}]", name, "one of " + ", ".join(FORMATS))
+
+
 _SECTIONS: dict[str, type[_Section]] = {
     "data": DataConfig,
     "model": ModelConfig,
     "optim": OptimConfig,
     "precision": PrecisionConfig,
     "train": TrainConfig,
+    "evaluate": EvaluateConfig,
 }
 
 
@@ -307,6 +380,7 @@ class TrialConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -362,6 +436,13 @@ class TrialConfig:
                 flat[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value
         return flat
 
+    def tracked_params(self) -> dict[str, Any]:
+        """What MLflow logs: every field, but of ``optim`` only those the chosen optimizer
+        and schedule read (unset hyperparameters at the optimizer's defaults)."""
+        flat = {k: v for k, v in self.to_flat().items() if not k.startswith("optim.")}
+        read = {f"optim.{k}": v for k, v in self.optim.read_fields().items()}
+        return {**read, **flat}
+
     def to_nested(self) -> dict[str, dict[str, Any]]:
         nested: dict[str, dict[str, Any]] = {}
         for key, value in self.to_flat().items():
@@ -392,5 +473,5 @@ def _read_yaml(path: str | Path) -> Mapping[str, Any]:
         loaded = yaml.safe_load(fh) or {}
     if not isinstance(loaded, Mapping):
         raise ConfigError(f"config file {str(path)!r} is invalid: allowed a YAML mapping of "
-                          "sections (data, model, optim, precision, train) or dotted keys")
+                          f"sections ({', '.join(_SECTIONS)}) or dotted keys")
     return loaded

@@ -7,9 +7,15 @@ Precision (``fp32 | amp_bf16 | amp_fp16``) is a switch inside it, not another lo
 
 Every epoch reports ``train_loss, train_acc, test_loss, test_acc`` (``val_*`` with a
 validation split), ``lr``, ``epoch_seconds``, ``train_seconds``, ``images_per_s`` and
-writes a checkpoint (model, optimizer, scheduler, scaler, config, epoch, history, RNG).
-A run resumed from a checkpoint ends with the same numbers as an uninterrupted one: every
-epoch seeds its own shuffle, crops and dropout from ``(seed, epoch, rank)``.
+writes a checkpoint (model, optimizer, scheduler, scaler, stage states, config, epoch,
+history, RNG). A run resumed from a checkpoint ends with the same numbers as an
+uninterrupted one: every epoch seeds its own shuffle, crops and dropout from
+``(seed, epoch, rank)``.
+
+Compression plugs in as trial stages (:mod:`trainables.stages`), built from the config:
+``prepare`` the model before the optimizer exists, a loss ``penalty``, ``after_step``, and
+``finalize`` after the last epoch, whose metrics join the last report and whose files
+travel in the checkpoint's ``artifacts/`` folder.
 
 Example::
 
@@ -26,6 +32,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +43,8 @@ import optim
 from trainables.config import OptimConfig, TrainConfig, TrialConfig
 from trainables.data import BatchLoader, load_splits
 from trainables.models import build_model
-from trainables.sessions import STATE_FILE, Session
+from trainables.sessions import ARTIFACTS_DIR, STATE_FILE, Session
+from trainables.stages import FinalizeContext, Stage, build_stages
 
 __all__ = ["run_trial", "build_schedule", "pick_device", "train_loop_per_worker"]
 
@@ -112,8 +120,8 @@ class _Counts:
 class _Trainer:
     """The state of one trial on one worker; :func:`run_trial` drives it."""
 
-    def __init__(self, cfg: TrialConfig, session: Session) -> None:
-        self.cfg, self.session = cfg, session
+    def __init__(self, cfg: TrialConfig, session: Session, stages: list[Stage]) -> None:
+        self.cfg, self.session, self.stages = cfg, session, stages
         self.device = pick_device(cfg.train, session.local_rank)
         threads = cfg.train.threads or max(1, round(cfg.train.cpus_per_worker))
         torch.set_num_threads(threads)
@@ -121,13 +129,15 @@ class _Trainer:
         self.splits = load_splits(cfg.data, seed=cfg.train.seed)
         model = build_model(cfg.model, self.splits.in_channels, self.splits.image_size,
                             self.splits.num_classes).to(self.device)
+        for stage in stages:  # before DDP and the optimizer see the parameters
+            model = stage.prepare(model)
         self.model = model
         self.ddp_model: nn.Module = model
         if session.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         o = cfg.optim
-        self.optimizer = optim.build_for_model(o.name, model, bias_lr=o.bias_lr or None,
+        self.optimizer = optim.build_for_model(o.name, model, bias_lr=o.bias_group_lr(),
                                                **o.hparams())
         self.train_loader = self._loader("train", cfg.data.batch_size)
         self.eval_loaders = {"test": self._loader("test", cfg.data.test_batch_size)}
@@ -141,6 +151,7 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=mode == "amp_fp16")
         self.loss_fn = nn.CrossEntropyLoss()
         self.epoch = 0
+        self.step = 0  # optimizer steps so far, over all epochs
         self.history: list[dict[str, Any]] = []
 
     def _loader(self, split: str, batch_size: int) -> BatchLoader:
@@ -167,24 +178,36 @@ class _Trainer:
             with self._autocast():
                 logits = self.ddp_model(x)
                 loss = self.loss_fn(logits, y)
+            objective = loss + self._penalty()
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(objective).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            self.step += 1
+            for stage in self.stages:
+                stage.after_step(self.step)
             counts.add(loss, logits, y)
         loss, acc, n = counts.reduce()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return loss, acc, n, time.perf_counter() - start
 
+    def _penalty(self) -> torch.Tensor | float:
+        # Outside autocast: a regularizer summed over all weights wants float32.
+        terms = [t for t in (s.penalty(self.model) for s in self.stages) if t is not None]
+        return sum(terms) if terms else 0.0
+
     @torch.no_grad()
-    def evaluate(self, loader: BatchLoader) -> tuple[float, float]:
-        self.model.eval()  # the bare model: evaluation needs no gradient sync
+    def evaluate(self, loader: BatchLoader, model: nn.Module | None = None
+                 ) -> tuple[float, float]:
+        # The bare model by default: evaluation needs no gradient sync.
+        model = self.model if model is None else model
+        model.eval()
         counts = _Counts.zeros(self.device)
         for x, y in loader:
             with self._autocast():
-                logits = self.model(x)
+                logits = model(x)
                 loss = self.loss_fn(logits.float(), y)
             counts.add(loss, logits, y)
         loss, acc, _ = counts.reduce()
@@ -201,7 +224,25 @@ class _Trainer:
             metrics[f"{split}_loss"], metrics[f"{split}_acc"] = self.evaluate(loader)
         metrics.update(train_seconds=train_seconds, images_per_s=n / max(train_seconds, 1e-9),
                        epoch_seconds=time.perf_counter() - epoch_start)
+        for stage in self.stages:
+            metrics.update(stage.metrics())
         self.epoch += 1
+        return metrics
+
+    def finalize(self, out_dir: Path) -> dict[str, float]:
+        """Every stage's end-of-training work; files go to ``out_dir``."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.model.eval()
+
+        def evaluate(model: nn.Module) -> dict[str, float]:
+            loss, acc = self.evaluate(self.eval_loaders["test"], model)
+            return {"test_loss": loss, "test_acc": acc}
+
+        ctx = FinalizeContext(cfg=self.cfg, model=self.model, evaluate=evaluate,
+                              out_dir=out_dir, is_chief=self.session.world_rank == 0)
+        metrics: dict[str, float] = {}
+        for stage in self.stages:
+            metrics.update(stage.finalize(ctx))
         return metrics
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -211,8 +252,10 @@ class _Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "stages": {s.name: s.state_dict() for s in self.stages},
             "config": self.cfg.to_flat(),
             "epoch": self.epoch,
+            "step": self.step,
             "history": self.history,
             "rng": torch.get_rng_state(),
         }
@@ -222,17 +265,23 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        for stage in self.stages:
+            stage.load_state_dict(state["stages"][stage.name])
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
+        self.step = int(state["step"])
         torch.set_rng_state(state["rng"])
 
 
-def run_trial(cfg: TrialConfig, session: Session) -> list[dict[str, Any]]:
+def run_trial(cfg: TrialConfig, session: Session, stages: list[Stage] | None = None
+              ) -> list[dict[str, Any]]:
     """Train ``cfg`` to ``train.epochs``, reporting each epoch to ``session``.
 
-    Resumes from ``session.load_state()`` when the session holds a checkpoint. Returns the
-    per-epoch metrics (the whole history, resumed epochs included).
+    ``stages`` default to the ones the config asks for (:func:`build_stages`). Resumes
+    from ``session.load_state()`` when the session holds a checkpoint. Returns the
+    per-epoch metrics (the whole history, resumed epochs included; the last one holds
+    the stages' final metrics).
     """
-    trainer = _Trainer(cfg, session)
+    trainer = _Trainer(cfg, session, build_stages(cfg) if stages is None else stages)
     state = session.load_state()
     if state is not None:
         trainer.restore(state)
@@ -240,12 +289,16 @@ def run_trial(cfg: TrialConfig, session: Session) -> list[dict[str, Any]]:
         metrics = trainer.run_epoch()
         metrics["device"] = str(trainer.device)
         trainer.history.append(metrics)
-        if cfg.train.checkpoint and session.world_rank == 0:
-            with tempfile.TemporaryDirectory(prefix="qsweep-ckpt-") as directory:
+        last = trainer.epoch == cfg.train.epochs
+        chief = session.world_rank == 0
+        with tempfile.TemporaryDirectory(prefix="qsweep-ckpt-") as directory:
+            if cfg.train.checkpoint and chief:
+                # Saved before finalize: a stage may transform the model at the end.
                 torch.save(trainer.state(), os.path.join(directory, STATE_FILE))
-                session.report(metrics, directory)
-        else:
-            session.report(metrics, None)
+            if last and trainer.stages:
+                metrics.update(trainer.finalize(Path(directory) / ARTIFACTS_DIR))
+            keep = chief and (cfg.train.checkpoint or (last and bool(trainer.stages)))
+            session.report(metrics, directory if keep else None)
     return trainer.history
 
 

@@ -20,9 +20,12 @@ from typing import Any, Protocol
 import torch
 
 __all__ = ["Session", "LocalSession", "TuneSession", "RayTrainSession", "STATE_FILE",
-           "load_state_file", "quiet_checkpoint_logs"]
+           "ARTIFACTS_DIR", "load_state_file", "quiet_checkpoint_logs"]
 
 STATE_FILE = "state.pt"
+# Files a trial's stages wrote at its end, inside the last reported checkpoint folder:
+# the MLflow callback logs them as the trial run's own artifacts.
+ARTIFACTS_DIR = "artifacts"
 
 
 def quiet_checkpoint_logs() -> None:
@@ -32,9 +35,14 @@ def quiet_checkpoint_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def load_state_file(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The training state saved in a checkpoint folder (tensors and plain values only)."""
-    return torch.load(Path(directory) / STATE_FILE, weights_only=True, map_location="cpu")
+def load_state_file(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The training state saved in a checkpoint folder (tensors and plain values only);
+    None for a folder without one (the last report of a trial that keeps no checkpoints
+    carries only its stages' files)."""
+    path = Path(directory) / STATE_FILE
+    if not path.exists():
+        return None
+    return torch.load(path, weights_only=True, map_location="cpu")
 
 
 class Session(Protocol):

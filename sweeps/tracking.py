@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
-import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -34,49 +31,19 @@ from typing import Any, Iterable, Iterator, Mapping
 from urllib.parse import urlparse
 
 from ray.tune import Callback
+from ray.tune.result import AUTO_RESULT_KEYS
 
-__all__ = ["SweepTracker", "MLflowSweepCallback", "default_tracking_uri", "environment_tags",
-           "git_sha", "plot_curves", "plot_sweep"]
+from sweeps.outcome import diverged, trial_status
+from sweeps.provenance import environment_tags
+from trainables.sessions import ARTIFACTS_DIR
 
-_PROJECT_DIR = Path(__file__).resolve().parent.parent
+__all__ = ["SweepTracker", "MLflowSweepCallback", "default_tracking_uri", "plot_curves",
+           "plot_sweep", "trial_metrics"]
 
 
 def default_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI``, else a SQLite store ``mlflow.db`` in the working directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def git_sha() -> str:
-    """The project's commit (``-dirty`` if changed), or ``$QSWEEP_GIT_SHA``, or unknown."""
-    if os.environ.get("QSWEEP_GIT_SHA"):
-        return os.environ["QSWEEP_GIT_SHA"]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_PROJECT_DIR, text=True,
-                             capture_output=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=_PROJECT_DIR, text=True, capture_output=True,
-                               timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def environment_tags() -> dict[str, str]:
-    """Code version, host and library versions: what a result needs to be reproduced."""
-    import mlflow
-    import torch
-
-    tags = {"git_sha": git_sha(), "hostname": socket.gethostname(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "mlflow": mlflow.__version__}
-    try:
-        import ray
-
-        tags["ray"] = ray.__version__
-    except ImportError:
-        pass
-    tags["mlflow.source.git.commit"] = tags["git_sha"].removesuffix("-dirty")
-    return tags
 
 
 class SweepTracker:
@@ -135,7 +102,12 @@ class SweepTracker:
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None
                      ) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
+        path = Path(path)
+        if path.is_dir():  # a folder keeps its name under artifact_path
+            target = f"{artifact_path}/{path.name}" if artifact_path else path.name
+            self.client.log_artifacts(run_id, str(path), target)
+        else:
+            self.client.log_artifact(run_id, str(path), artifact_path)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
@@ -230,12 +202,37 @@ def plot_sweep(rows: list[Mapping[str, Any]], searched: list[str], metric: str,
     return Path(path)
 
 
+# Keys Tune adds to every result (iteration counters, clocks, host): not the trial's own.
+_TUNE_KEYS = frozenset((*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag",
+                        "checkpoint_path", "should_checkpoint"))
+
+
+def trial_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """Every numeric metric a trial reported (epoch metrics and stage metrics alike), without
+    the keys Tune adds to each result."""
+    return {k: v for k, v in result.items() if k not in _TUNE_KEYS and _is_number(v)}
+
+
+def tracked_params(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config fields the trial reads (see :meth:`TrialConfig.tracked_params`); a config
+    that no longer parses is logged as given."""
+    from trainables.config import TrialConfig
+
+    try:
+        return TrialConfig.from_flat({k: v for k, v in config.items() if "." in k}
+                                     ).tracked_params()
+    except ValueError:
+        return dict(config)
+
+
 class MLflowSweepCallback(Callback):
     """Mirror every Tune trial into a nested MLflow child run of the sweep's parent run.
 
-    Per result: numeric metrics with ``step = epoch``. At the end: ``config.yaml``, the
-    final checkpoint, ``curves.png``; status FINISHED when all ``train.epochs`` ran,
-    KILLED when the scheduler stopped it early, FAILED (with the error) on an exception.
+    Params: the config fields the trial reads. Per result: every numeric metric the trial
+    reported, with ``step = epoch``. At the end: ``config.yaml``, ``curves.png``, the
+    files the trial's stages wrote (from its final checkpoint's ``artifacts/`` folder, on
+    whichever node it ran), the final checkpoint; the status by :func:`trial_status` and a
+    ``diverged`` tag.
     """
 
     def __init__(self, tracker: SweepTracker, log_checkpoint: bool = True) -> None:
@@ -253,7 +250,8 @@ class MLflowSweepCallback(Callback):
         config = dict(trial.config)
         tags = {"trial_id": trial.trial_id, "seed": str(config.get("train.seed", "")),
                 "num_workers": str(config.get("train.num_workers", 1))}
-        self.run_ids[trial.trial_id] = self.tracker.start_trial(str(trial), config, tags)
+        self.run_ids[trial.trial_id] = self.tracker.start_trial(
+            str(trial), tracked_params(config), tags)
         self.histories[trial.trial_id] = []
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any,
@@ -265,7 +263,7 @@ class MLflowSweepCallback(Callback):
         if not history:  # first report: where it ran
             self.tracker.set_tags(run_id, {"device": result.get("device", "unknown"),
                                            "worker_hostname": result.get("hostname", "")})
-        metrics = {k: v for k, v in result.items() if k in _EPOCH_METRICS}
+        metrics = trial_metrics(result)
         history.append(metrics)
         self.tracker.log_metrics(run_id, metrics, step=int(result.get("epoch", len(history))))
         if result.get("checkpoint_path"):  # a Ray Train (DDP) trial's own checkpoint
@@ -273,17 +271,20 @@ class MLflowSweepCallback(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any
                           ) -> None:
-        self._finish(trial, self.completion_status(trial))
-
-    def completion_status(self, trial: Any) -> str:
-        """FINISHED when the trial reported all its epochs, else KILLED (the scheduler
-        stopped it early)."""
-        epochs = int(trial.config.get("train.epochs", 0))
-        done = len(self.histories.get(trial.trial_id, [])) >= epochs
-        return "FINISHED" if done else "KILLED"
+        self._finish(trial, self.status(trial))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "FAILED")
+        self._finish(trial, self.status(trial, errored=True))
+
+    def status(self, trial: Any, errored: bool = False) -> str:
+        """The trial's ending by the one rule (:func:`sweeps.outcome.trial_status`)."""
+        if trial.trial_id in self.statuses:
+            return self.statuses[trial.trial_id]
+        return trial_status(len(self.histories.get(trial.trial_id, [])),
+                            int(trial.config.get("train.epochs", 0)), errored)
+
+    def diverged(self, trial: Any) -> bool:
+        return diverged(self.histories.get(trial.trial_id, []))
 
     # -- endings --------------------------------------------------------------------------
     def _finish(self, trial: Any, status: str) -> None:
@@ -294,7 +295,8 @@ class MLflowSweepCallback(Callback):
         try:
             self._log_trial_artifacts(trial, run_id, status)
         finally:  # whatever happened to the artifacts, the run must not stay RUNNING
-            self.tracker.set_tags(run_id, {"ended_as": status})
+            self.tracker.set_tags(run_id, {"ended_as": status,
+                                           "diverged": str(self.diverged(trial)).lower()})
             self.tracker.end_run(run_id, status)
 
     def _log_trial_artifacts(self, trial: Any, run_id: str, status: str) -> None:
@@ -317,8 +319,13 @@ class MLflowSweepCallback(Callback):
             if trial.error_file and Path(trial.error_file).exists():
                 self.tracker.log_artifact(run_id, trial.error_file, "error")
         checkpoint = self._checkpoint_dir(trial)
-        if self.log_checkpoint and checkpoint:
-            for item in Path(checkpoint).iterdir():
+        if checkpoint is None:
+            return
+        for item in sorted(Path(checkpoint).iterdir()):
+            if item.name == ARTIFACTS_DIR:  # files the trial's stages wrote: the run's own
+                for produced in sorted(item.iterdir()):
+                    self.tracker.log_artifact(run_id, produced)
+            elif self.log_checkpoint:
                 self.tracker.log_artifact(run_id, item, "checkpoint")
 
     def _checkpoint_dir(self, trial: Any) -> str | None:
@@ -326,7 +333,3 @@ class MLflowSweepCallback(Callback):
         if path is None and getattr(trial, "checkpoint", None) is not None:
             path = trial.checkpoint.path
         return path if path and Path(path).is_dir() else None
-
-
-_EPOCH_METRICS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss",
-                  "val_acc", "lr", "epoch_seconds", "train_seconds", "images_per_s")

@@ -1,0 +1,37 @@
+"""How a trial ended: the one rule every part of a sweep uses (MLflow status, console line,
+tables, study reports).
+
+- FAILED: the trial raised (its error is logged).
+- FINISHED: it reported every planned epoch.
+- KILLED: it ended without error before its last epoch: the scheduler (ASHA) stopped it.
+- diverged (a flag beside the status): its training loss was non-finite at some epoch.
+
+Example::
+
+    trial_status(reported_epochs=3, planned_epochs=3)        # "FINISHED"
+    diverged([{"train_loss": 0.3}, {"train_loss": float("nan")}])   # True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+__all__ = ["FINISHED", "KILLED", "FAILED", "trial_status", "diverged"]
+
+FINISHED, KILLED, FAILED = "FINISHED", "KILLED", "FAILED"
+
+
+def trial_status(reported_epochs: int, planned_epochs: int, errored: bool = False) -> str:
+    if errored:
+        return FAILED
+    return FINISHED if reported_epochs >= planned_epochs else KILLED
+
+
+def diverged(history: Iterable[Mapping[str, Any]]) -> bool:
+    """A training loss that is NaN or infinite at any reported epoch."""
+    for row in history:
+        loss = row.get("train_loss")
+        if isinstance(loss, (int, float)) and not math.isfinite(loss):
+            return True
+    return False

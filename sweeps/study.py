@@ -1,0 +1,333 @@
+"""A study: many cells (e.g. dataset x model x optimizer), one search per cell, the picked
+config of every cell re-run with fresh seeds, and a comparison on the study's MLflow run.
+
+The design, on purpose:
+
+- **Search = a fixed, paired quasi-random design.** Every cell runs the same
+  ``num_samples`` scrambled Sobol points (seeded by ``seed``) mapped into its own ranges
+  (:class:`SearchSpace`), each trial to its last epoch (FIFO). No result feeds back into
+  what runs next, so the same command picks the same configs, and every optimizer gets
+  the same quantiles of its lr range (a paired comparison). TPE with 8 trials never left
+  Optuna's random start-up phase, and asynchronous ASHA stopped slow starters (EG at
+  large lr) depending on which results arrived first: neither was what it claimed.
+- **Pick = back off from the edge.** Among the search trials within ``pick_within`` of the
+  best ``search_metric`` (validation), take the one with the smallest ``backoff_key``
+  (the learning rate): the best single trial was often the largest lr that still
+  trained, and its re-runs with other seeds diverged.
+- **Re-runs** of the picked configs with seeds ``seed+1 .. seed+seeds`` score the test set
+  (``metric``); the table reports mean +- std, diverged seeds, and every
+  ``extra_metrics`` the trials report (their stages' metrics, e.g. rounded weights).
+
+MLflow: a study run (``kind=study``), one nested run per cell's search (``kind=search``,
+tag ``cell``) and one for the seed re-runs (``kind=points``), trials nested under those.
+The study run holds comparison.csv/.md, curves.png, sensitivity.png, weights.png and the
+per-cell mean/std as metrics. :func:`report_from` rebuilds all of it from the runs.
+
+Example::
+
+    cells = [Cell(("mnist", "mlp", "eg"), base, SearchSpace((("optim.lr", 0.1, 10, True),)))]
+    outcome = run_study(Study(name="demo", cells=tuple(cells),
+                              key_names=("dataset", "model", "optimizer")))
+    print(outcome.table)
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from sweeps.compare import (
+    CellResult,
+    plot_curves,
+    plot_sensitivity,
+    plot_weights,
+    table_rows,
+    weight_vector,
+)
+from sweeps.outcome import FINISHED, trial_status
+from sweeps.runner import Sweep, rows_to_csv, rows_to_markdown, run_sweep, validate_points
+from sweeps.tracking import SweepTracker, default_tracking_uri
+from trainables.config import ConfigError, TrialConfig
+from trainables.data import prepare_data
+from trainables.sessions import load_state_file
+
+__all__ = ["SearchSpace", "Cell", "Study", "StudyOutcome", "run_study", "report_from",
+           "pick_config"]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Ranges searched as one quasi-random design: ``(key, low, high, log)`` each, plus
+    constant overrides. ``points`` are the same for every space with the same number of
+    ranges and the same seed (in the unit cube), which pairs the cells of a study."""
+
+    ranges: tuple[tuple[str, float, float, bool], ...]
+    constants: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        for key, low, high, log in self.ranges:
+            if not low < high or (log and low <= 0):
+                raise ConfigError(f"search range {key}={low}..{high} is invalid: allowed "
+                                  "low < high (and low > 0 on a log scale)")
+
+    def points(self, n: int, seed: int) -> list[dict[str, Any]]:
+        """``n`` configs from scrambled Sobol points (torch's SobolEngine, seeded)."""
+        engine = torch.quasirandom.SobolEngine(len(self.ranges), scramble=True, seed=seed)
+        unit = engine.draw(n, dtype=torch.float64).tolist()
+        points = []
+        for u in unit:
+            point = dict(self.constants)
+            for (key, low, high, log), x in zip(self.ranges, u, strict=True):
+                point[key] = (math.exp(math.log(low) + x * (math.log(high) - math.log(low)))
+                              if log else low + x * (high - low))
+            points.append(point)
+        return points
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the study's grid: its key (the last part names the plotted series),
+    its base config, and what is searched."""
+
+    key: tuple[str, ...]
+    base: TrialConfig
+    space: SearchSpace
+
+    @property
+    def label(self) -> str:
+        return "/".join(self.key)
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    cells: tuple[Cell, ...]
+    key_names: tuple[str, ...]
+    num_samples: int = 8
+    seeds: int = 3
+    seed: int = 0
+    search_metric: str = "val_acc"  # chooses configs (a validation split)
+    metric: str = "test_acc"  # scores the seed re-runs
+    pick_within: float = 0.003  # accuracy: 0.3 points
+    backoff_key: str = "optim.lr"
+    extra_metrics: tuple[str, ...] = ()  # reported by the trials, tabled like ``metric``
+    max_concurrent: int = 2
+    tracking_uri: str = field(default_factory=default_tracking_uri)
+    storage_path: str = "ray_results"
+    address: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)  # logged on the study run
+
+    def __post_init__(self) -> None:
+        if not self.cells:
+            raise ConfigError("a study needs at least one cell")
+        for name, low in (("num_samples", 1), ("seeds", 1), ("max_concurrent", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}={getattr(self, name)} is invalid: allowed >= {low}")
+        if len({c.key for c in self.cells}) != len(self.cells):
+            raise ConfigError("the cells of a study need distinct keys")
+
+    def validate(self) -> None:
+        """Every config the study will run is valid, and its data exists: before Ray."""
+        for cell in self.cells:
+            try:
+                validate_points(cell.base, tuple(cell.space.points(self.num_samples,
+                                                                   self.seed)))
+            except ConfigError as exc:
+                raise ConfigError(f"cell {cell.label}: {exc}") from None
+        for data in {cell.base.data for cell in self.cells}:
+            prepare_data(data)
+
+
+@dataclass
+class StudyOutcome:
+    run_id: str
+    cells: list[CellResult]
+    rows: list[dict[str, Any]]
+    table: str
+
+
+def pick_config(rows: list[dict[str, Any]], metric: str, within: float,
+                backoff_key: str | None) -> dict[str, Any] | None:
+    """The finished, non-diverged row to re-run: of those within ``within`` of the best
+    ``metric``, the smallest ``backoff_key`` (ties: the better metric). None if none."""
+    usable = [r for r in rows if r.get("status") == FINISHED and not r.get("diverged")
+              and isinstance(r.get(metric), float) and math.isfinite(r[metric])]
+    if not usable:
+        return None
+    best = max(r[metric] for r in usable)
+    close = [r for r in usable if r[metric] >= best - within]
+    if backoff_key is None:
+        return max(close, key=lambda r: r[metric])
+    return min(close, key=lambda r: (r.get(backoff_key, math.inf), -r[metric]))
+
+
+def run_study(study: Study) -> StudyOutcome:
+    study.validate()
+    tracker = SweepTracker(study.tracking_uri, study.name)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    parent = tracker.start_sweep(
+        f"{study.name}-{stamp}",
+        params={"study.num_samples": study.num_samples, "study.seeds": study.seeds,
+                "study.seed": study.seed, "study.search_metric": study.search_metric,
+                "study.metric": study.metric, "study.pick_within": study.pick_within,
+                "study.backoff_key": study.backoff_key, "study.design": "sobol+fifo",
+                "study.cells": len(study.cells), **study.params},
+        tags={"sweep": study.name, "kind": "study"})
+    with tracker.ending(parent):
+        cells = _search_cells(study, parent, stamp)
+        if not cells:
+            raise RuntimeError("no cell produced a result; see the FAILED runs in MLflow")
+        _rerun_seeds(study, cells, parent, stamp)
+        rows, table = _report(study, tracker, parent, cells)
+    return StudyOutcome(parent, cells, rows, table)
+
+
+def _sweep(study: Study, **kwargs: Any) -> Sweep:
+    return Sweep(name=study.name, max_concurrent=study.max_concurrent,
+                 tracking_uri=study.tracking_uri, storage_path=study.storage_path,
+                 address=study.address, seed=study.seed, prepare_data=False, **kwargs)
+
+
+def _search_cells(study: Study, parent: str, stamp: str) -> list[CellResult]:
+    results = []
+    for cell in study.cells:
+        print(f"\n=== search {cell.label} ===", flush=True)
+        points = tuple(cell.space.points(study.num_samples, study.seed))
+        try:
+            outcome = run_sweep(_sweep(
+                study, base=cell.base, points=points, metric=study.search_metric,
+                kind="search", tags={"cell": cell.label}, parent_run_id=parent,
+                run_name=f"{study.name}-{stamp}-search-{'-'.join(cell.key)}"))
+        except RuntimeError as exc:  # every trial failed: record it, go on with the rest
+            print(f"cell {cell.label} failed: {exc}", flush=True)
+            continue
+        results.append(_cell_result(study, cell.key, outcome.rows,
+                                    {r.metrics.get("trial_id"): r.config
+                                     for r in outcome.results if r.metrics}))
+    return results
+
+
+def _cell_result(study: Study, key: tuple[str, ...], rows: list[dict[str, Any]],
+                 configs: Mapping[str, dict[str, Any]]) -> CellResult:
+    picked = pick_config(rows, study.search_metric, study.pick_within, study.backoff_key)
+    if picked is None:
+        print(f"cell {'/'.join(key)}: no search trial finished without diverging", flush=True)
+        picked = max(rows, key=lambda r: r.get(study.search_metric, -math.inf))
+    return CellResult(key, rows, dict(configs[picked["trial_id"]]))
+
+
+def _rerun_seeds(study: Study, cells: list[CellResult], parent: str, stamp: str) -> None:
+    """All cells' picked configs x seeds in one points sweep, each trial to its last epoch."""
+    seeds = [study.seed + i for i in range(1, study.seeds + 1)]
+    points = tuple({**cell.best_config, "train.seed": s} for cell in cells for s in seeds)
+    print(f"\n=== picked configs x seeds {seeds}: {len(points)} trials ===", flush=True)
+    outcome = run_sweep(_sweep(
+        study, base=TrialConfig.from_flat(cells[0].best_config), points=points,
+        metric=study.metric, parent_run_id=parent, run_name=f"{study.name}-{stamp}-seeds"))
+    _add_seed_results(study, cells, outcome.results)
+
+
+def _without_seed(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k != "train.seed"}
+
+
+def _add_seed_results(study: Study, cells: list[CellResult], results: Any) -> None:
+    """Histories (with the stages' final metrics) and final weights of the seed re-runs."""
+    # A re-run is its cell's picked config with another seed: match on everything else.
+    by_config = [(_without_seed(c.best_config), c) for c in cells]
+    for result in results:
+        if result.error or result.metrics_dataframe is None:
+            continue
+        config = _without_seed(result.config)
+        cell = next((c for picked, c in by_config if picked == config), None)
+        if cell is None:
+            continue
+        history = result.metrics_dataframe.to_dict("records")
+        weights = None
+        if result.checkpoint is not None:
+            with result.checkpoint.as_directory() as folder:
+                state = load_state_file(Path(folder))
+            weights = weight_vector(state["model"]) if state else None
+        cell.add_seed_run(result.config["train.seed"], history, weights)
+
+
+def _report(study: Study, tracker: SweepTracker, parent: str, cells: list[CellResult]
+            ) -> tuple[list[dict[str, Any]], str]:
+    rows = table_rows(cells, study.key_names, study.metric, study.search_metric,
+                      study.extra_metrics)
+    tracker.log_text(parent, rows_to_csv(rows), "comparison.csv")
+    table = rows_to_markdown(rows)
+    tracker.log_text(parent, table, "comparison.md")
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker.log_artifact(parent, plot_curves(cells, Path(tmp) / "curves.png"))
+        tracker.log_artifact(parent, plot_sensitivity(cells, Path(tmp) / "sensitivity.png",
+                                                      study.search_metric))
+        tracker.log_artifact(parent, plot_weights(cells, Path(tmp) / "weights.png"))
+    metrics = {}
+    for row, cell in zip(rows, cells, strict=True):
+        if not math.isnan(row[f"{study.metric}_mean"]):
+            prefix = ".".join(cell.key)
+            metrics[f"{prefix}.{study.metric}_mean"] = row[f"{study.metric}_mean"]
+            metrics[f"{prefix}.{study.metric}_std"] = row[f"{study.metric}_std"]
+    tracker.log_metrics(parent, metrics, step=0)
+    return rows, table
+
+
+def report_from(study: Study, run_id: str) -> StudyOutcome:
+    """Train nothing: rebuild a finished study's cells from its nested MLflow runs and
+    their Tune folders under ``storage_path``, and write its report again."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    tracker = SweepTracker(study.tracking_uri, study.name)
+    children = tracker.client.search_runs(
+        [tracker.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    if not children:
+        raise ConfigError(f"--report-from={run_id} is invalid: allowed the run id of a "
+                          f"{study.name} study run with nested search runs")
+    storage = Path(study.storage_path).resolve()
+    order = {c.label: i for i, c in enumerate(study.cells)}
+    cells, seeds = [], None
+    for run in children:
+        grid = ResultGrid(ExperimentAnalysis(str(storage / run.info.run_name)))
+        if run.data.tags.get("kind") == "points":
+            seeds = grid
+            continue
+        label = run.data.tags.get("cell", "")
+        if label not in order:
+            continue  # a cell this invocation does not ask about
+        rows = _restored_rows(grid, study)
+        configs = {r.metrics.get("trial_id"): r.config for r in grid if r.metrics}
+        cells.append(_cell_result(study, tuple(label.split("/")), rows, configs))
+    cells.sort(key=lambda c: order["/".join(c.key)])
+    if seeds is not None:
+        _add_seed_results(study, cells, seeds)
+    with tracker.ending(run_id):
+        rows, table = _report(study, tracker, run_id, cells)
+    return StudyOutcome(run_id, cells, rows, table)
+
+
+def _restored_rows(grid: Any, study: Study) -> list[dict[str, Any]]:
+    from sweeps.outcome import diverged
+
+    rows = []
+    for result in grid:
+        if not result.metrics or study.search_metric not in result.metrics:
+            continue
+        history = result.metrics_dataframe.to_dict("records")
+        m = result.metrics
+        status = trial_status(len(history), int(result.config["train.epochs"]),
+                              errored=result.error is not None)
+        rows.append({"trial_id": m["trial_id"], "status": status,
+                     "diverged": diverged(history),
+                     study.backoff_key: result.config.get(study.backoff_key),
+                     "optim.lr": result.config.get("optim.lr"),
+                     "optim.weight_decay": result.config.get("optim.weight_decay"),
+                     **{k: m[k] for k in ("epoch", "train_loss", study.search_metric,
+                                          study.metric) if k in m}})
+    return rows

@@ -1,0 +1,58 @@
+"""The study's design without Ray: paired quasi-random points, the pick rule, validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sweeps.study import Cell, SearchSpace, Study, pick_config
+from trainables.config import ConfigError, TrialConfig
+
+LR = (("optim.lr", 0.01, 1.0, True), ("optim.weight_decay", 1e-6, 1e-3, True))
+
+
+def test_points_are_the_same_quantiles_for_every_range_and_repeat():
+    a = SearchSpace(LR).points(8, seed=0)
+    b = SearchSpace((("optim.lr", 0.1, 10.0, True), LR[1])).points(8, seed=0)
+    assert a == SearchSpace(LR).points(8, seed=0)  # the same command: the same configs
+    for p, q in zip(a, b, strict=True):  # paired: the same unit point, another range
+        assert math.log(q["optim.lr"] / 0.1) == pytest.approx(math.log(p["optim.lr"] / 0.01))
+        assert q["optim.weight_decay"] == p["optim.weight_decay"]
+    assert SearchSpace(LR).points(8, seed=1) != a
+    lrs = sorted(math.log10(p["optim.lr"]) for p in a)  # log-uniform over [-2, 0]
+    assert all(-2 <= x <= 0 for x in lrs)
+    # Sobol: each of 8 equal slices of the log range holds exactly one of 8 points.
+    assert sorted(int((x + 2) / 2 * 8) for x in lrs) == list(range(8))
+
+
+def test_constants_and_linear_ranges():
+    space = SearchSpace((("model.dropout", 0.0, 0.5, False),), (("optim.bias_lr", 0.05),))
+    points = space.points(4, seed=3)
+    assert all(p["optim.bias_lr"] == 0.05 and 0 <= p["model.dropout"] <= 0.5 for p in points)
+    with pytest.raises(ConfigError, match="optim.lr=0.0..1.0"):
+        SearchSpace((("optim.lr", 0.0, 1.0, True),))
+
+
+def _row(lr, acc, status="FINISHED", diverged=False):
+    return {"trial_id": f"t{lr}", "optim.lr": lr, "val_acc": acc, "status": status,
+            "diverged": diverged}
+
+
+def test_pick_backs_off_from_the_edge():
+    rows = [_row(0.85, 0.980), _row(0.40, 0.978), _row(0.2, 0.976), _row(0.05, 0.95),
+            _row(2.0, 0.99, status="KILLED"), _row(1.5, 0.99, diverged=True)]
+    assert pick_config(rows, "val_acc", 0.003, "optim.lr")["optim.lr"] == 0.40
+    assert pick_config(rows, "val_acc", 0.0, "optim.lr")["optim.lr"] == 0.85
+    assert pick_config(rows, "val_acc", 0.003, None)["optim.lr"] == 0.85
+    assert pick_config([_row(1.0, float("nan"))], "val_acc", 0.01, "optim.lr") is None
+
+
+def test_a_study_validates_every_cell_before_ray(tiny_root):
+    base = TrialConfig().with_overrides([f"data.root={tiny_root}", "optim.name=eg"])
+    bad = Cell(("mnist", "mlp", "eg"), base, SearchSpace((("optim.momentum", 0.5, 1.5, False),)))
+    study = Study(name="s", cells=(bad,), key_names=("dataset", "model", "optimizer"))
+    with pytest.raises(ConfigError, match=r"cell mnist/mlp/eg: point \d .*optim.momentum"):
+        study.validate()
+    with pytest.raises(ConfigError, match="seeds=0"):
+        Study(name="s", cells=(bad,), key_names=("a",), seeds=0)

@@ -1,0 +1,107 @@
+"""Trial stages: where compression plugs into the one training loop.
+
+A stage is built from the trial's config on every worker and acts at four points of
+:func:`trainables.loop.run_trial`:
+
+- ``prepare(model) -> model``: before DDP wrapping and before the optimizer is built
+  (swap in fake-quantized modules, attach pruning masks, ...).
+- ``penalty(model) -> Tensor | None``: a term added to the loss of every training step
+  (computed in float32, outside autocast).
+- ``after_step(step)``: after every optimizer step (``step`` counts from 1; sparsity
+  schedules, LC's mu, ...). ``metrics()`` adds numbers to every epoch's report.
+- ``finalize(ctx) -> metrics``: after the last epoch, on every rank (its evaluations are
+  collective), once the training state is checkpointed: evaluate, transform, write files
+  into ``ctx.out_dir``. Its metrics join the last epoch's report; the files of rank 0
+  travel in the reported checkpoint's ``artifacts/`` folder and become artifacts of the
+  trial's MLflow run (:class:`sweeps.tracking.MLflowSweepCallback`).
+
+A stage knows nothing of Ray or MLflow. ``state_dict`` / ``load_state_dict`` carry what it
+needs across a checkpoint (resume stays exact).
+
+Stages are chosen by the config: each builder in ``STAGE_BUILDERS`` looks at the config
+and returns a stage or ``None``; :func:`build_stages` keeps their order.
+
+Example::
+
+    class CountSteps(Stage):
+        name = "count"
+        def __init__(self): self.steps = 0
+        def after_step(self, step): self.steps = step
+        def finalize(self, ctx): return {"steps": self.steps}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from trainables.config import TrialConfig
+
+__all__ = ["Stage", "FinalizeContext", "STAGE_BUILDERS", "build_stages",
+           "register_stage_builder"]
+
+
+@dataclass
+class FinalizeContext:
+    """What a stage sees at the end of training."""
+
+    cfg: TrialConfig
+    model: nn.Module  # the trained model (not DDP-wrapped), in eval mode
+    # Test-split evaluation of any model of the same interface: {"test_loss", "test_acc"},
+    # summed over all DDP ranks (every rank must call it the same number of times).
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    out_dir: Path  # files written here reach the trial's MLflow run (rank 0's)
+    is_chief: bool  # rank 0: write files only here if they are expensive
+
+
+class Stage:
+    """Base class: every hook is optional and does nothing by default."""
+
+    name: str = "stage"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def finalize(self, ctx: FinalizeContext) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+StageBuilder = Callable[[TrialConfig], "Stage | None"]
+STAGE_BUILDERS: list[StageBuilder] = []
+
+
+def register_stage_builder(builder: StageBuilder) -> StageBuilder:
+    """Add a builder (usable as a decorator); stages run in registration order."""
+    STAGE_BUILDERS.append(builder)
+    return builder
+
+
+def build_stages(cfg: TrialConfig) -> list[Stage]:
+    """The stages ``cfg`` asks for, in registration order; names must be unique (they key
+    the checkpoint's stage states)."""
+    import trainables.weight_rounding  # noqa: F401  (registers its builder)
+
+    stages = [s for s in (build(cfg) for build in STAGE_BUILDERS) if s is not None]
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names must be unique, got {names}")
+    return stages
