@@ -7,9 +7,9 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
+from sweeps.tracking import default_tracking_uri
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import DataNotFoundError
-from sweeps.tracking import default_tracking_uri
 
 __all__ = ["common_parser", "base_config", "tracking_uri", "print_summary", "main_guard"]
 

@@ -11,7 +11,6 @@ from sweeps.compare import CellResult, table_rows, weight_stats, weight_vector
 from sweeps.runner import Sweep, validate_points
 from trainables.config import ConfigError, TrialConfig
 
-
 KEYS = ("dataset", "model", "optimizer")
 
 
