@@ -37,8 +37,10 @@ def main() -> None:
         if name == "torch_adamw":  # torch's own (foreach) AdamW: what adam_gd computes
             optimizers[name] = torch.optim.AdamW(models[name].parameters(), lr=1e-3)
         else:
+            momentum = {"momentum": 0.9, "nesterov": False} \
+                if "momentum" in optim.reads(name) else {}  # build refuses what it can't use
             optimizers[name] = optim.build_for_model(name, models[name], bias_lr=0.01,
-                                                     lr=1e-3, momentum=0.9, nesterov=False)
+                                                     lr=1e-3, **momentum)
         for p in models[name].parameters():
             p.grad = torch.randn_like(p) * 1e-2
     times: dict[str, list[float]] = {n: [] for n in names}
