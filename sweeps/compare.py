@@ -40,6 +40,7 @@ class CellResult:
     histories: list[list[dict[str, Any]]] = field(default_factory=list)
     weights: list[torch.Tensor] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    picked_trial_id: str = ""  # the search trial whose config best_config is
 
     @property
     def panel(self) -> tuple[str, ...]:
@@ -215,7 +216,7 @@ def plot_sensitivity(cells: list[CellResult], path: str | Path,
         ax.set_title(" / ".join(panel))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(plt, fig, path, "learning-rate sensitivity (hollow: stopped by ASHA)")
+    return _save(plt, fig, path, "learning-rate sensitivity (hollow: did not finish)")
 
 
 def plot_weights(cells: list[CellResult], path: str | Path) -> Path:

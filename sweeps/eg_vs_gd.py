@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def study(args: argparse.Namespace) -> Study:
-    """Every cell's base config and space; all validated when the study is built."""
+    """Every cell's base config (validated here) and space (validated by run_study)."""
     cells = []
     for dataset, model, optimizer in itertools.product(args.datasets, args.models,
                                                        args.optimizers):
@@ -100,6 +100,8 @@ def study(args: argparse.Namespace) -> Study:
         extra_metrics=ROUNDED, max_concurrent=args.max_concurrent,
         tracking_uri=tracking_uri(args), storage_path=args.storage_path, address=args.address,
         params={"study.epochs": args.epochs, "study.smoke_test": args.smoke_test,
+                "study.datasets": ",".join(args.datasets), "study.models": ",".join(args.models),
+                "study.optimizers": ",".join(args.optimizers),
                 **{f"study.lr_range.{k}": f"{v[0]}..{v[1]}" for k, v in LR_RANGE.items()
                    if k in args.optimizers}})
 

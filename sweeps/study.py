@@ -50,7 +50,7 @@ from sweeps.compare import (
     table_rows,
     weight_vector,
 )
-from sweeps.outcome import FINISHED, trial_status
+from sweeps.outcome import FAILED, FINISHED, diverged, trial_status
 from sweeps.runner import Sweep, rows_to_csv, rows_to_markdown, run_sweep, validate_points
 from sweeps.tracking import SweepTracker, default_tracking_uri
 from trainables.config import ConfigError, TrialConfig
@@ -71,6 +71,8 @@ class SearchSpace:
     constants: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        if not self.ranges:
+            raise ConfigError("a search space needs at least one range (key, low, high, log)")
         for key, low, high, log in self.ranges:
             if not low < high or (log and low <= 0):
                 raise ConfigError(f"search range {key}={low}..{high} is invalid: allowed "
@@ -131,6 +133,12 @@ class Study:
                 raise ConfigError(f"{name}={getattr(self, name)} is invalid: allowed >= {low}")
         if len({c.key for c in self.cells}) != len(self.cells):
             raise ConfigError("the cells of a study need distinct keys")
+        for cell in self.cells:
+            if len(cell.key) != len(self.key_names):
+                raise ConfigError(f"cell {cell.label} is invalid: allowed keys of "
+                                  f"{len(self.key_names)} parts ({', '.join(self.key_names)})")
+        if not self.pick_within >= 0:
+            raise ConfigError(f"pick_within={self.pick_within} is invalid: allowed >= 0")
 
     def validate(self) -> None:
         """Every config the study will run is valid, and its data exists: before Ray."""
@@ -157,14 +165,23 @@ def pick_config(rows: list[dict[str, Any]], metric: str, within: float,
     """The finished, non-diverged row to re-run: of those within ``within`` of the best
     ``metric``, the smallest ``backoff_key`` (ties: the better metric). None if none."""
     usable = [r for r in rows if r.get("status") == FINISHED and not r.get("diverged")
-              and isinstance(r.get(metric), float) and math.isfinite(r[metric])]
+              and _finite(r.get(metric))]
     if not usable:
         return None
     best = max(r[metric] for r in usable)
     close = [r for r in usable if r[metric] >= best - within]
     if backoff_key is None:
         return max(close, key=lambda r: r[metric])
-    return min(close, key=lambda r: (r.get(backoff_key, math.inf), -r[metric]))
+    return min(close, key=lambda r: (_or_inf(r.get(backoff_key)), -r[metric]))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _or_inf(value: Any) -> float:
+    return float(value) if _finite(value) else math.inf
 
 
 def run_study(study: Study) -> StudyOutcome:
@@ -180,7 +197,7 @@ def run_study(study: Study) -> StudyOutcome:
                 "study.cells": len(study.cells), **study.params},
         tags={"sweep": study.name, "kind": "study"})
     with tracker.ending(parent):
-        cells = _search_cells(study, parent, stamp)
+        cells = _search_cells(study, tracker, parent, stamp)
         if not cells:
             raise RuntimeError("no cell produced a result; see the FAILED runs in MLflow")
         _rerun_seeds(study, cells, parent, stamp)
@@ -194,7 +211,8 @@ def _sweep(study: Study, **kwargs: Any) -> Sweep:
                  address=study.address, seed=study.seed, prepare_data=False, **kwargs)
 
 
-def _search_cells(study: Study, parent: str, stamp: str) -> list[CellResult]:
+def _search_cells(study: Study, tracker: SweepTracker, parent: str, stamp: str
+                  ) -> list[CellResult]:
     results = []
     for cell in study.cells:
         print(f"\n=== search {cell.label} ===", flush=True)
@@ -207,19 +225,38 @@ def _search_cells(study: Study, parent: str, stamp: str) -> list[CellResult]:
         except RuntimeError as exc:  # every trial failed: record it, go on with the rest
             print(f"cell {cell.label} failed: {exc}", flush=True)
             continue
-        results.append(_cell_result(study, cell.key, outcome.rows,
-                                    {r.metrics.get("trial_id"): r.config
-                                     for r in outcome.results if r.metrics}))
+        configs = {r.metrics.get("trial_id"): r.config for r in outcome.results if r.metrics}
+        result = _cell_result(study, cell.key, _with_searched(study, outcome.rows, configs),
+                              configs)
+        # What was picked, on the search run: --report-from reads it back, not re-picks.
+        tracker.set_tags(outcome.parent_run_id, {"picked_trial_id": result.picked_trial_id})
+        results.append(result)
     return results
 
 
+def _with_searched(study: Study, rows: list[dict[str, Any]],
+                   configs: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Search rows carry the lr, weight decay and back-off key of their config, even where
+    they did not vary (one point) or were not searched."""
+    keys = ("optim.lr", "optim.weight_decay", study.backoff_key)
+    return [{**row, **{k: configs[row["trial_id"]].get(k) for k in keys}} for row in rows]
+
+
 def _cell_result(study: Study, key: tuple[str, ...], rows: list[dict[str, Any]],
-                 configs: Mapping[str, dict[str, Any]]) -> CellResult:
-    picked = pick_config(rows, study.search_metric, study.pick_within, study.backoff_key)
-    if picked is None:
-        print(f"cell {'/'.join(key)}: no search trial finished without diverging", flush=True)
-        picked = max(rows, key=lambda r: r.get(study.search_metric, -math.inf))
-    return CellResult(key, rows, dict(configs[picked["trial_id"]]))
+                 configs: Mapping[str, dict[str, Any]], picked_id: str | None = None
+                 ) -> CellResult:
+    """The cell with its picked config: ``picked_id`` if given (a restored study), else by
+    :func:`pick_config`, else (no trial finished without diverging) the best not-failed
+    trial, said on the console."""
+    if picked_id is None:
+        picked = pick_config(rows, study.search_metric, study.pick_within, study.backoff_key)
+        if picked is None:
+            print(f"cell {'/'.join(key)}: no search trial finished without diverging; "
+                  "re-running the best of the rest", flush=True)
+            picked = max(rows, key=lambda r: (r.get("status") != FAILED,
+                                              _or_inf(r.get(study.search_metric))))
+        picked_id = picked["trial_id"]
+    return CellResult(key, rows, dict(configs[picked_id]), picked_trial_id=picked_id)
 
 
 def _rerun_seeds(study: Study, cells: list[CellResult], parent: str, stamp: str) -> None:
@@ -247,6 +284,8 @@ def _add_seed_results(study: Study, cells: list[CellResult], results: Any) -> No
         config = _without_seed(result.config)
         cell = next((c for picked, c in by_config if picked == config), None)
         if cell is None:
+            print(f"a seed re-run (seed {result.config.get('train.seed')}) matches no cell's "
+                  "picked config: left out of the table", flush=True)
             continue
         history = result.metrics_dataframe.to_dict("records")
         weights = None
@@ -294,16 +333,23 @@ def report_from(study: Study, run_id: str) -> StudyOutcome:
     order = {c.label: i for i, c in enumerate(study.cells)}
     cells, seeds = [], None
     for run in children:
+        kind, label = run.data.tags.get("kind"), run.data.tags.get("cell", "")
+        if kind != "points" and label not in order:
+            continue  # a cell this invocation does not ask about
         grid = ResultGrid(ExperimentAnalysis(str(storage / run.info.run_name)))
-        if run.data.tags.get("kind") == "points":
+        if kind == "points":
             seeds = grid
             continue
-        label = run.data.tags.get("cell", "")
-        if label not in order:
-            continue  # a cell this invocation does not ask about
         rows = _restored_rows(grid, study)
+        if not rows:
+            continue  # every trial of the cell failed: the run skipped it too
         configs = {r.metrics.get("trial_id"): r.config for r in grid if r.metrics}
-        cells.append(_cell_result(study, tuple(label.split("/")), rows, configs))
+        cells.append(_cell_result(study, tuple(label.split("/")), rows, configs,
+                                  run.data.tags.get("picked_trial_id")))
+    if not cells:
+        raise ConfigError(f"--report-from={run_id} is invalid: none of its search runs is a "
+                          "cell of this study (tag 'cell'); a study from before the study "
+                          "module cannot be restored")
     cells.sort(key=lambda c: order["/".join(c.key)])
     if seeds is not None:
         _add_seed_results(study, cells, seeds)
@@ -313,8 +359,6 @@ def report_from(study: Study, run_id: str) -> StudyOutcome:
 
 
 def _restored_rows(grid: Any, study: Study) -> list[dict[str, Any]]:
-    from sweeps.outcome import diverged
-
     rows = []
     for result in grid:
         if not result.metrics or study.search_metric not in result.metrics:

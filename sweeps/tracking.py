@@ -219,8 +219,8 @@ def tracked_params(config: Mapping[str, Any]) -> dict[str, Any]:
     from trainables.config import TrialConfig
 
     try:
-        return TrialConfig.from_flat({k: v for k, v in config.items() if "." in k}
-                                     ).tracked_params()
+        return TrialConfig.from_stored({k: v for k, v in config.items() if "." in k}
+                                       ).tracked_params()
     except ValueError:
         return dict(config)
 
@@ -306,7 +306,7 @@ class MLflowSweepCallback(Callback):
 
         config = {k: v for k, v in trial.config.items() if "." in k}
         try:
-            text = TrialConfig.from_flat(config).to_yaml()
+            text = TrialConfig.from_stored(config).to_yaml()
         except ValueError:
             text = yaml.safe_dump(config)
         self.tracker.log_text(run_id, text, "config.yaml")

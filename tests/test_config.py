@@ -155,3 +155,14 @@ def test_yaml_that_is_not_a_mapping(tmp_path) -> None:
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="YAML mapping"):
         TrialConfig.from_yaml(path)
+
+
+def test_a_config_saved_before_unset_fields_loads() -> None:
+    # An older qsweep saved every optim field, read or not (eg with Adam's betas, bias_lr 0).
+    old = {"optim.name": "eg", "optim.lr": 2.0, "optim.momentum": 0.0, "optim.nesterov": False,
+           "optim.beta1": 0.9, "optim.lns_bits": 8, "optim.bias_lr": 0.0, "train.epochs": 3}
+    with pytest.raises(ConfigError, match="optim.beta1"):
+        TrialConfig.from_flat(old)
+    cfg = TrialConfig.from_stored(old)
+    assert cfg.optim.momentum == 0.0 and cfg.optim.beta1 is None and cfg.optim.bias_lr is None
+    assert cfg.train.epochs == 3

@@ -80,3 +80,13 @@ def test_smoke_study_records_the_table_and_plots(tmp_path: Path, tiny_root: Path
             trial.info.run_id)}
     metrics = study[0].data.metrics
     assert "mnist.mlp.eg.test_acc_mean" in metrics and "mnist.mlp.gd.test_acc_std" in metrics
+    searches = [r for r in children if r.data.tags["kind"] == "search"]
+    assert all(r.data.tags["picked_trial_id"] for r in searches)
+
+    # The same report from the runs alone: the picked configs are read back, not re-picked.
+    table = out.stdout.split("test_acc over seeds per cell ===")[1].split("MLflow")[0]
+    again = run(["--smoke-test", "--optimizers", "gd", "eg", "--report-from", study_id],
+                tmp_path, tiny_root, timeout=300, script=SCRIPT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.split("test_acc over seeds per cell ===")[1].split("MLflow")[0] \
+        == table

@@ -46,6 +46,20 @@ def test_pick_backs_off_from_the_edge():
     assert pick_config(rows, "val_acc", 0.0, "optim.lr")["optim.lr"] == 0.85
     assert pick_config(rows, "val_acc", 0.003, None)["optim.lr"] == 0.85
     assert pick_config([_row(1.0, float("nan"))], "val_acc", 0.01, "optim.lr") is None
+    # Integer metrics count; a row without the back-off key goes last, not a TypeError.
+    rows = [_row(None, 1), _row(0.5, 0.999)]
+    assert pick_config(rows, "val_acc", 0.01, "optim.lr")["optim.lr"] == 0.5
+
+
+def test_a_study_checks_its_shape_at_construction(tiny_root):
+    base = TrialConfig().with_overrides([f"data.root={tiny_root}", "optim.name=eg"])
+    cell = Cell(("mnist", "eg"), base, SearchSpace(LR))
+    with pytest.raises(ConfigError, match="cell mnist/eg is invalid.*3 parts"):
+        Study(name="s", cells=(cell,), key_names=("dataset", "model", "optimizer"))
+    with pytest.raises(ConfigError, match="pick_within=-0.1"):
+        Study(name="s", cells=(cell,), key_names=("dataset", "optimizer"), pick_within=-0.1)
+    with pytest.raises(ConfigError, match="at least one range"):
+        SearchSpace(())
 
 
 def test_a_study_validates_every_cell_before_ray(tiny_root):

@@ -392,6 +392,22 @@ class TrialConfig:
     from_flat = from_dict
 
     @classmethod
+    def from_stored(cls, values: Mapping[str, Any]) -> "TrialConfig":
+        """A config as an older qsweep saved it (checkpoints, MLflow, Tune folders): it wrote
+        every optimizer field, read or not. Fields the optimizer does not read had no
+        effect then and are dropped; ``optim.bias_lr=0`` meant unset."""
+        flat = _dotted(values)
+        name = flat.get("optim.name", OptimConfig.name)
+        if name in optim.available():
+            unread = {f.name for f in fields(OptimConfig) if f.default is None} - \
+                set(optim.reads(name))
+            if not optim.is_multiplicative(name) or flat.get("optim.bias_lr") == 0:
+                unread.add("bias_lr")
+            flat = {k: v for k, v in flat.items()
+                    if k.partition(".")[2] not in unread or not k.startswith("optim.")}
+        return cls.from_flat(flat)
+
+    @classmethod
     def from_yaml(cls, path: str | Path) -> "TrialConfig":
         return cls().with_yaml(path)
 

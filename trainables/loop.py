@@ -265,10 +265,11 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        for stage in self.stages:
-            stage.load_state_dict(state["stages"][stage.name])
+        for stage in self.stages:  # a stage added since the checkpoint starts fresh
+            if stage.name in state.get("stages", {}):
+                stage.load_state_dict(state["stages"][stage.name])
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
-        self.step = int(state["step"])
+        self.step = int(state.get("step", self.epoch * len(self.train_loader)))
         torch.set_rng_state(state["rng"])
 
 
@@ -279,7 +280,8 @@ def run_trial(cfg: TrialConfig, session: Session, stages: list[Stage] | None = N
     ``stages`` default to the ones the config asks for (:func:`build_stages`). Resumes
     from ``session.load_state()`` when the session holds a checkpoint. Returns the
     per-epoch metrics (the whole history, resumed epochs included; the last one holds
-    the stages' final metrics).
+    the stages' final metrics when this call ran the last epoch: a checkpoint saved after
+    the last epoch resumes to nothing, and its history lacks them).
     """
     trainer = _Trainer(cfg, session, build_stages(cfg) if stages is None else stages)
     state = session.load_state()

@@ -1,6 +1,6 @@
 """Weight-only rounding, a trial stage: the trained model's test accuracy with every
 linear/conv weight tensor rounded to a number format (per tensor, scale = max |w|;
-activations stay in float).
+activations are not rounded: they run in the trial's precision, fp32 or autocast).
 
 It runs inside the trial, at its end (``evaluate.weight_rounding=[lns8,lns4]``): metrics
 ``test_acc_<format>`` and a file ``weight_rounding.json`` with each format's accuracy and
