@@ -15,7 +15,8 @@ multiplicative optimizer needs: a weight at zero could never move again).
 Example::
 
     fmt = LNSFormat(bits=4, frac_bits=0)   # sign + 3-bit exponent: 1, 1/2, ..., 1/64, 0
-    q = fmt.quantize(torch.randn(100))     # every |q| / max|x| is a power of two or 0
+    q = fmt.fake_quantize(torch.randn(100))  # every |q| / max|x| is a power of two or 0
+    enc = fmt.quantize(w)                    # codes: sign bit + exponent, and the scale
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import functools
 from dataclasses import dataclass
 
 import torch
+
+from quant.codes import Encoded
 
 __all__ = ["LNSFormat", "UNDERFLOWS"]
 
@@ -78,7 +81,7 @@ class LNSFormat:
         ratio = x.detach().abs().double() / scale
         # Nearest code in the log domain; ratio 0 gives +inf, clamped below.
         code = torch.round(-torch.log2(ratio) * self.gamma)
-        # NaN (from a NaN input or scale) gets a valid code; quantize() passes it through.
+        # NaN (from a NaN input or scale) gets a valid code; fake_quantize() passes it on.
         code = torch.nan_to_num(code, nan=float(self.levels - 1)).clamp(0, self.levels - 1)
         sign = torch.sign(x.detach()).to(torch.int8)
         if underflow == "zero":
@@ -95,18 +98,44 @@ class LNSFormat:
         magnitude = scale * _unit_table(self.bits, self.frac_bits, str(code.device))[code.long()]
         return (sign.double() * magnitude).to(dtype)
 
-    def quantize(self, x: torch.Tensor, scale: torch.Tensor | float | None = None,
-                 underflow: str = "zero") -> torch.Tensor:
+    @property
+    def name(self) -> str:
+        return f"lns{self.bits}" + (f"f{self.frac_bits}" if self.frac_bits else "")
+
+    @staticmethod
+    def default_scale(x: torch.Tensor) -> torch.Tensor:
+        """max |x| (float32), so nothing clips; tiny for an all-zero tensor."""
+        return x.detach().abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
+
+    def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor | float | None = None,
+                      underflow: str = "zero") -> torch.Tensor:
         """Round ``x`` onto the grid (``scale`` default: max |x|, so nothing clips)."""
         if scale is None:
-            scale = x.detach().abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+            scale = self.default_scale(x)
         sign, code = self.encode(x, scale, underflow)
         q = self.decode(sign, code, scale, dtype=x.dtype)
         return torch.where(torch.isfinite(x), q, x)  # NaN and inf stay what they were
 
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor | float | None = None,
+                 underflow: str = "zero") -> Encoded:
+        """Codes ``sign_bit << (bits - 1) | exponent`` (the zero code for 0) and the scale;
+        decoding gives exactly :meth:`fake_quantize`. Non-finite values raise."""
+        if not torch.isfinite(x).all():
+            raise ValueError("cannot encode NaN or inf in an LNS format")
+        scale = self.default_scale(x) if scale is None else torch.as_tensor(scale).float()
+        sign, code = self.encode(x, scale, underflow)
+        codes = code.to(torch.int64) | ((sign < 0).to(torch.int64) << (self.bits - 1))
+        return Encoded(codes, self.bits, {"scale": scale.reshape(())})
+
+    def dequantize(self, enc: Encoded, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        code = enc.codes & ((1 << (self.bits - 1)) - 1)
+        negative = (enc.codes >> (self.bits - 1)) & 1
+        sign = torch.where(code == self.zero_code, 0, 1 - 2 * negative).to(torch.int8)
+        return self.decode(sign, code, enc.params["scale"], dtype=dtype)
+
     def on_grid(self, x: torch.Tensor, scale: torch.Tensor | float) -> bool:
         """Whether every value of ``x`` is exactly a grid value (for tests and asserts)."""
-        return bool(torch.equal(self.quantize(x, scale), x))
+        return bool(torch.equal(self.fake_quantize(x, scale), x))
 
 
 @functools.lru_cache(maxsize=64)

@@ -20,7 +20,7 @@ def test_lns4_grid_by_hand():
     # Codes are round(-log2(|x| / 2)): 1.3 -> 0.62 -> 1 (1.0); 0.7 -> 1.51 -> 2 (0.5);
     # 0.36 -> 2.47 -> 2 (0.5); 0.02 -> 6.64, past the last code 6 but above half of it
     # (0.0156 / 2) -> 0.03125; 0.01 is below that half -> 0; -5 clips to -2.
-    q = fmt.quantize(x, scale=2.0)
+    q = fmt.fake_quantize(x, scale=2.0)
     assert q.tolist() == [2.0, -1.0, 0.5, 0.5, 0.03125, 0.0, 0.0, -2.0]
 
 
@@ -34,8 +34,8 @@ def test_frac_bits_put_gamma_codes_per_octave():
 def test_underflow_modes():
     fmt = LNSFormat(bits=3, frac_bits=0)  # magnitudes 1, 1/2, 1/4 and zero
     x = torch.tensor([0.1, 0.2, -0.01, 0.0])
-    assert fmt.quantize(x, 1.0, underflow="zero").tolist() == [0.0, 0.25, 0.0, 0.0]
-    assert fmt.quantize(x, 1.0, underflow="clamp").tolist() == [0.25, 0.25, -0.25, 0.0]
+    assert fmt.fake_quantize(x, 1.0, underflow="zero").tolist() == [0.0, 0.25, 0.0, 0.0]
+    assert fmt.fake_quantize(x, 1.0, underflow="clamp").tolist() == [0.25, 0.25, -0.25, 0.0]
     with pytest.raises(ValueError, match="underflow='up' is invalid: allowed one of zero"):
         fmt.encode(x, 1.0, underflow="up")
 
@@ -58,10 +58,10 @@ values = st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=1, m
 def test_quantize_is_on_grid_idempotent_and_within_half_a_log_step(fmt, xs):
     x = torch.tensor(xs, dtype=torch.float64)
     scale = x.abs().max().clamp_min(1e-30)
-    q = fmt.quantize(x, scale)
+    q = fmt.fake_quantize(x, scale)
     grid = set(fmt.magnitudes(scale.item()).tolist()) | {0.0}
     assert all(abs(v) in grid for v in q.tolist())
-    assert torch.equal(fmt.quantize(q, scale), q)
+    assert torch.equal(fmt.fake_quantize(q, scale), q)
     assert torch.all(torch.sign(q) * torch.sign(x) >= 0)
     smallest = fmt.magnitudes(scale.item())[-1].item()
     inside = (x.abs() >= smallest) & (q != 0)
@@ -82,6 +82,6 @@ def test_encode_decode_round_trip_every_code():
 def test_non_finite_values_pass_through():
     fmt = LNSFormat(bits=4, frac_bits=0)
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5])
-    q = fmt.quantize(x, 1.0)
+    q = fmt.fake_quantize(x, 1.0)
     assert torch.isnan(q[0]) and q[1] == float("inf") and q[2] == -float("inf") and q[3] == 0.5
-    assert torch.isnan(fmt.quantize(torch.tensor([float("nan"), 1.0]))).all()  # NaN scale
+    assert torch.isnan(fmt.fake_quantize(torch.tensor([float("nan"), 1.0]))).all()  # NaN scale

@@ -33,8 +33,8 @@ __all__ = ["FORMATS", "WeightRounding", "round_weights", "sqnr_db"]
 # sign + 7-bit exponent with 8 codes per octave; sign + 3-bit exponent on powers of two
 # (7 magnitudes down to max/64, and zero).
 FORMATS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "lns8": LNSFormat(bits=8, frac_bits=3).quantize,
-    "lns4": LNSFormat(bits=4, frac_bits=0).quantize,
+    "lns8": LNSFormat(bits=8, frac_bits=3).fake_quantize,
+    "lns4": LNSFormat(bits=4, frac_bits=0).fake_quantize,
 }
 
 
