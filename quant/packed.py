@@ -99,7 +99,9 @@ def save_packed(model: nn.Module, path: str | os.PathLike[str]) -> int:
         offset += len(data)
         return span
 
-    for key, tensor in model.state_dict().items():
+    # Sorted: a converted layer lists its weight after its bias (parametrizations re-add
+    # it), a freshly built one before; the file must not depend on that.
+    for key, tensor in sorted(model.state_dict().items()):
         if key in encoded:
             fmt, enc = encoded[key]
             params = {}
