@@ -117,13 +117,16 @@ def fixed_lr(trial) -> None:
     trial.suggest_categorical("optim.lr", [0.05])
 
 
+@pytest.mark.parametrize("stage, metric, artifact", [
+    (["evaluate.weight_rounding=[lns4]"], "test_acc_lns4", "weight_rounding.json"),
+    (["quant.mode=qat", "quant.bits=4", "quant.per_channel=true"], "test_acc_q", "model.qsw"),
+], ids=["fp32+rounding", "qat-int4"])
 def test_two_worker_ddp_trial_equals_one_worker_with_the_global_batch(
-        tiny_root: Path, tmp_path: Path) -> None:
+        tiny_root: Path, tmp_path: Path, stage: list[str], metric: str, artifact: str) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # With a stage: its final metric and file must reach the trial's run from the worker.
-    rounding = "evaluate.weight_rounding=[lns4]"
-    ddp = tiny(tiny_root, "train.num_workers=2", "data.batch_size=32", rounding)
-    single = tiny(tiny_root, "train.num_workers=1", "data.batch_size=64", rounding)
+    ddp = tiny(tiny_root, "train.num_workers=2", "data.batch_size=32", *stage)
+    single = tiny(tiny_root, "train.num_workers=1", "data.batch_size=64", *stage)
     results, final = {}, {}
     client = MlflowClient(uri)
     for name, cfg in (("t-ddp", ddp), ("t-single", single)):
@@ -133,19 +136,19 @@ def test_two_worker_ddp_trial_equals_one_worker_with_the_global_batch(
         assert child.info.status == "FINISHED"
         assert child.data.tags["num_workers"] == str(cfg.train.num_workers)
         results[name] = outcome.best
-        final[name] = child.data.metrics["test_acc_lns4"]
+        final[name] = child.data.metrics[metric]
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert "weight_rounding.json" in artifacts, artifacts
-        local = client.download_artifacts(child.info.run_id, "weight_rounding.json",
-                                          str(tmp_path / name))
-        assert json.loads(Path(local).read_text())["lns4"]["test_acc"] == final[name]
-    # The rounded model is evaluated on the whole test set in both (sharded, then summed).
-    assert final["t-ddp"] == pytest.approx(final["t-single"], abs=0.05)
+        assert artifact in artifacts, artifacts
+        if artifact.endswith(".json"):
+            local = client.download_artifacts(child.info.run_id, artifact, str(tmp_path / name))
+            assert json.loads(Path(local).read_text())["lns4"]["test_acc"] == final[name]
     # DDP averages the two shards' gradients: the same steps as one batch of 64.
     assert results["t-ddp"]["train_loss"] == pytest.approx(results["t-single"]["train_loss"],
                                                            rel=1e-4)
     assert results["t-ddp"]["test_acc"] == pytest.approx(results["t-single"]["test_acc"],
                                                          abs=0.02)
+    # The final evaluation covers the whole test set in both (sharded, then summed).
+    assert final["t-ddp"] == pytest.approx(final["t-single"], abs=0.05)
 
 
 class _CrashOnce:

@@ -1,7 +1,7 @@
 """One frozen, validated trial configuration, from sweep script to Ray worker.
 
 The config is a tree of frozen dataclasses (``data``, ``model``, ``optim``,
-``precision``, ``train``, ``evaluate``). It flattens to dotted keys (``optim.lr``) for Ray Tune's
+``precision``, ``train``, ``evaluate``, ``quant``). It flattens to dotted keys (``optim.lr``) for Ray Tune's
 ``param_space``, Optuna and MLflow params, and is rebuilt from them on the first line of
 the worker. Every field is type-checked and range-checked at construction: a bad value
 raises :class:`ConfigError` naming the field, the value and what is allowed, before any
@@ -35,6 +35,7 @@ __all__ = [
     "PrecisionConfig",
     "TrainConfig",
     "EvaluateConfig",
+    "QuantSection",
     "TrialConfig",
     "DATASETS",
     "MODELS",
@@ -361,6 +362,61 @@ class EvaluateConfig(_Section):
                 _fail(f"evaluate.weight_rounding[{i}]", name, "one of " + ", ".join(FORMATS))
 
 
+QUANT_MODES = ("none", "ptq", "qat")
+QUANT_FORMATS = ("int", "lns", "codebook", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class QuantSection(_Section):
+    """Weight quantization of the trial (``quant/``): ``ptq`` quantizes the trained model
+    at the end; ``qat`` trains through fake-quantized weights (straight-through
+    estimator) from the first step and converts at the end. Both evaluate the quantized
+    model (``test_acc_q``) and write it packed (``model.qsw``, ``packed_bytes``,
+    ``compression_ratio``). ``first_last_bits`` > 0 keeps the first and last layer at that
+    many bits (int/lns): the usual mixed-precision recipe."""
+
+    section: ClassVar[str] = "quant"
+    mode: str = "none"
+    format: str = "int"
+    bits: int = 8  # int, lns (sign included)
+    symmetric: bool = True  # int
+    per_channel: bool = False  # int: one scale per output channel
+    lns_frac_bits: int = 0  # lns: 2**k codes per octave
+    k: int = 16  # codebook entries per tensor
+    first_last_bits: int = 0
+
+    def _validate(self) -> None:
+        self._choice("mode", QUANT_MODES)
+        self._choice("format", QUANT_FORMATS)
+        self._range("first_last_bits", 0, 16)
+        # The format classes validate their own arguments (one source of truth); their
+        # message names the argument, which is a field here (frac_bits: lns_frac_bits).
+        for field_name, bits in (("bits", None), ("first_last_bits", self.first_last_bits)):
+            if field_name == "first_last_bits" and not bits:
+                continue
+            try:
+                self.weight_format(bits)
+            except ValueError as exc:
+                argument = str(exc).partition("=")[0]
+                name = field_name if argument == "bits" else \
+                    {"frac_bits": "lns_frac_bits"}.get(argument, argument)
+                raise ConfigError(f"quant.{name} is invalid for quant.format={self.format}: "
+                                  f"{exc}") from None
+
+    def weight_format(self, bits: int | None = None) -> Any:
+        """The ``quant`` format object these fields describe (``bits`` overrides)."""
+        import quant
+
+        bits = self.bits if bits is None else bits
+        if self.format == "int":
+            return quant.IntFormat(bits, self.symmetric, self.per_channel)
+        if self.format == "lns":
+            return quant.LNSFormat(bits, self.lns_frac_bits)
+        if self.format == "codebook":
+            return quant.CodebookFormat(self.k)
+        return quant.FloatFormat(self.format)
+
+
 _SECTIONS: dict[str, type[_Section]] = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -368,6 +424,7 @@ _SECTIONS: dict[str, type[_Section]] = {
     "precision": PrecisionConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
+    "quant": QuantSection,
 }
 
 
@@ -381,6 +438,7 @@ class TrialConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    quant: QuantSection = field(default_factory=QuantSection)
 
     # -- construction -------------------------------------------------------------------
     @classmethod

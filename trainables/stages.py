@@ -98,7 +98,9 @@ def register_stage_builder(builder: StageBuilder) -> StageBuilder:
 def build_stages(cfg: TrialConfig) -> list[Stage]:
     """The stages ``cfg`` asks for, in registration order; names must be unique (they key
     the checkpoint's stage states)."""
-    import trainables.weight_rounding  # noqa: F401  (registers its builder)
+    # The built-in stages register their builders on import.
+    import trainables.quant_stage  # noqa: F401
+    import trainables.weight_rounding  # noqa: F401
 
     stages = [s for s in (build(cfg) for build in STAGE_BUILDERS) if s is not None]
     names = [s.name for s in stages]

@@ -1,0 +1,101 @@
+"""Quantization inside the trial: QAT trains through fake-quantized weights and resumes
+exactly; PTQ and QAT evaluate the quantized model and write it packed, and the packed
+file alone reproduces the evaluated accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import quant
+from trainables.config import ConfigError, TrialConfig
+from trainables.data import load_splits
+from trainables.loop import run_trial
+from trainables.models import build_model
+from trainables.sessions import LocalSession
+
+TIMINGS = {"epoch_seconds", "train_seconds", "images_per_s"}
+
+
+def tiny(root: Path, *overrides: str) -> TrialConfig:
+    return TrialConfig().with_overrides([
+        f"data.root={root}", "data.batch_size=32", "data.test_batch_size=64",
+        "model.name=lenet", "model.channels=[4,8]", "model.hidden=[32]",
+        "optim.lr=0.05", "train.epochs=2", *overrides])
+
+
+@torch.no_grad()
+def packed_accuracy(cfg: TrialConfig, path: Path) -> float:
+    """Accuracy of the model rebuilt from the config and loaded from the packed file."""
+    splits = load_splits(cfg.data, seed=cfg.train.seed)
+    model = build_model(cfg.model, splits.in_channels, splits.image_size, splits.num_classes)
+    quant.load_packed(path, model).eval()
+    correct = total = 0
+    for x, y in splits.loader("test", 1000, torch.device("cpu"), seed=0):
+        correct += (model(x).argmax(1) == y).sum().item()
+        total += len(y)
+    return correct / total
+
+
+@pytest.mark.parametrize("mode", ["ptq", "qat"])
+@pytest.mark.parametrize("fmt", [["quant.format=int", "quant.bits=4", "quant.per_channel=true"],
+                                 ["quant.format=lns", "quant.bits=4"],
+                                 ["quant.format=codebook", "quant.k=4"]],
+                         ids=["int4", "lns4", "k4"])
+def test_the_packed_file_reproduces_the_evaluated_accuracy(tiny_root: Path, tmp_path: Path,
+                                                           mode: str, fmt: list[str]) -> None:
+    cfg = tiny(tiny_root, f"quant.mode={mode}", *fmt)
+    history = run_trial(cfg, LocalSession(checkpoint_dir=tmp_path / "ckpt"))
+    final = history[-1]
+    artifacts = tmp_path / "ckpt" / "artifacts"
+    assert final["packed_bytes"] == (artifacts / "model.qsw").stat().st_size
+    assert final["compression_ratio"] == final["fp32_bytes"] / final["packed_bytes"] > 4
+    assert packed_accuracy(cfg, artifacts / "model.qsw") == final["test_acc_q"]
+    assert (artifacts / "quant.json").exists()
+    if mode == "qat":  # the trained forward pass already was the quantized model
+        assert final["test_loss_q"] == final["test_loss"]
+        assert final["test_acc_q"] == final["test_acc"]
+
+
+def test_qat_trains_differently_from_fp32_and_resumes_exactly(tiny_root: Path,
+                                                              tmp_path: Path) -> None:
+    cfg = tiny(tiny_root, "quant.mode=qat", "quant.bits=2", "train.epochs=3")
+    plain = run_trial(tiny(tiny_root, "train.epochs=3"), LocalSession())
+    full = run_trial(cfg, LocalSession())
+    assert full[0]["train_loss"] != plain[0]["train_loss"]
+    crashed = LocalSession(checkpoint_dir=tmp_path / "ckpt", stop_after=1)
+    with pytest.raises(InterruptedError):
+        run_trial(cfg, crashed)
+    resumed = run_trial(cfg, LocalSession(resume_from=tmp_path / "ckpt"))
+    strip = [{k: v for k, v in m.items() if k not in TIMINGS} for m in full]
+    assert [{k: v for k, v in m.items() if k not in TIMINGS} for m in resumed] == strip
+
+
+@pytest.mark.parametrize("extra", [["optim.name=lns_madam", "optim.lr=0.125",
+                                    "quant.format=lns", "quant.bits=8", "quant.lns_frac_bits=3"],
+                                   ["optim.name=eg", "optim.lr=2.0", "optim.bias_lr=0.02"],
+                                   ["precision.mode=amp_bf16", "model.name=mlp",
+                                    "model.widths=[32]"]],
+                         ids=["lns_madam-lns8", "eg-int4", "amp_bf16"])
+def test_qat_with_other_optimizers_and_precisions(tiny_root: Path, extra: list[str]) -> None:
+    history = run_trial(tiny(tiny_root, "quant.mode=qat", "quant.bits=4", *extra),
+                        LocalSession())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["test_acc_q"] > 0.3
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("quant.bits=17", ["quant.bits", "2..16"]),
+    ("quant.mode=int8", ["quant.mode", "ptq", "qat"]),
+    ("quant.format=posit", ["quant.format", "codebook"]),
+    (("quant.format=codebook", "quant.k=1"), ["quant.k", "2..256"]),
+    (("quant.format=lns", "quant.lns_frac_bits=11"), ["quant.lns_frac_bits", "0..10"]),
+    ("quant.first_last_bits=1", ["quant.first_last_bits", "2..16"]),
+])
+def test_bad_quant_fields_name_the_field(override, fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        TrialConfig().with_overrides([override] if isinstance(override, str) else override)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)

@@ -1,0 +1,110 @@
+"""Weight quantization as a trial stage (``quant.mode=ptq|qat``, see
+:class:`trainables.config.QuantSection`).
+
+- ``qat``: ``prepare`` registers fake-quantized weights before the optimizer is built, so
+  every training step (and every epoch's evaluation) runs the quantized forward pass with
+  a straight-through backward. Checkpoints hold the float weights under the
+  parametrization, so resume is exact.
+- ``ptq``: training is untouched.
+- At the end (both): a copy of the trained model is converted (QAT) or quantized (PTQ),
+  evaluated on the test split (``test_acc_q``, ``test_loss_q``), and written packed
+  (``model.qsw``); metrics ``packed_bytes``, ``fp32_bytes`` (``torch.save`` of the same
+  architecture's FP32 ``state_dict``), ``compression_ratio``, ``weight_sqnr_db_mean``, and
+  ``quant.json`` with each layer's format and SQNR (dB) of the quantized against the float
+  weights.
+
+Example::
+
+    cfg = TrialConfig().with_overrides(["quant.mode=qat", "quant.bits=4"])
+    history = run_trial(cfg, LocalSession(checkpoint_dir="ckpt"))   # ckpt/artifacts/model.qsw
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import quant
+from trainables.config import TrialConfig
+from trainables.stages import FinalizeContext, Stage, register_stage_builder
+from trainables.weight_rounding import sqnr_db
+
+__all__ = ["QuantStage", "quant_config"]
+
+
+def quant_config(cfg: TrialConfig, model: nn.Module) -> quant.QuantConfig:
+    """The :class:`quant.QuantConfig` of a trial: one format, the first and last
+    quantizable layers at ``first_last_bits`` when set."""
+    q = cfg.quant
+    overrides = ()
+    if q.first_last_bits:
+        layers = [n for n, m in model.named_modules() if quant.transforms.default_filter(m, n)]
+        edge = q.weight_format(q.first_last_bits)
+        overrides = tuple((name, edge) for name in dict.fromkeys((layers[0], layers[-1])))
+    return quant.QuantConfig(weights=q.weight_format(), overrides=overrides)
+
+
+def _float_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Layer fqn -> the float weight (under a QAT parametrization: the original)."""
+    weights = {}
+    for fqn, module in model.named_modules():
+        if not quant.transforms.default_filter(module, fqn):
+            continue
+        if parametrize.is_parametrized(module, "weight"):
+            weights[fqn] = module.parametrizations["weight"].original.detach()
+        else:
+            weights[fqn] = module.weight.detach()
+    return weights
+
+
+class QuantStage(Stage):
+    name = "quant"
+
+    def __init__(self, cfg: TrialConfig) -> None:
+        self.cfg = cfg
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        if self.cfg.quant.mode == "qat":
+            quant.prepare_qat_(model, quant_config(self.cfg, model))
+        return model
+
+    def finalize(self, ctx: FinalizeContext) -> dict[str, float]:
+        floats = _float_weights(ctx.model)
+        model = copy.deepcopy(ctx.model)
+        if self.cfg.quant.mode == "qat":
+            quant.convert_(model)
+        else:
+            quant.quantize_(model, quant_config(self.cfg, model))
+        result = ctx.evaluate(model)
+        layers = {}
+        for fqn, fmt in quant.quantized_layers(model).items():
+            module = model.get_submodule(fqn)
+            db = sqnr_db(floats[fqn], module.weight)
+            layers[fqn] = {"format": quant.packed.format_to_dict(fmt),
+                           "sqnr_db": db if math.isfinite(db) else None}
+        metrics = {"test_acc_q": result["test_acc"], "test_loss_q": result["test_loss"]}
+        finite = [v["sqnr_db"] for v in layers.values() if v["sqnr_db"] is not None]
+        metrics["weight_sqnr_db_mean"] = sum(finite) / len(finite) if finite else math.nan
+        packed = ctx.out_dir / "model.qsw"
+        metrics["packed_bytes"] = quant.save_packed(model, packed)
+        with tempfile.TemporaryDirectory() as tmp:  # the FP32 baseline, same architecture
+            metrics["fp32_bytes"] = quant.state_dict_bytes(model, Path(tmp) / "fp32.pt")
+        metrics["compression_ratio"] = metrics["fp32_bytes"] / metrics["packed_bytes"]
+        if ctx.is_chief:
+            (ctx.out_dir / "quant.json").write_text(json.dumps(
+                {"mode": self.cfg.quant.mode, "layers": layers, **metrics}, indent=1))
+        else:
+            packed.unlink()  # only rank 0's files travel
+        return metrics
+
+
+@register_stage_builder
+def _build(cfg: TrialConfig) -> Stage | None:
+    return QuantStage(cfg) if cfg.quant.mode != "none" else None
