@@ -1,11 +1,11 @@
 """One frozen, validated trial configuration, from sweep script to Ray worker.
 
 The config is a tree of frozen dataclasses (``data``, ``model``, ``optim``,
-``precision``, ``train``, ``evaluate``, ``quant``). It flattens to dotted keys (``optim.lr``) for Ray Tune's
-``param_space``, Optuna and MLflow params, and is rebuilt from them on the first line of
-the worker. Every field is type-checked and range-checked at construction: a bad value
-raises :class:`ConfigError` naming the field, the value and what is allowed, before any
-cluster work starts.
+``precision``, ``train``, ``evaluate``, ``quant``). It flattens to dotted keys
+(``optim.lr``) for Ray Tune's ``param_space``, Optuna and MLflow params, and is rebuilt
+from them on the first line of the worker. Every field is type-checked and range-checked
+at construction: a bad value raises :class:`ConfigError` naming the field, the value and
+what is allowed, before any cluster work starts.
 
 Example::
 
