@@ -5,8 +5,10 @@ Every cell (dataset, model, optimizer) searches its learning rate (a log range p
 optimizer) and weight decay with the same 8 quasi-random points, choosing on a
 validation split (10% of the training set); the picked config of every cell is re-run
 with fresh seeds and its test accuracy reported as mean +- std, also with the final
-weights rounded to LNS-8 and LNS-4 inside each trial (weight-only post-training
-rounding). The design and the MLflow layout are sweeps/study.py's.
+weights quantized to LNS-8, LNS-4, INT8 and INT4 (per channel) inside each trial
+(weight-only post-training quantization). The design and the MLflow layout are
+sweeps/study.py's. ``--set quant.mode=qat --set quant.bits=4`` runs the whole study under
+4-bit QAT (``test_acc_q`` is then the quantized model's accuracy).
 
     python sweeps/eg_vs_gd.py --smoke-test            # MNIST + MLP, tiny subset, minutes
     python sweeps/eg_vs_gd.py                         # everything, full data (~1.5 h, 2 cores)
@@ -42,8 +44,8 @@ BIAS_LR = {"eg": 0.05, "adam_eg": 1e-3, "madam": 0.01, "lns_madam": 0.01}
 # Plain updates (gd and eg take no momentum by default), so a pair differs only in the
 # update's form; every trial rounds its final weights to two log formats.
 COMMON = ["optim.schedule=onecycle", "data.batch_size=128", "data.val_fraction=0.1",
-          "train.threads=1", "evaluate.weight_rounding=[lns8,lns4]"]
-ROUNDED = ("test_acc_lns8", "test_acc_lns4")
+          "train.threads=1", "evaluate.weight_rounding=[lns8,lns4,int8,int4]"]
+ROUNDED = ("test_acc_lns8", "test_acc_lns4", "test_acc_int8", "test_acc_int4", "test_acc_q")
 AXES = {"data.name": "--datasets", "model.name": "--models", "optim.name": "--optimizers"}
 SMOKE = ["data.train_subset=2000", "data.test_subset=1000", "train.epochs=2"]
 

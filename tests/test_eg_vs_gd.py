@@ -71,11 +71,11 @@ def test_smoke_study_records_the_table_and_plots(tmp_path: Path, tiny_root: Path
     for row in rows:
         assert row["n_seeds"] == "2" and 0.0 <= float(row["test_acc_mean"]) <= 1.0
         assert float(row["weight_kurtosis"]) == float(row["weight_kurtosis"])  # not NaN
-        assert " +- " in row["test_acc_lns4"] and " +- " in row["test_acc_lns8"]
+        assert all(" +- " in row[f"test_acc_{f}"] for f in ("lns8", "lns4", "int8", "int4"))
     # The rounding ran inside each seed trial: its metrics and file are on the trial run.
     seeds = next(r for r in children if r.data.tags["kind"] == "points")
     for trial in (r for r in trials if r.data.tags["mlflow.parentRunId"] == seeds.info.run_id):
-        assert {"test_acc_lns8", "test_acc_lns4"} <= set(trial.data.metrics)
+        assert {"test_acc_lns8", "test_acc_lns4", "test_acc_int8", "test_acc_int4"} <= set(trial.data.metrics)
         assert "weight_rounding.json" in {f.path for f in client.list_artifacts(
             trial.info.run_id)}
     metrics = study[0].data.metrics

@@ -120,7 +120,8 @@ def _accuracy(model: nn.Module, cfg: TrialConfig) -> float:
 
 def test_weight_rounding_stage_matches_an_independent_rounding(tiny_root: Path,
                                                                tmp_path: Path) -> None:
-    cfg = tiny(tiny_root, "evaluate.weight_rounding=[lns8, lns4]", "train.epochs=2")
+    cfg = tiny(tiny_root, "evaluate.weight_rounding=[lns8, lns4, int8, int4]",
+               "train.epochs=2")
     session = LocalSession(checkpoint_dir=tmp_path / "ckpt")
     history = run_trial(cfg, session)
     final = history[-1]
@@ -130,17 +131,32 @@ def test_weight_rounding_stage_matches_an_independent_rounding(tiny_root: Path,
     model.load_state_dict(state["model"])
     assert _accuracy(model, cfg) == final["test_acc"]
     report = json.loads((tmp_path / "ckpt" / "artifacts" / "weight_rounding.json").read_text())
-    for name, fmt in (("lns8", LNSFormat(8, 3)), ("lns4", LNSFormat(4, 0))):
+    # Independent oracles: the LNS grid's own rounding, torch's per-channel fake quant.
+    def int_oracle(bits):
+        def fake_quant(w):
+            qmax = (1 << (bits - 1)) - 1
+            observer = torch.ao.quantization.PerChannelMinMaxObserver(
+                ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                quant_min=-qmax - 1, quant_max=qmax)
+            observer(w)
+            scale, zp = observer.calculate_qparams()
+            return torch.fake_quantize_per_channel_affine(w, scale, zp.int(), 0, -qmax - 1,
+                                                          qmax)
+        return fake_quant
+
+    oracles = (("lns8", LNSFormat(8, 3).fake_quantize), ("lns4", LNSFormat(4, 0).fake_quantize),
+               ("int8", int_oracle(8)), ("int4", int_oracle(4)))
+    for name, fake_quant in oracles:
         rounded = copy.deepcopy(model)
         for p in rounded.parameters():
             if p.dim() >= 2:
-                p.data = fmt.fake_quantize(p.data)
+                p.data = fake_quant(p.data)
         assert final[f"test_acc_{name}"] == _accuracy(rounded, cfg)
         assert report[name]["test_acc"] == final[f"test_acc_{name}"]
         for key, w in model.named_parameters():
             if w.dim() >= 2:
                 assert report[name]["sqnr_db"][key] == pytest.approx(
-                    sqnr_db(w, fmt.fake_quantize(w.detach())))
+                    sqnr_db(w, fake_quant(w.detach())))
     # 8-bit log rounding keeps far more signal than 4-bit.
     assert min(v for v in report["lns8"]["sqnr_db"].values()) > \
         max(v for v in report["lns4"]["sqnr_db"].values())
@@ -154,5 +170,5 @@ def test_sqnr_by_hand() -> None:
 
 
 def test_unknown_rounding_format_names_the_field() -> None:
-    with pytest.raises(ConfigError, match=r"evaluate.weight_rounding\[1\].*'int3'.*lns8"):
+    with pytest.raises(ConfigError, match=r"evaluate.weight_rounding\[1\].*'int3'.*int4"):
         TrialConfig().with_overrides(["evaluate.weight_rounding=[lns4, int3]"])

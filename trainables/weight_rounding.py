@@ -1,11 +1,11 @@
 """Weight-only rounding, a trial stage: the trained model's test accuracy with every
-linear/conv weight tensor rounded to a number format (per tensor, scale = max |w|;
-activations are not rounded: they run in the trial's precision, fp32 or autocast).
+linear/conv weight quantized to a number format by :func:`quant.quantize_` (no
+calibration; activations are not rounded: they run in the trial's precision).
 
-It runs inside the trial, at its end (``evaluate.weight_rounding=[lns8,lns4]``): metrics
-``test_acc_<format>`` and a file ``weight_rounding.json`` with each format's accuracy and
-per-layer signal-to-quantization-noise ratio (dB). Until the quantization issue lands its
-PTQ transforms, this is what the EG-vs-GD study reports for rounded weights.
+It runs inside the trial, at its end (``evaluate.weight_rounding=[lns8,lns4,int8,int4]``):
+metrics ``test_acc_<format>`` and a file ``weight_rounding.json`` with each format's
+accuracy and per-layer signal-to-quantization-noise ratio (dB). The EG-vs-GD study reports
+these columns; ``quant.mode=ptq`` is the full PTQ (packed artifact, compression ratio).
 
 Example::
 
@@ -19,22 +19,25 @@ from __future__ import annotations
 import copy
 import json
 import math
-from typing import Callable
-
 import torch
 from torch import nn
 
-from quant.lns import LNSFormat
+from quant import IntFormat, LNSFormat, QuantConfig, quantize_, quantized_layers
+from quant.transforms import Format
 from trainables.config import TrialConfig
 from trainables.stages import FinalizeContext, Stage, register_stage_builder
 
 __all__ = ["FORMATS", "WeightRounding", "round_weights", "sqnr_db"]
 
+# Weight formats a trial can report (per tensor or per output channel, no calibration):
 # sign + 7-bit exponent with 8 codes per octave; sign + 3-bit exponent on powers of two
-# (7 magnitudes down to max/64, and zero).
-FORMATS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "lns8": LNSFormat(bits=8, frac_bits=3).fake_quantize,
-    "lns4": LNSFormat(bits=4, frac_bits=0).fake_quantize,
+# (7 magnitudes down to max/64, and zero); symmetric per-channel INT8 / INT4 (torch's
+# per_channel_symmetric min-max convention).
+FORMATS: dict[str, Format] = {
+    "lns8": LNSFormat(bits=8, frac_bits=3),
+    "lns4": LNSFormat(bits=4, frac_bits=0),
+    "int8": IntFormat(bits=8, symmetric=True, per_channel=True),
+    "int4": IntFormat(bits=4, symmetric=True, per_channel=True),
 }
 
 
@@ -51,16 +54,13 @@ def sqnr_db(x: torch.Tensor, q: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def round_weights(model: nn.Module, rounding: Callable[[torch.Tensor], torch.Tensor]
-                  ) -> tuple[nn.Module, dict[str, float]]:
-    """A copy of ``model`` with every 2+-dim parameter rounded, and each one's SQNR (dB)."""
-    rounded = copy.deepcopy(model)
-    per_layer = {}
-    for name, p in rounded.named_parameters():
-        if p.dim() >= 2:
-            q = rounding(p)
-            per_layer[name] = sqnr_db(p, q)
-            p.copy_(q)
+def round_weights(model: nn.Module, fmt: Format) -> tuple[nn.Module, dict[str, float]]:
+    """A copy of ``model`` with every linear/conv weight quantized by ``fmt``
+    (:func:`quant.quantize_`), and each one's SQNR (dB) against the float weight."""
+    rounded = quantize_(copy.deepcopy(model), QuantConfig(weights=fmt))
+    floats = dict(model.named_modules())
+    per_layer = {f"{fqn}.weight": sqnr_db(floats[fqn].weight, rounded.get_submodule(fqn).weight)
+                 for fqn in quantized_layers(rounded)}
     return rounded, per_layer
 
 
