@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+
 import torch
 from torch import nn
 
