@@ -52,8 +52,9 @@ class L2Stage(Stage):
     def after_step(self, step: int) -> None:
         self.steps = step
 
-    def metrics(self) -> dict[str, float]:
-        return {"l2_steps": float(self.steps)}
+    def epoch_end(self, ctx: FinalizeContext) -> dict[str, float]:
+        return {"l2_steps": float(self.steps),
+                "l2_test_acc": ctx.evaluate(ctx.model, "test")["test_acc"]}
 
     def finalize(self, ctx: FinalizeContext) -> dict[str, float]:
         (ctx.out_dir / "l2.txt").write_text(f"{self.steps}\n")
@@ -80,6 +81,8 @@ def test_every_hook_runs_and_the_penalty_changes_training(tiny_root: Path,
     assert stage.prepared
     steps_per_epoch = math.ceil(320 / 32)
     assert [m["l2_steps"] for m in history] == [steps_per_epoch * e for e in (1, 2, 3)]
+    # A stage's evaluation at the epoch's end is the loop's own evaluation.
+    assert all(m["l2_test_acc"] == m["test_acc"] for m in history)
     assert history[0]["train_loss"] != plain[0]["train_loss"]  # the penalty was trained on
     assert "l2_final_test_acc" in history[-1] and "l2_final_test_acc" not in history[-2]
     # The stage's final evaluation of the untouched model equals the epoch's test_acc.

@@ -13,8 +13,8 @@ uninterrupted one: every epoch seeds its own shuffle, crops and dropout from
 ``(seed, epoch, rank)``.
 
 Compression plugs in as trial stages (:mod:`trainables.stages`), built from the config:
-``prepare`` the model before the optimizer exists, a loss ``penalty``, ``after_step``, and
-``finalize`` after the last epoch, whose metrics join the last report and whose files
+``prepare`` the model before the optimizer exists, a loss ``penalty``, ``after_step``,
+``epoch_end`` after each epoch's evaluation, and ``finalize`` after the last epoch, whose metrics join the last report and whose files
 travel in the checkpoint's ``artifacts/`` folder.
 
 Example::
@@ -44,7 +44,7 @@ from trainables.config import OptimConfig, TrainConfig, TrialConfig
 from trainables.data import BatchLoader, load_splits
 from trainables.models import build_model
 from trainables.sessions import ARTIFACTS_DIR, STATE_FILE, Session
-from trainables.stages import FinalizeContext, Stage, build_stages
+from trainables.stages import Stage, StageContext, build_stages
 
 __all__ = ["run_trial", "build_schedule", "pick_device", "train_loop_per_worker"]
 
@@ -224,22 +224,29 @@ class _Trainer:
             metrics[f"{split}_loss"], metrics[f"{split}_acc"] = self.evaluate(loader)
         metrics.update(train_seconds=train_seconds, images_per_s=n / max(train_seconds, 1e-9),
                        epoch_seconds=time.perf_counter() - epoch_start)
-        for stage in self.stages:
-            metrics.update(stage.metrics())
+        if self.stages:
+            with tempfile.TemporaryDirectory(prefix="qsweep-epoch-") as scratch:
+                ctx = self._stage_context(Path(scratch))
+                for stage in self.stages:
+                    metrics.update(stage.epoch_end(ctx))
         self.epoch += 1
         return metrics
+
+    def _stage_context(self, out_dir: Path) -> StageContext:
+        self.model.eval()
+
+        def evaluate(model: nn.Module, split: str = "test") -> dict[str, float]:
+            loss, acc = self.evaluate(self.eval_loaders[split], model)
+            return {f"{split}_loss": loss, f"{split}_acc": acc}
+
+        return StageContext(cfg=self.cfg, model=self.model, evaluate=evaluate,
+                            splits=tuple(self.eval_loaders), out_dir=out_dir,
+                            is_chief=self.session.world_rank == 0)
 
     def finalize(self, out_dir: Path) -> dict[str, float]:
         """Every stage's end-of-training work; files go to ``out_dir``."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.model.eval()
-
-        def evaluate(model: nn.Module) -> dict[str, float]:
-            loss, acc = self.evaluate(self.eval_loaders["test"], model)
-            return {"test_loss": loss, "test_acc": acc}
-
-        ctx = FinalizeContext(cfg=self.cfg, model=self.model, evaluate=evaluate,
-                              out_dir=out_dir, is_chief=self.session.world_rank == 0)
+        ctx = self._stage_context(out_dir)
         metrics: dict[str, float] = {}
         for stage in self.stages:
             metrics.update(stage.finalize(ctx))

@@ -8,7 +8,9 @@ A stage is built from the trial's config on every worker and acts at four points
 - ``penalty(model) -> Tensor | None``: a term added to the loss of every training step
   (computed in float32, outside autocast).
 - ``after_step(step)``: after every optimizer step (``step`` counts from 1; sparsity
-  schedules, LC's mu, ...). ``metrics()`` adds numbers to every epoch's report.
+  schedules, LC's mu, ...).
+- ``epoch_end(ctx) -> metrics``: after every epoch's evaluation, on every rank (evaluate a
+  transformed copy, report a sparsity); its metrics join that epoch's report.
 - ``finalize(ctx) -> metrics``: after the last epoch, on every rank (its evaluations are
   collective), once the training state is checkpointed: evaluate, transform, write files
   into ``ctx.out_dir``. Its metrics join the last epoch's report; the files of rank 0
@@ -41,21 +43,26 @@ from torch import nn
 
 from trainables.config import TrialConfig
 
-__all__ = ["Stage", "FinalizeContext", "STAGE_BUILDERS", "build_stages",
+__all__ = ["Stage", "StageContext", "FinalizeContext", "STAGE_BUILDERS", "build_stages",
            "register_stage_builder"]
 
 
 @dataclass
-class FinalizeContext:
-    """What a stage sees at the end of training."""
+class StageContext:
+    """What a stage sees at the end of an epoch and at the end of training."""
 
     cfg: TrialConfig
-    model: nn.Module  # the trained model (not DDP-wrapped), in eval mode
-    # Test-split evaluation of any model of the same interface: {"test_loss", "test_acc"},
-    # summed over all DDP ranks (every rank must call it the same number of times).
-    evaluate: Callable[[nn.Module], dict[str, float]]
-    out_dir: Path  # files written here reach the trial's MLflow run (rank 0's)
+    model: nn.Module  # the model being trained (not DDP-wrapped), in eval mode
+    # Evaluation of any model of the same interface on a split ("test", "val" when the
+    # config holds one out): {"<split>_loss", "<split>_acc"}, summed over all DDP ranks
+    # (every rank must call it the same number of times).
+    evaluate: Callable[..., dict[str, float]]
+    splits: tuple[str, ...]  # the splits evaluate() takes
+    out_dir: Path  # files written here reach the trial's MLflow run (rank 0's; finalize)
     is_chief: bool  # rank 0: write files only here if they are expensive
+
+
+FinalizeContext = StageContext
 
 
 class Stage:
@@ -72,7 +79,7 @@ class Stage:
     def after_step(self, step: int) -> None:
         pass
 
-    def metrics(self) -> dict[str, float]:
+    def epoch_end(self, ctx: StageContext) -> dict[str, float]:
         return {}
 
     def finalize(self, ctx: FinalizeContext) -> dict[str, float]:
