@@ -14,8 +14,9 @@ uninterrupted one: every epoch seeds its own shuffle, crops and dropout from
 
 Compression plugs in as trial stages (:mod:`trainables.stages`), built from the config:
 ``prepare`` the model before the optimizer exists, a loss ``penalty``, ``after_step``,
-``epoch_end`` after each epoch's evaluation, and ``finalize`` after the last epoch, whose metrics join the last report and whose files
-travel in the checkpoint's ``artifacts/`` folder.
+``epoch_end`` after each epoch's evaluation, and ``finalize`` after the last epoch, whose
+metrics join the last report and whose files travel in the checkpoint's ``artifacts/``
+folder.
 
 Example::
 
