@@ -119,16 +119,30 @@ def convert_(model: nn.Module) -> nn.Module:
         if parametrize.is_parametrized(module, "weight"):
             (fq,) = [p for p in module.parametrizations["weight"]
                      if isinstance(p, WeightFakeQuant)]
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            original = module.parametrizations["weight"].original
+            _unparametrize(module)
             with torch.no_grad():
                 # The codes are kept: re-quantizing a quantized tensor need not give the same
                 # codes (INT's min-max scale of the rounded tensor differs), and the packed
                 # artifact must hold exactly what was evaluated.
-                encoded = fq.fmt.quantize(module.weight)
-                module.weight.copy_(fq.fmt.dequantize(encoded, dtype=module.weight.dtype))
+                encoded = fq.fmt.quantize(original)
+                weight = fq.fmt.dequantize(encoded, dtype=original.dtype)
+            module.weight = nn.Parameter(weight, requires_grad=original.requires_grad)
             module.weight_format = fq.fmt
             module.weight_encoded = encoded
     return model
+
+
+def _unparametrize(module: nn.Module) -> None:
+    """Undo the weight parametrization of this module only. (torch's
+    remove_parametrizations deletes the property from the module's generated class,
+    which ``copy.deepcopy`` shares between a model and its copy: converting a copy would
+    break the original.)"""
+    if set(module.parametrizations) != {"weight"}:
+        raise ValueError(f"{type(module).__name__} has other parametrizations: "
+                         f"{sorted(module.parametrizations)}")
+    module.__class__ = module.__class__.__bases__[0]
+    del module._modules["parametrizations"]
 
 
 def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None

@@ -155,3 +155,14 @@ def test_optimizers_train_through_the_fake_quant(name: str) -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_converting_a_copy_leaves_the_qat_model_training() -> None:
+    # torch's remove_parametrizations would delete the weight property from the class
+    # that a deepcopy shares with the original: the original then has no weight at all.
+    qat, x = make("lenet5")
+    prepare_qat_(qat, QuantConfig(weights=IntFormat(4)))
+    before = qat(x)
+    converted = convert_(copy.deepcopy(qat))
+    assert torch.equal(converted(x), before) and torch.equal(qat(x), before)
+    assert parametrize.is_parametrized(qat.features[0], "weight")

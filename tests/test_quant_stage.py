@@ -57,6 +57,19 @@ def test_the_packed_file_reproduces_the_evaluated_accuracy(tiny_root: Path, tmp_
     if mode == "qat":  # the trained forward pass already was the quantized model
         assert final["test_loss_q"] == final["test_loss"]
         assert final["test_acc_q"] == final["test_acc"]
+    for m in history:  # every epoch: the quantized copy, for searches to rank by
+        assert m["packed_bytes"] == final["packed_bytes"]
+        assert m["budget_score"] == m["test_acc_q"]  # no budget: the accuracy
+
+
+def test_the_budget_score_pays_for_overshoot(tiny_root: Path) -> None:
+    base = tiny(tiny_root, "quant.mode=ptq", "quant.bits=8", "data.val_fraction=0.25",
+                "train.epochs=1")
+    size = run_trial(base, LocalSession())[-1]["packed_bytes"]
+    final = run_trial(base.replace({"quant.byte_budget": size // 2}), LocalSession())[-1]
+    assert final["budget_score"] == pytest.approx(final["val_acc_q"] - (size / (size // 2) - 1))
+    within = run_trial(base.replace({"quant.byte_budget": size}), LocalSession())[-1]
+    assert within["budget_score"] == within["val_acc_q"]
 
 
 def test_qat_trains_differently_from_fp32_and_resumes_exactly(tiny_root: Path,

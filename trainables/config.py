@@ -384,11 +384,13 @@ class QuantSection(_Section):
     lns_frac_bits: int = 0  # lns: 2**k codes per octave
     k: int = 16  # codebook entries per tensor
     first_last_bits: int = 0
+    byte_budget: int = 0  # packed bytes; 0: none (budget_score = the quantized accuracy)
 
     def _validate(self) -> None:
         self._choice("mode", QUANT_MODES)
         self._choice("format", QUANT_FORMATS)
         self._range("first_last_bits", 0, 16)
+        self._range("byte_budget", 0, INF)
         # The format classes validate their own arguments (one source of truth); their
         # message names the argument, which is a field here (frac_bits: lns_frac_bits).
         for field_name, bits in (("bits", None), ("first_last_bits", self.first_last_bits)):

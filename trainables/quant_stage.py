@@ -12,6 +12,9 @@
   architecture's FP32 ``state_dict``), ``compression_ratio``, ``weight_sqnr_db_mean``, and
   ``quant.json`` with each layer's format and SQNR (dB) of the quantized against the float
   weights.
+- Every epoch: the quantized copy's accuracy on the validation split (``val_acc_q``; test
+  without one), ``packed_bytes``, and ``budget_score`` = that accuracy minus the relative
+  overshoot of ``quant.byte_budget`` (when set): what ``sweeps/quant_bits.py`` searches.
 
 Example::
 
@@ -33,7 +36,7 @@ from torch.nn.utils import parametrize
 
 import quant
 from trainables.config import TrialConfig
-from trainables.stages import FinalizeContext, Stage, register_stage_builder
+from trainables.stages import Stage, StageContext, register_stage_builder
 from trainables.weight_rounding import sqnr_db
 
 __all__ = ["QuantStage", "quant_config"]
@@ -75,13 +78,27 @@ class QuantStage(Stage):
             quant.prepare_qat_(model, quant_config(self.cfg, model))
         return model
 
-    def finalize(self, ctx: FinalizeContext) -> dict[str, float]:
-        floats = _float_weights(ctx.model)
-        model = copy.deepcopy(ctx.model)
+    def _quantized_copy(self, model: nn.Module) -> nn.Module:
+        model = copy.deepcopy(model)
         if self.cfg.quant.mode == "qat":
-            quant.convert_(model)
-        else:
-            quant.quantize_(model, quant_config(self.cfg, model))
+            return quant.convert_(model)
+        return quant.quantize_(model, quant_config(self.cfg, model))
+
+    def epoch_end(self, ctx: StageContext) -> dict[str, float]:
+        """The quantized model's accuracy on the selection split (val when held out) and
+        its packed size, every epoch: what a bit-width search ranks trials by."""
+        split = "val" if "val" in ctx.splits else "test"
+        model = self._quantized_copy(ctx.model)
+        acc = ctx.evaluate(model, split)[f"{split}_acc"]
+        nbytes = quant.save_packed(model, ctx.out_dir / "epoch.qsw")
+        budget = self.cfg.quant.byte_budget
+        # Over the budget costs accuracy in proportion: a searcher can tell 10% from 2x.
+        score = acc - max(0.0, nbytes / budget - 1.0) if budget else acc
+        return {f"{split}_acc_q": acc, "packed_bytes": nbytes, "budget_score": score}
+
+    def finalize(self, ctx: StageContext) -> dict[str, float]:
+        floats = _float_weights(ctx.model)
+        model = self._quantized_copy(ctx.model)
         result = ctx.evaluate(model)
         layers = {}
         for fqn, fmt in quant.quantized_layers(model).items():
