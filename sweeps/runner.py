@@ -77,6 +77,11 @@ class Sweep:
     parent_run_id: str | None = None
     run_name: str = ""  # default: <name>-<timestamp>
     kind: str = ""  # the run's kind tag; default: search (space) or points
+    # Multi-objective search: (metric, mode) pairs that Optuna's NSGA-II ranks together.
+    # ASHA cannot rank several objectives, so such a sweep runs every trial to the end;
+    # ``metric`` stays the column the table and the best_* summary use.
+    objectives: tuple[tuple[str, str], ...] = ()
+    early_stopping: bool = True  # ASHA for a space search; False: every trial to the end
     tags: Mapping[str, str] = field(default_factory=dict)  # more tags on the sweep's run
 
     def __post_init__(self) -> None:
@@ -94,6 +99,13 @@ class Sweep:
         if self.reduction_factor <= 1:
             raise ConfigError(f"reduction_factor={self.reduction_factor} is invalid: "
                               "allowed > 1")
+        for metric, mode in self.objectives:
+            if mode not in ("max", "min"):
+                raise ConfigError(f"objective {metric} mode={mode!r} is invalid: allowed max "
+                                  "or min")
+        if len(self.objectives) == 1:
+            raise ConfigError("objectives is invalid with one entry: allowed two or more "
+                              "(one objective is metric and mode)")
 
 
 @dataclass
@@ -238,8 +250,15 @@ def _search(sweep: Sweep, base: TrialConfig) -> tuple[Any, Any, int]:
         points = [_absolute_paths(base.replace(p)).to_flat() for p in sweep.points]
         return (BasicVariantGenerator(points_to_evaluate=points), FIFOScheduler(),
                 len(points))
+    if sweep.objectives:
+        metrics, modes = zip(*sweep.objectives, strict=True)
+        searcher = OptunaSearch(space=sweep.space, metric=list(metrics), mode=list(modes),
+                                sampler=optuna.samplers.NSGAIISampler(seed=sweep.seed))
+        return searcher, FIFOScheduler(), sweep.num_samples
     searcher = OptunaSearch(space=sweep.space, metric=sweep.metric, mode=sweep.mode,
                             sampler=optuna.samplers.TPESampler(seed=sweep.seed))
+    if not sweep.early_stopping:
+        return searcher, FIFOScheduler(), sweep.num_samples
     scheduler = ASHAScheduler(time_attr="training_iteration", metric=sweep.metric,
                               mode=sweep.mode, max_t=base.train.epochs,
                               grace_period=sweep.grace_period,
@@ -298,7 +317,8 @@ def _summarize(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
         row = {"trial_id": trial_id, "status": callback.statuses.get(trial_id, "UNKNOWN"),
                "diverged": diverged(history),
                "mlflow_run_id": callback.run_ids.get(trial_id, ""), **params}
-        for key in dict.fromkeys((*SUMMARY_METRICS, sweep.metric)):
+        objectives = (m for m, _ in sweep.objectives)
+        for key in dict.fromkeys((*SUMMARY_METRICS, sweep.metric, *objectives)):
             if key in result.metrics:
                 row[key] = result.metrics[key]
         rows.append(row)

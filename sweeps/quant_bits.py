@@ -1,0 +1,181 @@
+"""Bit-width search: which number format, bit width and training (PTQ or QAT) gives the
+most accurate model for its packed size?
+
+Optuna proposes, per trial (define-by-run): ``quant.mode`` (ptq, qat), ``quant.format``
+(int: bits 2..8, symmetric or affine, per tensor or per channel; lns: bits 2..8, 0..3
+fractional exponent bits; codebook: k = 2..64), and QAT's learning rate. Every trial
+trains (QAT through fake-quantized weights), quantizes, and reports the quantized model's
+validation accuracy (``val_acc_q``) and packed bytes every epoch; the packed model is an
+artifact of its MLflow run.
+
+Two modes:
+- ``--objective pareto`` (default): Optuna NSGA-II on (val_acc_q max, packed_bytes min).
+  ASHA cannot rank two objectives and nothing stops trials early: every trial runs its
+  (short) epochs. The sweep's run holds the Pareto front (pareto.csv/.md, pareto.png).
+- ``--objective budget``: Optuna TPE + ASHA on ``budget_score`` = val_acc_q minus the
+  relative overshoot of ``--byte-budget`` (default: 1/8 of the FP32 state_dict, i.e. what
+  4-bit weights take).
+
+    python sweeps/quant_bits.py --smoke-test
+    python sweeps/quant_bits.py --num-samples 24 --epochs 2
+    python sweeps/quant_bits.py --objective budget --byte-budget 30000
+    python sweeps/quant_bits.py --set data.name=cifar10_jpeg --set model.name=resnet20
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sweeps.cli import base_config, common_parser, main_guard, print_summary, tracking_uri
+from sweeps.runner import Sweep, rows_to_csv, rows_to_markdown, run_sweep
+from sweeps.tracking import SweepTracker
+from trainables.config import ConfigError, TrialConfig
+
+NAME = "quant_bits"
+DEFAULTS = ["data.name=mnist", "model.name=lenet", "model.channels=[16,32]",
+            "model.hidden=[128]", "optim.name=sgd", "optim.schedule=onecycle",
+            "data.batch_size=128", "data.val_fraction=0.1", "quant.mode=ptq"]
+SMOKE = ["data.train_subset=2000", "data.test_subset=1000", "train.epochs=1"]
+QAT_LR = (0.01, 0.2)
+
+
+@dataclass(frozen=True)
+class BitSpace:
+    """The define-by-run space (a class: Tune pickles the searcher, space included)."""
+
+    formats: tuple[str, ...] = ("int", "lns", "codebook")
+    modes: tuple[str, ...] = ("ptq", "qat")
+
+    def __call__(self, trial: Any) -> None:
+        mode = trial.suggest_categorical("quant.mode", list(self.modes))
+        fmt = trial.suggest_categorical("quant.format", list(self.formats))
+        if fmt == "int":
+            trial.suggest_int("quant.bits", 2, 8)
+            trial.suggest_categorical("quant.symmetric", [True, False])
+            trial.suggest_categorical("quant.per_channel", [True, False])
+        elif fmt == "lns":
+            trial.suggest_int("quant.bits", 2, 8)
+            trial.suggest_int("quant.lns_frac_bits", 0, 3)
+        else:
+            trial.suggest_categorical("quant.k", [2, 4, 8, 16, 32, 64])
+        if mode == "qat":
+            trial.suggest_float("optim.lr", *QAT_LR, log=True)
+
+
+def fp32_bytes(cfg: TrialConfig) -> int:
+    """The FP32 state_dict size of the config's model on disk (the budget's reference)."""
+    import quant
+    from trainables.data import load_splits
+    from trainables.models import build_model
+
+    splits = load_splits(cfg.data, seed=cfg.train.seed)
+    model = build_model(cfg.model, splits.in_channels, splits.image_size, splits.num_classes)
+    with tempfile.TemporaryDirectory() as tmp:
+        return quant.state_dict_bytes(model, Path(tmp) / "fp32.pt")
+
+
+def pareto_front(rows: list[dict[str, Any]], acc: str = "val_acc_q",
+                 size: str = "packed_bytes") -> list[dict[str, Any]]:
+    """Finished rows no other row beats on both accuracy (higher) and size (lower), by
+    size ascending."""
+    done = [r for r in rows if r.get("status") == "FINISHED" and
+            isinstance(r.get(acc), float) and math.isfinite(r[acc]) and size in r]
+    front = [r for r in done if not any(
+        o[acc] >= r[acc] and o[size] <= r[size] and (o[acc] > r[acc] or o[size] < r[size])
+        for o in done)]
+    return sorted(front, key=lambda r: (r[size], -r[acc]))
+
+
+def plot_pareto(rows: list[dict[str, Any]], front: list[dict[str, Any]], path: Path,
+                fp32: int) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for fmt, colour in (("int", "tab:blue"), ("lns", "tab:green"), ("codebook", "tab:red")):
+        for mode, marker in (("ptq", "o"), ("qat", "^")):
+            chosen = [r for r in rows if r.get("quant.format") == fmt and
+                      r.get("quant.mode") == mode and "packed_bytes" in r and
+                      "val_acc_q" in r]
+            ax.scatter([r["packed_bytes"] for r in chosen], [r["val_acc_q"] for r in chosen],
+                       c=colour, marker=marker, alpha=0.7, label=f"{fmt} {mode}")
+    ax.plot([r["packed_bytes"] for r in front], [r["val_acc_q"] for r in front], "k--",
+            label="Pareto front")
+    ax.axvline(fp32, color="grey", lw=0.8)
+    ax.text(fp32, ax.get_ylim()[0], " FP32", color="grey", va="bottom")
+    ax.set_xscale("log")
+    ax.set_xlabel("packed bytes")
+    ax.set_ylabel("validation accuracy, quantized")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = common_parser(__doc__.splitlines()[0], num_samples=16, max_concurrent=2, epochs=2)
+    parser.add_argument("--objective", choices=("pareto", "budget"), default="pareto")
+    parser.add_argument("--byte-budget", type=int, default=0,
+                        help="packed bytes for --objective budget (default: FP32 size / 8)")
+    parser.add_argument("--formats", nargs="+", default=list(BitSpace.formats),
+                        choices=BitSpace.formats)
+    args = parser.parse_args(argv)
+    if args.smoke_test:
+        args.num_samples = min(args.num_samples, 4)
+    if args.byte_budget < 0:
+        raise ConfigError(f"--byte-budget={args.byte_budget} is invalid: allowed >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    base = base_config(args, DEFAULTS, SMOKE)
+    fp32 = fp32_bytes(base)
+    space = BitSpace(formats=tuple(args.formats))
+    if args.objective == "budget":
+        budget = args.byte_budget or fp32 // 8
+        base = base.replace({"quant.byte_budget": budget})
+        sweep = Sweep(name=NAME, base=base, space=space, num_samples=args.num_samples,
+                      max_concurrent=args.max_concurrent, metric="budget_score", mode="max",
+                      seed=args.seed, tracking_uri=tracking_uri(args),
+                      storage_path=args.storage_path, address=args.address)
+    else:
+        sweep = Sweep(name=NAME, base=base, space=space, num_samples=args.num_samples,
+                      max_concurrent=args.max_concurrent, metric="val_acc_q", mode="max",
+                      objectives=(("val_acc_q", "max"), ("packed_bytes", "min")),
+                      seed=args.seed, tracking_uri=tracking_uri(args),
+                      storage_path=args.storage_path, address=args.address)
+    outcome = run_sweep(sweep)
+    print_summary(outcome)
+    front = pareto_front(outcome.rows)
+    if front:
+        tracker = SweepTracker(outcome.tracking_uri, NAME)
+        columns = ["quant.mode", "quant.format", "quant.bits", "quant.k", "quant.symmetric",
+                   "quant.per_channel", "quant.lns_frac_bits", "val_acc_q", "packed_bytes",
+                   "mlflow_run_id"]
+        table = [{c: r.get(c, "") for c in columns} |
+                 {"compression_ratio": fp32 / r["packed_bytes"]} for r in front]
+        tracker.log_text(outcome.parent_run_id, rows_to_csv(table), "pareto.csv")
+        tracker.log_text(outcome.parent_run_id, rows_to_markdown(table), "pareto.md")
+        with tempfile.TemporaryDirectory() as tmp:
+            tracker.log_artifact(outcome.parent_run_id, plot_pareto(
+                outcome.rows, front, Path(tmp) / "pareto.png", fp32))
+        print(f"\n=== Pareto front (val_acc_q vs packed bytes; FP32 {fp32} bytes) ===")
+        print(rows_to_markdown(table))
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main_guard(main)
