@@ -21,14 +21,24 @@ Example::
     save_packed(model, "model.qsw")
 """
 
+from quant.activations import OBSERVERS, ActivationQuant
 from quant.codebook import CodebookFormat
 from quant.codes import Encoded, pack_bits, packed_size, unpack_bits
 from quant.floatfmt import FloatFormat
 from quant.intfmt import IntFormat
 from quant.lns import LNSFormat
 from quant.packed import load_packed, save_packed, state_dict_bytes
-from quant.transforms import QuantConfig, convert_, prepare_qat_, quantize_, quantized_layers
+from quant.transforms import (
+    QuantConfig,
+    calibrate_,
+    convert_,
+    input_quantizers,
+    prepare_qat_,
+    quantize_,
+    quantized_layers,
+)
 
-__all__ = ["CodebookFormat", "Encoded", "FloatFormat", "IntFormat", "LNSFormat", "QuantConfig",
-           "convert_", "load_packed", "pack_bits", "packed_size", "prepare_qat_",
-           "quantize_", "quantized_layers", "save_packed", "state_dict_bytes", "unpack_bits"]
+__all__ = ["OBSERVERS", "ActivationQuant", "CodebookFormat", "Encoded", "FloatFormat",
+           "IntFormat", "LNSFormat", "QuantConfig", "calibrate_", "convert_", "input_quantizers",
+           "load_packed", "pack_bits", "packed_size", "prepare_qat_", "quantize_",
+           "quantized_layers", "save_packed", "state_dict_bytes", "unpack_bits"]

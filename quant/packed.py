@@ -28,11 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from quant.activations import attach_input_quant
 from quant.codebook import CodebookFormat
 from quant.codes import Encoded, pack_bits, unpack_bits
 from quant.floatfmt import FloatFormat
 from quant.intfmt import IntFormat
 from quant.lns import LNSFormat
+from quant.transforms import input_quantizers
 
 __all__ = ["save_packed", "load_packed", "format_to_dict", "format_from_dict",
            "state_dict_bytes", "MAGIC", "VERSION"]
@@ -115,7 +117,12 @@ def save_packed(model: nn.Module, path: str | os.PathLike[str]) -> int:
         else:
             data, meta = _raw(tensor)
             entries.append({"name": key, **meta, "raw": add(data)})
-    header = json.dumps({"version": VERSION, "tensors": entries}, separators=(",", ":")).encode()
+    # Layers that quantize their input: load_packed attaches the same quantizers (their
+    # ranges are buffers in the state_dict, stored raw above).
+    activations = {fqn: {"format": format_to_dict(q.fmt), "observer": q.observer}
+                   for fqn, q in input_quantizers(model).items()}
+    header = json.dumps({"version": VERSION, "tensors": entries, "activations": activations},
+                        separators=(",", ":")).encode()
     with open(path, "wb") as fh:
         fh.write(MAGIC + struct.pack("<HI", VERSION, len(header)) + header)
         for data in blobs:
@@ -151,8 +158,13 @@ def load_packed(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
         enc = Encoded(codes, entry["bits"], params)
         state[entry["name"]] = fmt.dequantize(enc, dtype=_DTYPES[entry["dtype"]])
         encodings[entry["name"]] = (fmt, enc)
-    model.load_state_dict(state)
     modules = dict(model.named_modules())
+    for fqn, spec in header.get("activations", {}).items():
+        if not hasattr(modules[fqn], "input_quant"):
+            attach_input_quant(modules[fqn], format_from_dict(spec["format"]), spec["observer"])
+    model.load_state_dict(state)
+    for q in input_quantizers(model).values():
+        q.observing, q.enabled = False, True
     for key, (fmt, enc) in encodings.items():
         module = modules[key.rpartition(".")[0]]
         module.weight_format, module.weight_encoded = fmt, enc

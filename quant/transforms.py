@@ -16,7 +16,8 @@ fully qualified name; ``None`` keeps a layer in float): mixed precision is a map
 - :func:`quantize_` (PTQ) is ``prepare_qat_`` then ``convert_``: QAT's convert and PTQ of
   the same weights give the same model by construction.
 
-Weights only for now: activations stay in float, and BatchNorm is kept (not folded).
+Activations (``QuantConfig.activations``): the input of each quantized layer, per tensor,
+observed during QAT or from calibration batches in PTQ. BatchNorm is kept (not folded).
 
 Example::
 
@@ -29,19 +30,20 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterable, Union
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from quant.activations import ActivationQuant, attach_input_quant
 from quant.codebook import CodebookFormat
 from quant.floatfmt import FloatFormat
 from quant.intfmt import IntFormat
 from quant.lns import LNSFormat
 
-__all__ = ["QuantConfig", "Format", "quantize_", "prepare_qat_", "convert_",
-           "default_filter", "WeightFakeQuant", "quantized_layers"]
+__all__ = ["QuantConfig", "Format", "quantize_", "prepare_qat_", "convert_", "calibrate_",
+           "default_filter", "WeightFakeQuant", "quantized_layers", "input_quantizers"]
 
 Format = Union[IntFormat, FloatFormat, LNSFormat, CodebookFormat]
 FORMAT_TYPES = (IntFormat, FloatFormat, LNSFormat, CodebookFormat)
@@ -51,12 +53,18 @@ FilterFn = Callable[[nn.Module, str], bool]
 @dataclass(frozen=True)
 class QuantConfig:
     """Weight format per layer: ``weights`` unless an ``overrides`` pattern matches the
-    layer's name first (a ``None`` format leaves the layer in float)."""
+    layer's name first (a ``None`` format leaves the layer in float). ``activations``: a
+    per-tensor :class:`IntFormat` for the input of every quantized layer (None: float),
+    its range from ``observer`` (see :mod:`quant.activations`)."""
 
     weights: Format
     overrides: tuple[tuple[str, Format | None], ...] = ()
+    activations: IntFormat | None = None
+    observer: str = "moving_average"
 
     def __post_init__(self) -> None:
+        if self.activations is not None:
+            ActivationQuant(self.activations, self.observer)  # validates both
         if not isinstance(self.weights, FORMAT_TYPES):
             raise ValueError(f"weights={self.weights!r} is invalid: allowed an IntFormat, "
                              "FloatFormat, LNSFormat or CodebookFormat")
@@ -88,7 +96,8 @@ class WeightFakeQuant(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
-        return w + (self.fmt.fake_quantize(w.detach()) - w).detach()
+        # Exactly fake_quantize(w) forward (w - w.detach() is 0.0), identity backward.
+        return self.fmt.fake_quantize(w.detach()) + (w - w.detach())
 
 
 def _selected(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None
@@ -105,16 +114,46 @@ def _selected(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None
 
 def prepare_qat_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None
                  ) -> nn.Module:
-    """Fake-quantize the selected weights in every forward pass (in place; returns it)."""
+    """Fake-quantize the selected weights (and, with ``config.activations``, their inputs,
+    observing the range as training goes) in every forward pass (in place; returns it)."""
     for _, module, fmt in _selected(model, config, filter_fn):
         if parametrize.is_parametrized(module, "weight"):
             raise ValueError(f"{type(module).__name__} is already prepared for QAT")
         parametrize.register_parametrization(module, "weight", WeightFakeQuant(fmt))
+        if config.activations is not None:
+            attach_input_quant(module, config.activations, config.observer)
+    return model
+
+
+def input_quantizers(model: nn.Module) -> dict[str, ActivationQuant]:
+    """fqn of the layer -> its input quantizer."""
+    return {fqn: m.input_quant for fqn, m in model.named_modules()
+            if isinstance(getattr(m, "input_quant", None), ActivationQuant)}
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Observe the input ranges of every input quantizer on ``batches`` (eval mode, no
+    fake quantization meanwhile), then freeze them."""
+    quantizers = input_quantizers(model)
+    for q in quantizers.values():
+        q.observing, q.calibrating, q.enabled = True, True, False
+    was_training = model.training
+    model.eval()
+    for x in batches:
+        model(x)
+    model.train(was_training)
+    for fqn, q in quantizers.items():
+        if not bool(q.observed):
+            raise ValueError(f"calibration saw no input for {fqn}: give it batches")
+        q.observing, q.calibrating, q.enabled = False, False, True
     return model
 
 
 def convert_(model: nn.Module) -> nn.Module:
     """Replace each fake-quantized weight by its quantized values (in place)."""
+    for q in input_quantizers(model).values():  # the observed ranges are final
+        q.observing, q.enabled = False, True
     for module in model.modules():
         if parametrize.is_parametrized(module, "weight"):
             (fq,) = [p for p in module.parametrizations["weight"]
@@ -145,11 +184,23 @@ def _unparametrize(module: nn.Module) -> None:
     del module._modules["parametrizations"]
 
 
-def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None
-              ) -> nn.Module:
-    """Post-training quantization of the selected weights (in place; returns it)."""
+def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None,
+              calibration: Iterable[torch.Tensor] | None = None) -> nn.Module:
+    """Post-training quantization of the selected weights (in place; returns it). With
+    ``config.activations``, ``calibration`` batches set the input ranges first."""
+    if config.activations is not None and calibration is None:
+        raise ValueError("PTQ of activations needs calibration batches (calibration=...)")
     with torch.no_grad():
-        return convert_(prepare_qat_(model, config, filter_fn))
+        prepare_qat_(model, config, filter_fn)
+        if config.activations is not None:
+            for m in model.modules():  # the float weights while observing the inputs
+                if parametrize.is_parametrized(m, "weight"):
+                    m.parametrizations["weight"][0].enabled = False
+            calibrate_(model, calibration)
+            for m in model.modules():
+                if parametrize.is_parametrized(m, "weight"):
+                    m.parametrizations["weight"][0].enabled = True
+        return convert_(model)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, Any]:

@@ -373,7 +373,9 @@ class QuantSection(_Section):
     estimator) from the first step and converts at the end. Both evaluate the quantized
     model (``test_acc_q``) and write it packed (``model.qsw``, ``packed_bytes``,
     ``compression_ratio``). ``first_last_bits`` > 0 keeps the first and last layer at that
-    many bits (int/lns): the usual mixed-precision recipe."""
+    many bits (int/lns): the usual mixed-precision recipe. ``activation_bits`` > 0 also
+    quantizes every quantized layer's input (per tensor, range by ``observer``; PTQ
+    calibrates it on 8 training batches)."""
 
     section: ClassVar[str] = "quant"
     mode: str = "none"
@@ -385,12 +387,21 @@ class QuantSection(_Section):
     k: int = 16  # codebook entries per tensor
     first_last_bits: int = 0
     byte_budget: int = 0  # packed bytes; 0: none (budget_score = the quantized accuracy)
+    activation_bits: int = 0  # inputs of quantized layers, per tensor INT; 0: float
+    activation_symmetric: bool = False
+    observer: str = "moving_average"  # activation range: minmax, moving_average, ...
 
     def _validate(self) -> None:
         self._choice("mode", QUANT_MODES)
         self._choice("format", QUANT_FORMATS)
         self._range("first_last_bits", 0, 16)
         self._range("byte_budget", 0, INF)
+        self._choice("observer", ("minmax", "moving_average", "percentile", "mse"))
+        if self.activation_bits:
+            try:
+                self.activation_format()
+            except ValueError as exc:
+                raise ConfigError(f"quant.activation_bits is invalid: {exc}") from None
         # The format classes validate their own arguments (one source of truth); their
         # message names the argument, which is a field here (frac_bits: lns_frac_bits).
         for field_name, bits in (("bits", None), ("first_last_bits", self.first_last_bits)):
@@ -404,6 +415,14 @@ class QuantSection(_Section):
                     {"frac_bits": "lns_frac_bits"}.get(argument, argument)
                 raise ConfigError(f"quant.{name} is invalid for quant.format={self.format}: "
                                   f"{exc}") from None
+
+    def activation_format(self) -> Any:
+        """The per-tensor INT format of layer inputs, or None (float)."""
+        import quant
+
+        if not self.activation_bits:
+            return None
+        return quant.IntFormat(self.activation_bits, self.activation_symmetric)
 
     def weight_format(self, bits: int | None = None) -> Any:
         """The ``quant`` format object these fields describe (``bits`` overrides)."""

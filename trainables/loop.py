@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import tempfile
@@ -34,7 +35,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -240,9 +241,12 @@ class _Trainer:
             loss, acc = self.evaluate(self.eval_loaders[split], model)
             return {f"{split}_loss": loss, f"{split}_acc": acc}
 
+        def train_batches(n: int) -> Iterator[torch.Tensor]:
+            return (x for x, _ in itertools.islice(iter(self.train_loader), n))
+
         return StageContext(cfg=self.cfg, model=self.model, evaluate=evaluate,
-                            splits=tuple(self.eval_loaders), out_dir=out_dir,
-                            is_chief=self.session.world_rank == 0)
+                            splits=tuple(self.eval_loaders), train_batches=train_batches,
+                            out_dir=out_dir, is_chief=self.session.world_rank == 0)
 
     def finalize(self, out_dir: Path) -> dict[str, float]:
         """Every stage's end-of-training work; files go to ``out_dir``."""

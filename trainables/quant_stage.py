@@ -41,6 +41,8 @@ from trainables.weight_rounding import sqnr_db
 
 __all__ = ["QuantStage", "quant_config"]
 
+CALIBRATION_BATCHES = 8  # PTQ of activations: training batches that set the input ranges
+
 
 def quant_config(cfg: TrialConfig, model: nn.Module) -> quant.QuantConfig:
     """The :class:`quant.QuantConfig` of a trial: one format, the first and last
@@ -51,7 +53,8 @@ def quant_config(cfg: TrialConfig, model: nn.Module) -> quant.QuantConfig:
         layers = [n for n, m in model.named_modules() if quant.transforms.default_filter(m, n)]
         edge = q.weight_format(q.first_last_bits)
         overrides = tuple((name, edge) for name in dict.fromkeys((layers[0], layers[-1])))
-    return quant.QuantConfig(weights=q.weight_format(), overrides=overrides)
+    return quant.QuantConfig(weights=q.weight_format(), overrides=overrides,
+                             activations=q.activation_format(), observer=q.observer)
 
 
 def _float_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -78,17 +81,19 @@ class QuantStage(Stage):
             quant.prepare_qat_(model, quant_config(self.cfg, model))
         return model
 
-    def _quantized_copy(self, model: nn.Module) -> nn.Module:
-        model = copy.deepcopy(model)
+    def _quantized_copy(self, ctx: StageContext) -> nn.Module:
+        model = copy.deepcopy(ctx.model)
         if self.cfg.quant.mode == "qat":
             return quant.convert_(model)
-        return quant.quantize_(model, quant_config(self.cfg, model))
+        calibration = ctx.train_batches(CALIBRATION_BATCHES) \
+            if self.cfg.quant.activation_bits else None
+        return quant.quantize_(model, quant_config(self.cfg, model), calibration=calibration)
 
     def epoch_end(self, ctx: StageContext) -> dict[str, float]:
         """The quantized model's accuracy on the selection split (val when held out) and
         its packed size, every epoch: what a bit-width search ranks trials by."""
         split = "val" if "val" in ctx.splits else "test"
-        model = self._quantized_copy(ctx.model)
+        model = self._quantized_copy(ctx)
         acc = ctx.evaluate(model, split)[f"{split}_acc"]
         nbytes = quant.save_packed(model, ctx.out_dir / "epoch.qsw")
         budget = self.cfg.quant.byte_budget
@@ -98,7 +103,7 @@ class QuantStage(Stage):
 
     def finalize(self, ctx: StageContext) -> dict[str, float]:
         floats = _float_weights(ctx.model)
-        model = self._quantized_copy(ctx.model)
+        model = self._quantized_copy(ctx)
         result = ctx.evaluate(model)
         layers = {}
         for fqn, fmt in quant.quantized_layers(model).items():

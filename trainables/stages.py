@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -58,6 +58,8 @@ class StageContext:
     # (every rank must call it the same number of times).
     evaluate: Callable[..., dict[str, float]]
     splits: tuple[str, ...]  # the splits evaluate() takes
+    # The first n input batches of this rank's training shard (calibration).
+    train_batches: Callable[[int], Iterable[torch.Tensor]]
     out_dir: Path  # files written here reach the trial's MLflow run (rank 0's; finalize)
     is_chief: bool  # rank 0: write files only here if they are expensive
 
