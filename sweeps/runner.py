@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import tempfile
 import time
@@ -216,6 +217,9 @@ def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_n
 
     from trainables.tune_trial import trainable
 
+    # Explicit points are whole configs: Tune warns, key by key, that each differs from
+    # the base it is laid over (dozens of lines per cell); that is the point of them.
+    logging.getLogger("ray.tune.search.variant_generator").setLevel(logging.ERROR)
     searcher, scheduler, num_samples = _search(sweep, base)
     return tune.Tuner(
         trainable(),
