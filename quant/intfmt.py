@@ -7,8 +7,10 @@ For ``b`` bits the integer range is torch's: symmetric ``-2**(b-1) .. 2**(b-1)-1
 The scale and zero point are what torch's ``MinMaxObserver`` / ``PerChannelMinMaxObserver``
 compute from the tensor's min and max, and :meth:`IntFormat.fake_quantize` is
 ``torch.fake_quantize_per_tensor_affine`` / ``fake_quantize_per_channel_affine`` with
-them, bit for bit (tested against those ops). NaN stays NaN (torch's kernel turns it into
-the lowest level), +-inf go to the top / bottom level.
+them, bit for bit for float32 (and fp16/bf16) inputs, tested against those ops; float64
+inputs are quantized in float32 (torch works in double there). With explicit parameters
+NaN stays NaN (torch's kernel turns it into the lowest level) and +-inf go to the top /
+bottom level; with min-max parameters one non-finite value makes the scale non-finite.
 
 Example::
 

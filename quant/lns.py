@@ -122,9 +122,13 @@ class LNSFormat:
         decoding gives exactly :meth:`fake_quantize`. Non-finite values raise."""
         if not torch.isfinite(x).all():
             raise ValueError("cannot encode NaN or inf in an LNS format")
-        scale = self.default_scale(x) if scale is None else torch.as_tensor(scale).float()
+        if scale is None:
+            scale = self.default_scale(x)
+        elif not isinstance(scale, torch.Tensor):  # as encode() reads it: float64
+            scale = torch.tensor(float(scale), dtype=torch.float64)
         sign, code = self.encode(x, scale, underflow)
-        codes = code.to(torch.int64) | ((sign < 0).to(torch.int64) << (self.bits - 1))
+        code = torch.where(sign == 0, self.zero_code, code.to(torch.int64))  # exact zeros
+        codes = code | ((sign < 0).to(torch.int64) << (self.bits - 1))
         return Encoded(codes, self.bits, {"scale": scale.reshape(())})
 
     def dequantize(self, enc: Encoded, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -91,6 +91,11 @@ def _encoded_weights(model: nn.Module) -> dict[str, tuple[Any, Encoded]]:
 def save_packed(model: nn.Module, path: str | os.PathLike[str]) -> int:
     """Write ``model`` (after :func:`quant.quantize_` or :func:`quant.convert_`); returns
     the file's size in bytes."""
+    from torch.nn.utils import parametrize
+
+    if any(parametrize.is_parametrized(m, "weight") for m in model.modules()):
+        raise ValueError("the model is prepared for QAT but not converted: call "
+                         "quant.convert_(model) first")
     encoded = _encoded_weights(model)
     entries, blobs, offset = [], [], 0
 
@@ -137,27 +142,18 @@ def load_packed(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     raw = Path(path).read_bytes()
     if raw[:4] != MAGIC:
         raise ValueError(f"{path} is not a qsweep packed model (no {MAGIC!r} header)")
-    version, length = struct.unpack("<HI", raw[4:10])
+    try:
+        version, length = struct.unpack("<HI", raw[4:10])
+        header = json.loads(raw[10:10 + length]) if version == VERSION else None
+    except (struct.error, ValueError) as exc:
+        raise ValueError(f"{path}: damaged header ({exc})") from None
     if version != VERSION:
         raise ValueError(f"{path} has packed format version {version}: allowed {VERSION}")
-    header = json.loads(raw[10:10 + length])
     data = memoryview(raw)[10 + length:]
-
-    def blob(span: dict[str, int]) -> bytes:
-        return bytes(data[span["offset"]: span["offset"] + span["nbytes"]])
-
-    state, encodings = {}, {}
-    for entry in header["tensors"]:
-        if "raw" in entry:
-            state[entry["name"]] = _from_raw(blob(entry["raw"]), entry)
-            continue
-        fmt = format_from_dict(entry["format"])
-        numel = int(np.prod(entry["shape"])) if entry["shape"] else 1
-        codes = unpack_bits(blob(entry["codes"]), entry["bits"], numel).reshape(entry["shape"])
-        params = {k: _from_raw(blob(v), v) for k, v in entry["params"].items()}
-        enc = Encoded(codes, entry["bits"], params)
-        state[entry["name"]] = fmt.dequantize(enc, dtype=_DTYPES[entry["dtype"]])
-        encodings[entry["name"]] = (fmt, enc)
+    try:
+        state, encodings = _read_tensors(header, data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: damaged or inconsistent packed file ({exc})") from None
     modules = dict(model.named_modules())
     for fqn, spec in header.get("activations", {}).items():
         if not hasattr(modules[fqn], "input_quant"):
@@ -169,6 +165,37 @@ def load_packed(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
         module = modules[key.rpartition(".")[0]]
         module.weight_format, module.weight_encoded = fmt, enc
     return model
+
+
+def _read_tensors(header: dict[str, Any], data: memoryview
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[Any, Encoded]]]:
+    spans = []
+
+    def blob(span: dict[str, int]) -> bytes:
+        start, end = span["offset"], span["offset"] + span["nbytes"]
+        if not 0 <= start <= end <= len(data):
+            raise ValueError(f"bytes {start}..{end} lie outside the {len(data)} data bytes")
+        spans.append(span["nbytes"])
+        return bytes(data[start:end])
+
+    state, encodings = {}, {}
+    for entry in header["tensors"]:
+        name = entry["name"]
+        if "raw" in entry:
+            state[name] = _from_raw(blob(entry["raw"]), entry)
+            continue
+        fmt = format_from_dict(entry["format"])
+        if entry["bits"] != fmt.bits:
+            raise ValueError(f"{name}: {entry['bits']}-bit codes for a {fmt.bits}-bit format")
+        numel = int(np.prod(entry["shape"])) if entry["shape"] else 1
+        codes = unpack_bits(blob(entry["codes"]), entry["bits"], numel).reshape(entry["shape"])
+        params = {k: _from_raw(blob(v), v) for k, v in entry["params"].items()}
+        enc = Encoded(codes, entry["bits"], params)
+        state[name] = fmt.dequantize(enc, dtype=_DTYPES[entry["dtype"]])
+        encodings[name] = (fmt, enc)
+    if sum(spans) != len(data):
+        raise ValueError(f"{len(data) - sum(spans)} bytes beyond the tensors the header lists")
+    return state, encodings
 
 
 def state_dict_bytes(model: nn.Module, path: str | os.PathLike[str]) -> int:

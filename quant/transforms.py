@@ -43,6 +43,7 @@ from quant.intfmt import IntFormat
 from quant.lns import LNSFormat
 
 __all__ = ["QuantConfig", "Format", "quantize_", "prepare_qat_", "convert_", "calibrate_",
+           "strip_qat_",
            "default_filter", "WeightFakeQuant", "quantized_layers", "input_quantizers"]
 
 Format = Union[IntFormat, FloatFormat, LNSFormat, CodebookFormat]
@@ -116,9 +117,14 @@ def prepare_qat_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | No
                  ) -> nn.Module:
     """Fake-quantize the selected weights (and, with ``config.activations``, their inputs,
     observing the range as training goes) in every forward pass (in place; returns it)."""
-    for _, module, fmt in _selected(model, config, filter_fn):
+    seen: dict[int, str] = {}
+    for fqn, module, fmt in _selected(model, config, filter_fn):
         if parametrize.is_parametrized(module, "weight"):
             raise ValueError(f"{type(module).__name__} is already prepared for QAT")
+        if id(module.weight) in seen:  # each copy would be quantized and stored apart
+            raise ValueError(f"{fqn}.weight is tied to {seen[id(module.weight)]}.weight: "
+                             "tied weights are not supported; leave one of them out")
+        seen[id(module.weight)] = fqn
         parametrize.register_parametrization(module, "weight", WeightFakeQuant(fmt))
         if config.activations is not None:
             attach_input_quant(module, config.activations, config.observer)
@@ -182,6 +188,22 @@ def _unparametrize(module: nn.Module) -> None:
                          f"{sorted(module.parametrizations)}")
     module.__class__ = module.__class__.__bases__[0]
     del module._modules["parametrizations"]
+
+
+def strip_qat_(model: nn.Module) -> nn.Module:
+    """Back to float, in place: each fake-quantized weight becomes its float original and
+    input quantizers are removed (what PTQ of a QAT-trained model starts from)."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            original = module.parametrizations["weight"].original
+            _unparametrize(module)
+            module.weight = original
+        if isinstance(getattr(module, "input_quant", None), ActivationQuant):
+            del module.input_quant
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if getattr(hook, "__name__", "") == "_quantize_input":
+                    del module._forward_pre_hooks[key]
+    return model
 
 
 def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None,

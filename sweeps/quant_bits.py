@@ -1,17 +1,19 @@
 """Bit-width search: which number format, bit width and training (PTQ or QAT) gives the
 most accurate model for its packed size?
 
-Optuna proposes, per trial (define-by-run): ``quant.mode`` (ptq, qat), ``quant.format``
-(int: bits 2..8, symmetric or affine, per tensor or per channel; lns: bits 2..8, 0..3
-fractional exponent bits; codebook: k = 2..64), and QAT's learning rate. Every trial
+Optuna proposes, per trial (define-by-run): ``quant.format`` (int: bits 2..8, symmetric
+or affine, per tensor or per channel; lns: bits 2..8, 0..3 fractional exponent bits;
+codebook: k = 2..64, PTQ only), ``quant.mode`` (ptq, qat) and QAT's learning rate. Every trial
 trains (QAT through fake-quantized weights), quantizes, and reports the quantized model's
 validation accuracy (``val_acc_q``) and packed bytes every epoch; the packed model is an
 artifact of its MLflow run.
 
 Two modes:
-- ``--objective pareto`` (default): Optuna NSGA-II on (val_acc_q max, packed_bytes min).
-  ASHA cannot rank two objectives and nothing stops trials early: every trial runs its
-  (short) epochs. The sweep's run holds the Pareto front (pareto.csv/.md, pareto.png).
+- ``--objective pareto`` (default): Optuna NSGA-II on (val_acc_q max, packed_bytes min),
+  generations of num_samples / 4 trials; conditional parameters (bits of one format, k of
+  another) are sampled at random by NSGA-II. ASHA cannot rank two objectives and nothing
+  stops trials early: every trial runs its (short) epochs. The sweep's run holds the
+  Pareto front (pareto.csv/.md, pareto.png).
 - ``--objective budget``: Optuna TPE + ASHA on ``budget_score`` = val_acc_q minus the
   relative overshoot of ``--byte-budget`` (default: 1/8 of the FP32 state_dict, i.e. what
   4-bit weights take).
@@ -53,9 +55,13 @@ class BitSpace:
     formats: tuple[str, ...] = ("int", "lns", "codebook")
     modes: tuple[str, ...] = ("ptq", "qat")
 
-    def __call__(self, trial: Any) -> None:
-        mode = trial.suggest_categorical("quant.mode", list(self.modes))
+    def __call__(self, trial: Any) -> dict[str, Any] | None:
         fmt = trial.suggest_categorical("quant.format", list(self.formats))
+        if fmt == "codebook":
+            # PTQ only: QAT would refit every layer's k-means in every forward pass.
+            trial.suggest_categorical("quant.k", [2, 4, 8, 16, 32, 64])
+            return {"quant.mode": "ptq"}
+        mode = trial.suggest_categorical("quant.mode", list(self.modes))
         if fmt == "int":
             trial.suggest_int("quant.bits", 2, 8)
             trial.suggest_categorical("quant.symmetric", [True, False])
@@ -63,10 +69,9 @@ class BitSpace:
         elif fmt == "lns":
             trial.suggest_int("quant.bits", 2, 8)
             trial.suggest_int("quant.lns_frac_bits", 0, 3)
-        else:
-            trial.suggest_categorical("quant.k", [2, 4, 8, 16, 32, 64])
         if mode == "qat":
             trial.suggest_float("optim.lr", *QAT_LR, log=True)
+        return None
 
 
 def fp32_bytes(cfg: TrialConfig) -> int:

@@ -257,7 +257,11 @@ def _search(sweep: Sweep, base: TrialConfig) -> tuple[Any, Any, int]:
     if sweep.objectives:
         metrics, modes = zip(*sweep.objectives, strict=True)
         searcher = OptunaSearch(space=sweep.space, metric=list(metrics), mode=list(modes),
-                                sampler=optuna.samplers.NSGAIISampler(seed=sweep.seed))
+                                # Optuna's default population (50) would leave a sweep
+                                # of tens of trials in its random first generation.
+                                sampler=optuna.samplers.NSGAIISampler(
+                                    seed=sweep.seed,
+                                    population_size=max(2, min(50, sweep.num_samples // 4))))
         return searcher, FIFOScheduler(), sweep.num_samples
     searcher = OptunaSearch(space=sweep.space, metric=sweep.metric, mode=sweep.mode,
                             sampler=optuna.samplers.TPESampler(seed=sweep.seed))

@@ -166,3 +166,41 @@ def test_converting_a_copy_leaves_the_qat_model_training() -> None:
     converted = convert_(copy.deepcopy(qat))
     assert torch.equal(converted(x), before) and torch.equal(qat(x), before)
     assert parametrize.is_parametrized(qat.features[0], "weight")
+
+
+def test_damaged_packed_files_are_refused_by_name(tmp_path: Path) -> None:
+    model, _ = make("mlp")
+    quantize_(model, QuantConfig(weights=IntFormat(4)))
+    good = tmp_path / "m.qsw"
+    save_packed(model, good)
+    raw = good.read_bytes()
+    fresh = make("mlp")[0]
+    (tmp_path / "cut.qsw").write_bytes(raw[:-10])
+    (tmp_path / "long.qsw").write_bytes(raw + b"\0")
+    (tmp_path / "head.qsw").write_bytes(raw[:12])
+    bits = raw.replace(b'"bits":4', b'"bits":2', 1)
+    (tmp_path / "bits.qsw").write_bytes(bits)
+    for name, match in (("cut", "outside"), ("long", "beyond"), ("head", "damaged"),
+                        ("bits", "4-bit codes for a 2-bit format")):
+        with pytest.raises(ValueError, match=match):
+            load_packed(tmp_path / f"{name}.qsw", fresh)
+
+
+def test_tied_weights_and_unconverted_models_are_refused(tmp_path: Path) -> None:
+    shared = nn.Linear(4, 4)
+    tied = nn.Sequential(shared, nn.ReLU(), nn.Linear(4, 4))
+    tied[2].weight = shared.weight
+    with pytest.raises(ValueError, match="2.weight is tied to 0.weight"):
+        prepare_qat_(tied, QuantConfig(weights=IntFormat(4)))
+    model, _ = make("mlp")
+    prepare_qat_(model, QuantConfig(weights=IntFormat(4)))
+    with pytest.raises(ValueError, match="convert_"):
+        save_packed(model, tmp_path / "m.qsw")
+
+
+def test_lns_codes_decode_to_the_fake_quantized_values() -> None:
+    x = torch.tensor([0.0, 1e-9, 0.3, -0.7, 1.0])
+    for scale, underflow in ((0.3, "zero"), (None, "clamp"), (2.0, "clamp")):
+        fmt = LNSFormat(4, 0)
+        enc = fmt.quantize(x, scale, underflow)
+        assert torch.equal(fmt.dequantize(enc), fmt.fake_quantize(x, scale, underflow))

@@ -4,6 +4,7 @@ file alone reproduces the evaluated accuracy."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,13 @@ def test_the_packed_file_reproduces_the_evaluated_accuracy(tiny_root: Path, tmp_
     assert final["packed_bytes"] == (artifacts / "model.qsw").stat().st_size
     assert final["compression_ratio"] == final["fp32_bytes"] / final["packed_bytes"] > 4
     assert packed_accuracy(cfg, artifacts / "model.qsw") == final["test_acc_q"]
-    assert (artifacts / "quant.json").exists()
+    report = json.loads((artifacts / "quant.json").read_text())
+    confusion = torch.tensor(report["confusion"])
+    assert confusion.trace().item() / confusion.sum().item() == final["test_acc_q"]
+    assert final["efficiency_score"] == pytest.approx(
+        final["compression_ratio"] * (final["test_acc_q"] - 0.1) / 0.9)
+    for png in ("weights_q.png", "confusion_q.png"):
+        assert (artifacts / png).read_bytes()[:4] == b"\x89PNG"
     if mode == "qat":  # the trained forward pass already was the quantized model
         assert final["test_loss_q"] == final["test_loss"]
         assert final["test_acc_q"] == final["test_acc"]
@@ -112,3 +119,14 @@ def test_bad_quant_fields_name_the_field(override, fragments: list[str]) -> None
         TrialConfig().with_overrides([override] if isinstance(override, str) else override)
     for fragment in fragments:
         assert fragment in str(info.value), str(info.value)
+
+
+def test_weight_rounding_of_a_qat_model_rounds_its_float_weights(tiny_root: Path) -> None:
+    final = run_trial(tiny(tiny_root, "quant.mode=qat", "quant.bits=4", "train.epochs=1",
+                           "evaluate.weight_rounding=[int8]"), LocalSession())[-1]
+    assert 0 <= final["test_acc_int8"] <= 1
+
+
+def test_first_last_bits_needs_a_bit_width_format() -> None:
+    with pytest.raises(ConfigError, match="quant.first_last_bits=8.*int and lns"):
+        TrialConfig().with_overrides(["quant.format=codebook", "quant.first_last_bits=8"])

@@ -397,6 +397,9 @@ class QuantSection(_Section):
         self._range("first_last_bits", 0, 16)
         self._range("byte_budget", 0, INF)
         self._choice("observer", ("minmax", "moving_average", "percentile", "mse"))
+        if self.first_last_bits and self.format not in ("int", "lns"):
+            _fail("quant.first_last_bits", self.first_last_bits,
+                  f"0 with quant.format={self.format} (bit widths: int and lns only)")
         if self.activation_bits:
             try:
                 self.activation_format()

@@ -246,6 +246,7 @@ class _Trainer:
 
         return StageContext(cfg=self.cfg, model=self.model, evaluate=evaluate,
                             splits=tuple(self.eval_loaders), train_batches=train_batches,
+                            eval_batches=lambda split: iter(self.eval_loaders[split]),
                             out_dir=out_dir, is_chief=self.session.world_rank == 0)
 
     def finalize(self, out_dir: Path) -> dict[str, float]:

@@ -11,7 +11,9 @@
   (``model.qsw``); metrics ``packed_bytes``, ``fp32_bytes`` (``torch.save`` of the same
   architecture's FP32 ``state_dict``), ``compression_ratio``, ``weight_sqnr_db_mean``, and
   ``quant.json`` with each layer's format and SQNR (dB) of the quantized against the float
-  weights.
+  weights, ``weights_q.png`` (per-layer histograms, float and quantized),
+  ``confusion_q.png`` (the quantized model on the test split), and ``efficiency_score`` =
+  compression ratio x the share of above-chance accuracy kept.
 - Every epoch: the quantized copy's accuracy on the validation split (``val_acc_q``; test
   without one), ``packed_bytes``, and ``budget_score`` = that accuracy minus the relative
   overshoot of ``quant.byte_budget`` (when set): what ``sweeps/quant_bits.py`` searches.
@@ -119,12 +121,94 @@ class QuantStage(Stage):
         with tempfile.TemporaryDirectory() as tmp:  # the FP32 baseline, same architecture
             metrics["fp32_bytes"] = quant.state_dict_bytes(model, Path(tmp) / "fp32.pt")
         metrics["compression_ratio"] = metrics["fp32_bytes"] / metrics["packed_bytes"]
+        confusion = _confusion(model, ctx)
+        chance = 1.0 / len(confusion)
+        # Compression times the share of above-chance accuracy kept: 8x at full accuracy
+        # scores 8, 8x at chance scores 0 (defined for PTQ and QAT alike).
+        metrics["efficiency_score"] = metrics["compression_ratio"] * max(
+            0.0, (metrics["test_acc_q"] - chance) / (1.0 - chance))
         if ctx.is_chief:
             (ctx.out_dir / "quant.json").write_text(json.dumps(
-                {"mode": self.cfg.quant.mode, "layers": layers, **metrics}, indent=1))
+                {"mode": self.cfg.quant.mode, "layers": layers, **metrics,
+                 "confusion": confusion.tolist()}, indent=1))
+            plot_weight_histograms(floats, model, ctx.out_dir / "weights_q.png")
+            plot_confusion(confusion, ctx.out_dir / "confusion_q.png",
+                           f"quantized model, test accuracy {metrics['test_acc_q']:.4f}")
         else:
             packed.unlink()  # only rank 0's files travel
         return metrics
+
+
+@torch.no_grad()
+def _confusion(model: nn.Module, ctx: StageContext) -> torch.Tensor:
+    """Counts [true class, predicted class] on the test split, summed over DDP ranks."""
+    import torch.distributed as dist
+
+    model.eval()
+    counts = None
+    for x, y in ctx.eval_batches("test"):
+        logits = model(x)
+        if counts is None:
+            counts = torch.zeros(logits.shape[1], logits.shape[1], dtype=torch.int64,
+                                 device=logits.device)
+        index = y * logits.shape[1] + logits.argmax(1)
+        counts += torch.bincount(index, minlength=counts.numel()).reshape(counts.shape)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    return counts.cpu()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_weight_histograms(floats: dict[str, torch.Tensor], model: nn.Module,
+                           path: Path) -> Path:
+    """Per quantized layer: the float weights' histogram and the quantized values'."""
+    layers = list(quant.quantized_layers(model))
+    plt = _pyplot()
+    cols = min(3, len(layers)) or 1
+    rows = -(-len(layers) // cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, fqn in zip(axes.flat, layers, strict=False):
+        w = floats[fqn].flatten().float().cpu()
+        q = model.get_submodule(fqn).weight.detach().flatten().float().cpu()
+        bins = torch.linspace(min(w.min(), q.min()).item(), max(w.max(), q.max()).item(),
+                              81).numpy()
+        ax.hist(w.numpy(), bins=bins, alpha=0.5, label="float")
+        ax.hist(q.numpy(), bins=bins, alpha=0.5, label="quantized")
+        ax.set_yscale("log")
+        ax.set_title(f"{fqn} ({model.get_submodule(fqn).weight_format.name})", fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(counts: torch.Tensor, path: Path, title: str) -> Path:
+    plt = _pyplot()
+    k = counts.shape[0]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * k, 0.8 + 0.45 * k))
+    ax.imshow(counts.numpy(), cmap="Blues")
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=6)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 @register_stage_builder

@@ -60,6 +60,8 @@ class StageContext:
     splits: tuple[str, ...]  # the splits evaluate() takes
     # The first n input batches of this rank's training shard (calibration).
     train_batches: Callable[[int], Iterable[torch.Tensor]]
+    # (inputs, labels) batches of this rank's shard of an evaluation split.
+    eval_batches: Callable[[str], Iterable[tuple[torch.Tensor, torch.Tensor]]]
     out_dir: Path  # files written here reach the trial's MLflow run (rank 0's; finalize)
     is_chief: bool  # rank 0: write files only here if they are expensive
 

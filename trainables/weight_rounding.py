@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from quant import IntFormat, LNSFormat, QuantConfig, quantize_, quantized_layers
-from quant.transforms import Format
+from quant.transforms import Format, strip_qat_
 from trainables.config import TrialConfig
 from trainables.stages import FinalizeContext, Stage, register_stage_builder
 
@@ -58,9 +58,10 @@ def sqnr_db(x: torch.Tensor, q: torch.Tensor) -> float:
 def round_weights(model: nn.Module, fmt: Format) -> tuple[nn.Module, dict[str, float]]:
     """A copy of ``model`` with every linear/conv weight quantized by ``fmt``
     (:func:`quant.quantize_`), and each one's SQNR (dB) against the float weight."""
-    rounded = quantize_(copy.deepcopy(model), QuantConfig(weights=fmt))
-    floats = dict(model.named_modules())
-    per_layer = {f"{fqn}.weight": sqnr_db(floats[fqn].weight, rounded.get_submodule(fqn).weight)
+    floats = strip_qat_(copy.deepcopy(model))  # a QAT model: round its float weights
+    rounded = quantize_(copy.deepcopy(floats), QuantConfig(weights=fmt))
+    per_layer = {f"{fqn}.weight": sqnr_db(floats.get_submodule(fqn).weight,
+                                          rounded.get_submodule(fqn).weight)
                  for fqn in quantized_layers(rounded)}
     return rounded, per_layer
 
