@@ -62,6 +62,21 @@ def test_smoke_pareto_sweep_records_the_front(tmp_path: Path, tiny_root: Path) -
         a.path for a in client.list_artifacts(parent.info.run_id)}
     local = client.download_artifacts(parent.info.run_id, "pareto.csv", str(tmp_path))
     front = list(csv.DictReader(io.StringIO(Path(local).read_text())))
+    # One call brings a trial's quantized model back; it scores what the trial reported.
+    import torch
+
+    from sweeps.tracking import load_quantized_model
+    from trainables.data import load_splits
+
+    trial = trials[0]
+    model, cfg = load_quantized_model(trial.info.run_id, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    splits = load_splits(cfg.data, seed=cfg.train.seed)
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in splits.loader("test", 1000, torch.device("cpu"), seed=0):
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
+    assert correct / total == trial.data.metrics["test_acc_q"]
     sizes = [int(r["packed_bytes"]) for r in front]
     accs = [float(r["val_acc_q"]) for r in front]
     assert sizes == sorted(sizes) and accs == sorted(accs)  # more bytes buy accuracy

@@ -247,6 +247,8 @@ class _Trainer:
         return StageContext(cfg=self.cfg, model=self.model, evaluate=evaluate,
                             splits=tuple(self.eval_loaders), train_batches=train_batches,
                             eval_batches=lambda split: iter(self.eval_loaders[split]),
+                            data_shape=(self.splits.in_channels, self.splits.image_size,
+                                        self.splits.num_classes),
                             out_dir=out_dir, is_chief=self.session.world_rank == 0)
 
     def finalize(self, out_dir: Path) -> dict[str, float]:

@@ -130,7 +130,8 @@ class QuantStage(Stage):
         if ctx.is_chief:
             (ctx.out_dir / "quant.json").write_text(json.dumps(
                 {"mode": self.cfg.quant.mode, "layers": layers, **metrics,
-                 "confusion": confusion.tolist()}, indent=1))
+                 "data_shape": list(ctx.data_shape), "confusion": confusion.tolist()},
+                indent=1))
             plot_weight_histograms(floats, model, ctx.out_dir / "weights_q.png")
             plot_confusion(confusion, ctx.out_dir / "confusion_q.png",
                            f"quantized model, test accuracy {metrics['test_acc_q']:.4f}")

@@ -62,6 +62,8 @@ class StageContext:
     train_batches: Callable[[int], Iterable[torch.Tensor]]
     # (inputs, labels) batches of this rank's shard of an evaluation split.
     eval_batches: Callable[[str], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+    # (input channels, image size, classes): with cfg.model, what rebuilds the model.
+    data_shape: tuple[int, int, int]
     out_dir: Path  # files written here reach the trial's MLflow run (rank 0's; finalize)
     is_chief: bool  # rank 0: write files only here if they are expensive
 
