@@ -130,3 +130,18 @@ def test_weight_rounding_of_a_qat_model_rounds_its_float_weights(tiny_root: Path
 def test_first_last_bits_needs_a_bit_width_format() -> None:
     with pytest.raises(ConfigError, match="quant.first_last_bits=8.*int and lns"):
         TrialConfig().with_overrides(["quant.format=codebook", "quant.first_last_bits=8"])
+
+
+def test_an_extra_test_set_is_scored_float_and_quantized(tiny_root: Path) -> None:
+    # The tiny EMNIST-like images written as a folder of digit classes, read as grayscale.
+    from conftest import write_image_folder
+
+    folder = tiny_root / "extra-digits"
+    if not folder.exists():
+        write_image_folder(folder, 10, (28, 28), seed=11, n_train=30, n_test=1)
+    history = run_trial(tiny(tiny_root, "quant.mode=ptq", "quant.bits=8",
+                             f"data.extra_test={folder / 'train'}"), LocalSession())
+    assert all(0 <= m["extra_acc"] <= 1 for m in history)
+    assert 0 <= history[-1]["extra_acc_q"] <= 1
+    with pytest.raises(Exception, match="does not exist"):
+        run_trial(tiny(tiny_root, "data.extra_test=nowhere", "train.epochs=1"), LocalSession())

@@ -162,6 +162,9 @@ class DataConfig(_Section):
     train_subset: int = 0  # 0: all examples; else the first N (after a seeded shuffle)
     test_subset: int = 0
     augment: str = "auto"  # auto: crop_flip for the colour datasets, none otherwise
+    # An extra test set of the same classes (image folder <class>/<image>, relative to the
+    # data root or absolute): every epoch reports extra_acc, a quantized trial extra_acc_q.
+    extra_test: str = ""
 
     def _validate(self) -> None:
         self._choice("name", DATASETS)

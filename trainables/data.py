@@ -176,7 +176,7 @@ def _image_size(cfg: DataConfig) -> int:
     return 32 if cfg.name == "cifar10_jpeg" else 64
 
 
-def _folder_arrays(folder: Path, size: int) -> tuple[_Arrays, list[str]]:
+def _folder_arrays(folder: Path, size: int, channels: int = 3) -> tuple[_Arrays, list[str]]:
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
@@ -187,10 +187,11 @@ def _folder_arrays(folder: Path, size: int) -> tuple[_Arrays, list[str]]:
 
     def decode(path: str) -> np.ndarray:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = img.convert("RGB" if channels == 3 else "L")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
+            array = np.asarray(img, dtype=np.uint8)
+            return array if channels == 3 else array[:, :, None]
 
     # PIL decodes with the GIL released: threads use both cores.
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
@@ -265,6 +266,7 @@ class Splits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool
+    extra: _Arrays | None = None  # data.extra_test: another test set of the same classes
 
     @property
     def in_channels(self) -> int:
@@ -276,9 +278,11 @@ class Splits:
 
     def loader(self, split: str, batch_size: int, device: torch.device, seed: int,
                rank: int = 0, world_size: int = 1) -> "BatchLoader":
-        arrays = {"train": self.train, "val": self.val, "test": self.test}[split]
+        arrays = {"train": self.train, "val": self.val, "test": self.test,
+                  "extra": self.extra}[split]
         if arrays is None:
-            raise ValueError("no validation split: set data.val_fraction > 0")
+            raise ValueError(f"no {split} split: set data.val_fraction > 0 (val) or "
+                             "data.extra_test (extra)")
         training = split == "train"
         return BatchLoader(arrays, batch_size, self.mean, self.std, device, seed=seed,
                            shuffle=training, augment=training and self.augment,
@@ -327,7 +331,25 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     augment = cfg.augment == "crop_flip" or (
         cfg.augment == "auto" and cfg.name in _AUGMENTED_BY_DEFAULT)
     num_classes = int(torch.cat([t["train_y"], t["test_y"]]).max()) + 1
-    return Splits(train, val, test, num_classes, mean, std, augment)
+    extra = _extra_test(cfg, train.x.shape[1], train.x.shape[-1], num_classes)
+    return Splits(train, val, test, num_classes, mean, std, augment, extra)
+
+
+def _extra_test(cfg: DataConfig, channels: int, size: int, num_classes: int
+                ) -> _Arrays | None:
+    """``data.extra_test``: an image folder (``<class>/<image>``; class folders sorted by
+    name give the labels, e.g. 0..9) read at the training images' channels (grayscale for
+    MNIST-like sets) and size: generalization to another dataset of the same classes."""
+    if not cfg.extra_test:
+        return None
+    folder = Path(cfg.extra_test).expanduser()
+    folder = folder if folder.is_absolute() else data_root(cfg) / folder
+    arrays, classes = _folder_arrays(folder, size, channels)
+    if len(classes) > num_classes:
+        raise DataNotFoundError(f"data.extra_test {str(folder)!r} has {len(classes)} class "
+                                f"folders: allowed at most the {num_classes} classes of "
+                                f"{cfg.name}")
+    return arrays
 
 
 # --------------------------------------------------------------------------- batching

@@ -145,6 +145,8 @@ class _Trainer:
         self.eval_loaders = {"test": self._loader("test", cfg.data.test_batch_size)}
         if self.splits.val is not None:
             self.eval_loaders["val"] = self._loader("val", cfg.data.test_batch_size)
+        if self.splits.extra is not None:
+            self.eval_loaders["extra"] = self._loader("extra", cfg.data.test_batch_size)
         self.scheduler = build_schedule(self.optimizer, o, cfg.train.epochs,
                                         len(self.train_loader))
         mode = cfg.precision.mode

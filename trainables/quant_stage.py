@@ -114,6 +114,8 @@ class QuantStage(Stage):
             layers[fqn] = {"format": quant.packed.format_to_dict(fmt),
                            "sqnr_db": db if math.isfinite(db) else None}
         metrics = {"test_acc_q": result["test_acc"], "test_loss_q": result["test_loss"]}
+        if "extra" in ctx.splits:  # generalization of the quantized model (data.extra_test)
+            metrics["extra_acc_q"] = ctx.evaluate(model, "extra")["extra_acc"]
         finite = [v["sqnr_db"] for v in layers.values() if v["sqnr_db"] is not None]
         metrics["weight_sqnr_db_mean"] = sum(finite) / len(finite) if finite else math.nan
         packed = ctx.out_dir / "model.qsw"
