@@ -108,9 +108,14 @@ class ActivationQuant(nn.Module):
             return x
         scale, zp = self.qparams()
         q = self.fmt.fake_quantize(x.detach(), scale, zp)
-        # Straight through, and exactly q forward: x - x.detach() is 0.0 with x's gradient
-        # (x + (q - x).detach() is not q when q - x rounds, e.g. at the clip).
-        return q + (x - x.detach())
+        # Straight through inside the range, zero gradient where the input was clipped (as
+        # torch's fake-quant ops): a plain STE keeps pushing clipped inputs further out
+        # and QAT from scratch collapsed to chance on MNIST. Forward exactly q:
+        # x - x.detach() is 0.0 carrying x's gradient.
+        low = (self.fmt.quant_min - zp) * scale
+        high = (self.fmt.quant_max - zp) * scale
+        inside = (x.detach() >= low) & (x.detach() <= high)
+        return q + (x - x.detach()) * inside
 
     def extra_repr(self) -> str:
         return f"{self.fmt.name}, observer={self.observer}"

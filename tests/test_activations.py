@@ -138,3 +138,16 @@ def test_bad_activation_fields_name_the_field() -> None:
         TrialConfig().with_overrides(["quant.observer=histogram"])
     with pytest.raises(ValueError, match="per-tensor IntFormat"):
         ActivationQuant(IntFormat(8, per_channel=True))
+
+
+def test_clipped_inputs_get_no_gradient_as_in_torch() -> None:
+    act = ActivationQuant(FMT, "minmax").train()
+    act(torch.tensor([0.0, 1.0]))  # range 0..1
+    act.observing = False
+    x = torch.tensor([-0.5, 0.5, 2.0], requires_grad=True)
+    act(x).sum().backward()
+    # torch's own fake-quant backward masks the same elements
+    scale, zp = act.qparams()
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.fake_quantize_per_tensor_affine(x2, scale.item(), int(zp), 0, 255).sum().backward()
+    assert torch.equal(x.grad, x2.grad) and x.grad.tolist() == [0.0, 1.0, 0.0]
