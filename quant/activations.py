@@ -112,9 +112,8 @@ class ActivationQuant(nn.Module):
         # torch's fake-quant ops): a plain STE keeps pushing clipped inputs further out
         # and QAT from scratch collapsed to chance on MNIST. Forward exactly q:
         # x - x.detach() is 0.0 carrying x's gradient.
-        low = (self.fmt.quant_min - zp) * scale
-        high = (self.fmt.quant_max - zp) * scale
-        inside = (x.detach() >= low) & (x.detach() <= high)
+        level = torch.round(x.detach().float() * torch.reciprocal(scale)) + zp
+        inside = (level >= self.fmt.quant_min) & (level <= self.fmt.quant_max)
         return q + (x - x.detach()) * inside
 
     def extra_repr(self) -> str:
