@@ -128,6 +128,14 @@ def plot_pareto(rows: list[dict[str, Any]], front: list[dict[str, Any]], path: P
     return path
 
 
+def describe(config: dict[str, Any]) -> str:
+    """A trial's quantization in a few words: ``qat int4-sym-pc``, ``ptq kmeans16``, with
+    ``lr`` for QAT (only the fields its format reads)."""
+    q = TrialConfig.from_stored(config).quant
+    text = f"{q.mode} {q.weight_format().name}"
+    return text + (f" lr={config['optim.lr']:.3g}" if q.mode == "qat" else "")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common_parser(__doc__.splitlines()[0], num_samples=16, max_concurrent=2, epochs=2)
     parser.add_argument("--objective", choices=("pareto", "budget"), default="pareto")
@@ -166,11 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     front = pareto_front(outcome.rows)
     if front:
         tracker = SweepTracker(outcome.tracking_uri, NAME)
-        columns = ["quant.mode", "quant.format", "quant.bits", "quant.k", "quant.symmetric",
-                   "quant.per_channel", "quant.lns_frac_bits", "val_acc_q", "packed_bytes",
-                   "mlflow_run_id"]
-        table = [{c: r.get(c, "") for c in columns} |
-                 {"compression_ratio": fp32 / r["packed_bytes"]} for r in front]
+        configs = {r.metrics.get("trial_id"): r.config for r in outcome.results if r.metrics}
+        table = [{"setting": describe(configs[r["trial_id"]]), "val_acc_q": r["val_acc_q"],
+                  "test_acc_q": r.get("test_acc_q", ""), "packed_bytes": r["packed_bytes"],
+                  "compression_ratio": fp32 / r["packed_bytes"],
+                  "mlflow_run_id": r["mlflow_run_id"]} for r in front]
         tracker.log_text(outcome.parent_run_id, rows_to_csv(table), "pareto.csv")
         tracker.log_text(outcome.parent_run_id, rows_to_markdown(table), "pareto.md")
         with tempfile.TemporaryDirectory() as tmp:

@@ -44,7 +44,7 @@ SpaceFn = Callable[[Any], "dict[str, Any] | None"]
 # The metrics a sweep's table, console summary and parent run show (every metric a trial
 # reports reaches its own MLflow run regardless).
 SUMMARY_METRICS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "val_acc",
-                   "images_per_s")
+                   "test_acc_q", "images_per_s")
 
 
 @dataclass(frozen=True)
