@@ -145,8 +145,12 @@ def test_two_worker_ddp_trial_equals_one_worker_with_the_global_batch(
     # DDP averages the two shards' gradients: the same steps as one batch of 64.
     assert results["t-ddp"]["train_loss"] == pytest.approx(results["t-single"]["train_loss"],
                                                            rel=1e-4)
+    # Accuracy on 80 test images: one flipped prediction is 0.0125. Under 4-bit QAT the
+    # last-bit differences of DDP's gradient all-reduce can move a weight across a rounding
+    # boundary, so allow a few more flips there (the train loss above matches to 1e-4).
+    tolerance = 0.05 if metric == "test_acc_q" else 0.02
     assert results["t-ddp"]["test_acc"] == pytest.approx(results["t-single"]["test_acc"],
-                                                         abs=0.02)
+                                                         abs=tolerance)
     # The final evaluation covers the whole test set in both (sharded, then summed).
     assert final["t-ddp"] == pytest.approx(final["t-single"], abs=0.05)
 
