@@ -38,7 +38,7 @@ class CodebookFormat:
 
     @property
     def bits(self) -> int:
-        return max(1, math.ceil(math.log2(self.k)))
+        return math.ceil(math.log2(self.k))
 
     def quantize(self, x: torch.Tensor) -> Encoded:
         """Indices (``bits`` bits each) and the sorted float32 codebook of ``k`` values."""

@@ -137,8 +137,6 @@ class QuantStage(Stage):
             plot_weight_histograms(floats, model, ctx.out_dir / "weights_q.png")
             plot_confusion(confusion, ctx.out_dir / "confusion_q.png",
                            f"quantized model, test accuracy {metrics['test_acc_q']:.4f}")
-        else:
-            packed.unlink()  # only rank 0's files travel
         return metrics
 
 
