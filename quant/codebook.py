@@ -60,6 +60,14 @@ class CodebookFormat:
         return Encoded(index.reshape(x.shape).to(x.device), self.bits,
                        {"codebook": codebook.to(x.device)})
 
+    def assign(self, x: torch.Tensor, codebook: torch.Tensor) -> Encoded:
+        """Indices of the nearest entries of a given ``codebook`` (QAT between refits)."""
+        flat = x.detach().reshape(-1, 1).float()
+        index = torch.cat([(chunk - codebook.reshape(1, -1)).abs().argmin(1)
+                           for chunk in flat.split(1 << 16)]) if flat.numel() else \
+            torch.zeros(0, dtype=torch.int64)
+        return Encoded(index.reshape(x.shape), self.bits, {"codebook": codebook.clone()})
+
     def dequantize(self, enc: Encoded, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return enc.params["codebook"][enc.codes].to(dtype)
 

@@ -43,7 +43,7 @@ from quant.intfmt import IntFormat
 from quant.lns import LNSFormat
 
 __all__ = ["QuantConfig", "Format", "quantize_", "prepare_qat_", "convert_", "calibrate_",
-           "strip_qat_",
+           "strip_qat_", "set_qat_enabled_",
            "default_filter", "WeightFakeQuant", "quantized_layers", "input_quantizers"]
 
 Format = Union[IntFormat, FloatFormat, LNSFormat, CodebookFormat]
@@ -86,19 +86,45 @@ def default_filter(module: nn.Module, fqn: str) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
+# A codebook's k-means is refit every this many training forward passes; in between the
+# weights snap to the nearest entry of the last fit (refitting per step costs ~0.3 s for
+# a 100k-weight layer on this CPU).
+CODEBOOK_REFIT_EVERY = 50
+
+
 class WeightFakeQuant(nn.Module):
-    """Parametrization: forward ``fake_quantize(w)``, backward straight through."""
+    """Parametrization: forward ``fake_quantize(w)``, backward straight through. For a
+    codebook, the codebook is kept (a buffer: checkpoints carry it) and refit every
+    ``CODEBOOK_REFIT_EVERY`` training steps."""
 
     def __init__(self, fmt: Format) -> None:
         super().__init__()
         self.fmt = fmt
         self.enabled = True
+        if isinstance(fmt, CodebookFormat):
+            self.register_buffer("codebook", torch.zeros(fmt.k))
+            self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def encode(self, w: torch.Tensor) -> Any:
+        """``w`` in the format's codes, as the forward pass quantizes it."""
+        w = w.detach()
+        if not isinstance(self.fmt, CodebookFormat):
+            return self.fmt.quantize(w)
+        if int(self.steps) % CODEBOOK_REFIT_EVERY == 0 and (self.training or not self.steps):
+            encoded = self.fmt.quantize(w)
+            self.codebook.copy_(encoded.params["codebook"])
+        else:
+            encoded = self.fmt.assign(w, self.codebook)
+        if self.training:
+            self.steps += 1
+        return encoded
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
-        # Exactly fake_quantize(w) forward (w - w.detach() is 0.0), identity backward.
-        return self.fmt.fake_quantize(w.detach()) + (w - w.detach())
+        q = self.fmt.dequantize(self.encode(w), dtype=w.dtype)
+        # Exactly q forward (w - w.detach() is 0.0), identity backward.
+        return q + (w - w.detach())
 
 
 def _selected(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None
@@ -128,6 +154,17 @@ def prepare_qat_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | No
         parametrize.register_parametrization(module, "weight", WeightFakeQuant(fmt))
         if config.activations is not None:
             attach_input_quant(module, config.activations, config.observer)
+    return model
+
+
+def set_qat_enabled_(model: nn.Module, enabled: bool) -> nn.Module:
+    """Turn a prepared model's fake quantization (weights, and input observing and
+    quantization) off (float training, e.g. a warm-up) or back on."""
+    for module in model.modules():
+        if isinstance(module, WeightFakeQuant):
+            module.enabled = enabled
+        elif isinstance(module, ActivationQuant):
+            module.observing = module.enabled = enabled
     return model
 
 
@@ -170,7 +207,8 @@ def convert_(model: nn.Module) -> nn.Module:
                 # The codes are kept: re-quantizing a quantized tensor need not give the same
                 # codes (INT's min-max scale of the rounded tensor differs), and the packed
                 # artifact must hold exactly what was evaluated.
-                encoded = fq.fmt.quantize(original)
+                fq.eval()  # the codes of the last forward pass (a codebook: its last fit)
+                encoded = fq.encode(original)
                 weight = fq.fmt.dequantize(encoded, dtype=original.dtype)
             module.weight = nn.Parameter(weight, requires_grad=original.requires_grad)
             module.weight_format = fq.fmt

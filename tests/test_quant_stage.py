@@ -145,3 +145,25 @@ def test_an_extra_test_set_is_scored_float_and_quantized(tiny_root: Path) -> Non
     assert 0 <= history[-1]["extra_acc_q"] <= 1
     with pytest.raises(Exception, match="does not exist"):
         run_trial(tiny(tiny_root, "data.extra_test=nowhere", "train.epochs=1"), LocalSession())
+
+
+def test_qat_after_a_float_warm_up_resumes_exactly(tiny_root: Path, tmp_path: Path) -> None:
+    cfg = tiny(tiny_root, "quant.mode=qat", "quant.bits=2", "quant.qat_start_epoch=1",
+               "train.epochs=3")
+    full = run_trial(cfg, LocalSession())
+    float_first = run_trial(tiny(tiny_root, "train.epochs=3"), LocalSession())
+    qat_now = run_trial(tiny(tiny_root, "quant.mode=qat", "quant.bits=2", "train.epochs=3"),
+                        LocalSession())
+    # Epoch 1 trains in float (as plain FP32 does), then 2-bit QAT takes over.
+    assert full[0]["train_loss"] == float_first[0]["train_loss"]
+    assert full[0]["train_loss"] != qat_now[0]["train_loss"]
+    assert full[1]["train_loss"] != float_first[1]["train_loss"]
+    assert full[-1]["test_acc_q"] == full[-1]["test_acc"]
+    crashed = LocalSession(checkpoint_dir=tmp_path / "ckpt", stop_after=1)
+    with pytest.raises(InterruptedError):
+        run_trial(cfg, crashed)
+    resumed = run_trial(cfg, LocalSession(resume_from=tmp_path / "ckpt"))
+    assert [{k: v for k, v in m.items() if k not in TIMINGS} for m in resumed] == \
+        [{k: v for k, v in m.items() if k not in TIMINGS} for m in full]
+    with pytest.raises(ConfigError, match="quant.qat_start_epoch=3.*< train.epochs"):
+        tiny(tiny_root, "quant.mode=qat", "quant.qat_start_epoch=3")

@@ -390,6 +390,7 @@ class QuantSection(_Section):
     k: int = 16  # codebook entries per tensor
     first_last_bits: int = 0
     byte_budget: int = 0  # packed bytes; 0: none (budget_score = the quantized accuracy)
+    qat_start_epoch: int = 0  # qat: epochs trained in float first (fake-quant off)
     activation_bits: int = 0  # inputs of quantized layers, per tensor INT; 0: float
     activation_symmetric: bool = False
     observer: str = "moving_average"  # activation range: minmax, moving_average, ...
@@ -399,6 +400,7 @@ class QuantSection(_Section):
         self._choice("format", QUANT_FORMATS)
         self._range("first_last_bits", 0, 16)
         self._range("byte_budget", 0, INF)
+        self._range("qat_start_epoch", 0, INF)
         self._choice("observer", ("minmax", "moving_average", "percentile", "mse"))
         if self.first_last_bits and self.format not in ("int", "lns"):
             _fail("quant.first_last_bits", self.first_last_bits,
@@ -466,6 +468,12 @@ class TrialConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     quant: QuantSection = field(default_factory=QuantSection)
+
+    def __post_init__(self) -> None:
+        q = self.quant
+        if q.mode == "qat" and q.qat_start_epoch >= self.train.epochs:
+            _fail("quant.qat_start_epoch", q.qat_start_epoch,
+                  f"a value < train.epochs ({self.train.epochs}): QAT would never start")
 
     # -- construction -------------------------------------------------------------------
     @classmethod

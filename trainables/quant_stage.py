@@ -3,8 +3,10 @@
 
 - ``qat``: ``prepare`` registers fake-quantized weights before the optimizer is built, so
   every training step (and every epoch's evaluation) runs the quantized forward pass with
-  a straight-through backward. Checkpoints hold the float weights under the
-  parametrization, so resume is exact.
+  a straight-through backward; with ``quant.qat_start_epoch=n`` the first n epochs train
+  in float (fake quantization off, switched on after epoch n's evaluation). Checkpoints
+  hold the float weights under the parametrization (and the epoch count), so resume is
+  exact.
 - ``ptq``: training is untouched.
 - At the end (both): a copy of the trained model is converted (QAT) or quantized (PTQ),
   evaluated on the test split (``test_acc_q``, ``test_loss_q``), and written packed
@@ -31,6 +33,7 @@ import json
 import math
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,11 +80,26 @@ class QuantStage(Stage):
 
     def __init__(self, cfg: TrialConfig) -> None:
         self.cfg = cfg
+        self.model: nn.Module | None = None
+        self.epochs_done = 0
+
+    def _qat_on(self) -> bool:
+        return self.epochs_done >= self.cfg.quant.qat_start_epoch
 
     def prepare(self, model: nn.Module) -> nn.Module:
         if self.cfg.quant.mode == "qat":
             quant.prepare_qat_(model, quant_config(self.cfg, model))
+            quant.transforms.set_qat_enabled_(model, self._qat_on())
+            self.model = model
         return model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs_done": self.epochs_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epochs_done = int(state["epochs_done"])
+        if self.model is not None:
+            quant.transforms.set_qat_enabled_(self.model, self._qat_on())
 
     def _quantized_copy(self, ctx: StageContext) -> nn.Module:
         model = copy.deepcopy(ctx.model)
@@ -101,6 +119,9 @@ class QuantStage(Stage):
         budget = self.cfg.quant.byte_budget
         # Over the budget costs accuracy in proportion: a searcher can tell 10% from 2x.
         score = acc - max(0.0, nbytes / budget - 1.0) if budget else acc
+        self.epochs_done += 1
+        if self.model is not None and self._qat_on():  # the float warm-up is over
+            quant.transforms.set_qat_enabled_(self.model, True)
         return {f"{split}_acc_q": acc, "packed_bytes": nbytes, "budget_score": score}
 
     def finalize(self, ctx: StageContext) -> dict[str, float]:
