@@ -94,6 +94,16 @@ def write_image_folder(folder: Path, classes: int, size: tuple[int, int], seed: 
             Image.fromarray(img[: size[1], : size[0]]).save(target / f"{i}.{ext}")
 
 
+def tiny_config(root: Path, *overrides: str):
+    """A small LeNet on the tiny data under ``root``, 3 epochs; ``overrides`` win."""
+    from trainables.config import TrialConfig
+
+    return TrialConfig().with_overrides([
+        f"data.root={root}", "data.batch_size=32", "data.test_batch_size=64",
+        "model.name=lenet", "model.channels=[4,8]", "model.hidden=[32]",
+        "optim.lr=0.05", "train.epochs=3", *overrides])
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data root holding every dataset qsweep reads, tiny, in torchvision's layouts."""

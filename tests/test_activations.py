@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 from torch.ao.quantization.observer import MinMaxObserver, MovingAverageMinMaxObserver
 
@@ -106,10 +107,7 @@ def test_calibrated_ptq_packs_and_restores_bit_for_bit(tmp_path: Path) -> None:
 
 
 def tiny(root: Path, *overrides: str) -> TrialConfig:
-    return TrialConfig().with_overrides([
-        f"data.root={root}", "data.batch_size=32", "data.test_batch_size=64",
-        "model.name=lenet", "model.channels=[4,8]", "model.hidden=[32]",
-        "optim.lr=0.05", "train.epochs=3", *overrides])
+    return tiny_config(root, *overrides)
 
 
 def test_qat_with_activations_resumes_exactly(tiny_root: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 
 import optim
 from trainables.config import OptimConfig, TrialConfig
@@ -18,10 +19,7 @@ TIMINGS = {"epoch_seconds", "train_seconds", "images_per_s"}
 
 
 def tiny(root: Path, *overrides: str) -> TrialConfig:
-    return TrialConfig().with_overrides([
-        f"data.root={root}", "data.batch_size=32", "data.test_batch_size=64",
-        "model.name=lenet", "model.channels=[4,8]", "model.hidden=[32]",
-        "optim.lr=0.05", "train.epochs=3", *overrides])
+    return tiny_config(root, *overrides)
 
 
 def without_timings(history: list[dict]) -> list[dict]:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 from mlflow.tracking import MlflowClient
 
 from sweeps.runner import Sweep, run_sweep
@@ -28,10 +29,7 @@ def ray_runtime():
 
 
 def tiny(root: Path, *overrides: str) -> TrialConfig:
-    return TrialConfig().with_overrides([
-        f"data.root={root}", "data.batch_size=32", "data.test_batch_size=64",
-        "model.name=lenet", "model.channels=[4,8]", "model.hidden=[32]", "train.epochs=2",
-        *overrides])
+    return tiny_config(root, "train.epochs=2", *overrides)
 
 
 def lr_space(trial) -> None:
