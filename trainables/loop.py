@@ -230,13 +230,14 @@ class _Trainer:
                        epoch_seconds=time.perf_counter() - epoch_start)
         if self.stages:
             with tempfile.TemporaryDirectory(prefix="qsweep-epoch-") as scratch:
-                ctx = self._stage_context(Path(scratch))
+                ctx = self._stage_context(Path(scratch), metrics)
                 for stage in self.stages:
                     metrics.update(stage.epoch_end(ctx))
         self.epoch += 1
         return metrics
 
-    def _stage_context(self, out_dir: Path) -> StageContext:
+    def _stage_context(self, out_dir: Path, epoch_metrics: dict[str, Any] | None = None
+                       ) -> StageContext:
         self.model.eval()
 
         def evaluate(model: nn.Module, split: str = "test") -> dict[str, float]:
@@ -251,7 +252,8 @@ class _Trainer:
                             eval_batches=lambda split: iter(self.eval_loaders[split]),
                             data_shape=(self.splits.in_channels, self.splits.image_size,
                                         self.splits.num_classes),
-                            out_dir=out_dir, is_chief=self.session.world_rank == 0)
+                            out_dir=out_dir, is_chief=self.session.world_rank == 0,
+                            epoch_metrics=epoch_metrics or {})
 
     def finalize(self, out_dir: Path) -> dict[str, float]:
         """Every stage's end-of-training work; files go to ``out_dir``."""

@@ -114,7 +114,12 @@ class QuantStage(Stage):
         its packed size, every epoch: what a bit-width search ranks trials by."""
         split = "val" if "val" in ctx.splits else "test"
         model = self._quantized_copy(ctx)
-        acc = ctx.evaluate(model, split)[f"{split}_acc"]
+        if self.model is not None and self._qat_on():
+            # The epoch's own evaluation already ran the quantized forward pass, which the
+            # converted copy reproduces exactly: no second pass over the split.
+            acc = ctx.epoch_metrics[f"{split}_acc"]
+        else:
+            acc = ctx.evaluate(model, split)[f"{split}_acc"]
         nbytes = quant.save_packed(model, ctx.out_dir / "epoch.qsw")
         budget = self.cfg.quant.byte_budget
         # Over the budget costs accuracy in proportion: a searcher can tell 10% from 2x.

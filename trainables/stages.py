@@ -34,7 +34,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -66,6 +66,8 @@ class StageContext:
     data_shape: tuple[int, int, int]
     out_dir: Path  # files written here reach the trial's MLflow run (rank 0's; finalize)
     is_chief: bool  # rank 0: write files only here if they are expensive
+    # What this epoch reports so far (epoch_end: its own evaluations, e.g. val_acc).
+    epoch_metrics: dict[str, Any] = field(default_factory=dict)
 
 
 FinalizeContext = StageContext
