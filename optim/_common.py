@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["check_range", "check_bool", "rms", "closure_loss", "params_with_grad"]
+__all__ = ["check_range", "check_bool", "check_choice", "rms", "closure_loss", "params_with_grad"]
 
 
 def check_range(name: str, value: Any, lo: float, hi: float = math.inf,
@@ -27,6 +27,11 @@ def check_range(name: str, value: Any, lo: float, hi: float = math.inf,
 def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"Invalid {name}: {value!r} (allowed True or False)")
+
+
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"Invalid {name}: {value!r} (allowed {', '.join(allowed)})")
 
 
 def rms(p: torch.Tensor) -> torch.Tensor:

@@ -2,32 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
-import torch
-from torch.optim import Optimizer
+from optim._common import check_bool, check_choice, params_with_grad
+from optim._update import adam_direction, additive_, decoupled_decay_, multiplicative_
+from optim.adam_gd import check_adam
+from optim.base import Optimizer
 
-from optim._adam_moments import adam_direction, check_adam
-from optim._common import check_bool, closure_loss, params_with_grad
-from optim.adam_gd import adam_gd_update
+__all__ = ["AdamEG", "ADAM_EG_DECAYS"]
 
-__all__ = ["AdamEG", "adam_eg_update"]
+ADAM_EG_DECAYS = ("decoupled", "exp")
 
 
 class AdamEG(Optimizer):
     r"""The multiplicative half of the matched pair with :class:`AdamGD`: the same
-    bias-corrected Adam direction, applied to ``log|w|``.
+    bias-corrected Adam direction (``amsgrad``, ``maximize`` as in AdamW), applied to
+    ``log|w|``.
 
     .. math::
         d_t &= \hat m_t / (\sqrt{\hat v_t} + \epsilon)  \quad\text{(as in AdamGD)}\\
+        w_t &= w_{t-1} (1 - \eta\lambda) \exp(-\eta\, \mathrm{sign}(w_{t-1})\, d_t)
+               && \text{(decay="decoupled", the default)}\\
         w_t &= w_{t-1} \exp(-\eta\, (\mathrm{sign}(w_{t-1})\, d_t + \lambda))
-               && \text{(multiplicative)}\\
+               && \text{(decay="exp")}\\
         w_t &= w_{t-1} (1 - \eta\lambda) - \eta\, d_t    && \text{(additive groups)}
 
-    Decoupled weight decay shrinks magnitudes by ``exp(-eta * lambda)``, to first order
-    the ``1 - eta * lambda`` of AdamGD. The lr is a relative change per step (AdamGD's is
-    absolute). Signs never change and zeros never move: put biases and norm parameters in
-    a ``multiplicative=False`` group (:func:`optim.split_params`), which steps as AdamGD.
+    The "decoupled" decay is the research code's (seed 000's AdamWeg) and AdamGD's; "exp"
+    is its first-order equal in log space. The lr is a relative change per step
+    (AdamGD's is absolute). Signs never change and zeros never move: put biases and norm
+    parameters in a ``multiplicative=False`` group (:func:`optim.split_params`), which
+    steps as AdamGD.
 
     Example::
 
@@ -36,26 +40,27 @@ class AdamEG(Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, multiplicative: bool = True) -> None:
-        check_adam(lr, betas, eps, weight_decay)
+                 weight_decay: float = 0.0, decay: str = "decoupled", amsgrad: bool = False,
+                 maximize: bool = False, multiplicative: bool = True) -> None:
+        check_adam(lr, betas, eps, weight_decay, amsgrad, maximize)
+        check_choice("decay", decay, ADAM_EG_DECAYS)
         check_bool("multiplicative", multiplicative)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        decay=decay, amsgrad=amsgrad, maximize=maximize,
                         multiplicative=multiplicative)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = closure_loss(closure)
+    def _update(self) -> None:
         for group in self.param_groups:
             for p in params_with_grad(group):
-                d = adam_direction(p.grad, self.state[p], group["betas"], group["eps"])
-                if group["multiplicative"]:
-                    adam_eg_update(p, d, lr=group["lr"], weight_decay=group["weight_decay"])
+                d = adam_direction(p.grad, self.state[p], group["betas"], group["eps"],
+                                   group["amsgrad"], group["maximize"])
+                lr, wd = group["lr"], group["weight_decay"]
+                if not group["multiplicative"]:
+                    decoupled_decay_(p, lr, wd)
+                    additive_(p, d, lr)
+                elif group["decay"] == "decoupled":
+                    decoupled_decay_(p, lr, wd)
+                    multiplicative_(p, d, lr)
                 else:
-                    adam_gd_update(p, d, lr=group["lr"], weight_decay=group["weight_decay"])
-        return loss
-
-
-def adam_eg_update(p: torch.Tensor, d: torch.Tensor, *, lr: float, weight_decay: float) -> None:
-    """w <- w exp(-lr (sign(w) d + wd)), in place."""
-    p.mul_(torch.exp(-lr * (torch.sign(p) * d + weight_decay)))
+                    multiplicative_(p, d, lr, decay=wd)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
-from torch.optim import Optimizer
 
-from optim._common import check_bool, check_range, closure_loss, params_with_grad
+from optim._common import check_bool, check_range, params_with_grad
+from optim.base import Optimizer
 
-__all__ = ["EGPM", "egpm_update"]
+__all__ = ["EGPM", "egpm_apply_"]
 
 
 class EGPM(Optimizer):
@@ -26,10 +26,11 @@ class EGPM(Optimizer):
 
     To first order ``w`` moves by ``-eta * (u + v) * d``: the step is proportional to
     ``|w| + 2c``, so a weight at 0 moves (at rate ``2c``) and can change sign; no
-    separate group for biases is needed. ``normalize`` keeps each tensor's total
-    ``sum(u + v)`` fixed (the simplex version of the original). The optimizer owns the
-    weights through ``(u, v)`` in its state: assigning to a parameter between steps is
-    overwritten at the next step.
+    separate group for biases is needed (the registry builds it without one). It is
+    still a multiplicative update, of ``u`` and ``v``. ``normalize`` keeps each tensor's
+    total ``sum(u + v)`` fixed (the simplex version of the original). The optimizer owns
+    the weights through ``(u, v)`` in its state: assigning to a parameter between steps
+    is overwritten at the next step.
 
     Example::
 
@@ -45,9 +46,7 @@ class EGPM(Optimizer):
         defaults = dict(lr=lr, offset=offset, normalize=normalize, weight_decay=weight_decay)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = closure_loss(closure)
+    def _update(self) -> None:
         for group in self.param_groups:
             for p in params_with_grad(group):
                 state = self.state[p]
@@ -55,15 +54,15 @@ class EGPM(Optimizer):
                     state["u"] = p.clamp(min=0) + group["offset"]
                     state["v"] = (-p).clamp(min=0) + group["offset"]
                     state["total"] = (state["u"] + state["v"]).sum()
-                egpm_update(p, p.grad, state, lr=group["lr"], normalize=group["normalize"],
-                            weight_decay=group["weight_decay"])
-        return loss
+                d = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] \
+                    else p.grad
+                egpm_apply_(p, d, state, lr=group["lr"], normalize=group["normalize"])
 
 
-def egpm_update(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], *, lr: float,
-                normalize: bool, weight_decay: float) -> None:
-    """One EG+- step on one tensor, in place (``state`` holds u, v and the total)."""
-    d = grad.add(p, alpha=weight_decay) if weight_decay else grad
+def egpm_apply_(p: torch.Tensor, d: torch.Tensor, state: dict[str, Any], *, lr: float,
+                normalize: bool) -> None:
+    """u <- u exp(-lr d), v <- v exp(lr d) (rescaled to their first total if
+    ``normalize``), w <- u - v; in place."""
     u, v = state["u"], state["v"]
     u.mul_(torch.exp(-lr * d))
     v.mul_(torch.exp(lr * d))

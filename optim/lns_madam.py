@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import torch
-from torch.optim import Optimizer
 
-from optim._common import check_range, closure_loss, params_with_grad, rms
-from optim.madam import check_madam, madam_additive_step, madam_direction
+from optim._common import check_range, params_with_grad, rms
+from optim._update import additive_, decoupled_decay_, madam_direction
+from optim.base import Optimizer
+from optim.madam import check_madam
 from quant.lns import LNSFormat
 
 __all__ = ["LNSMadam"]
@@ -37,7 +38,9 @@ class LNSMadam(Optimizer):
     (2 * gamma * g_bound)``. The reference code rounds ``g`` itself and uses ``lr = 1 /
     gamma``; that is the same update when ``lr * gamma`` is 1. Weights are snapped onto
     the grid at construction (the first forward pass already sees LNS weights) and a
-    weight that was exactly 0 stays 0. ``multiplicative=False`` groups (biases, norm
+    weight that was exactly 0 stays 0; parameters that do not train (``requires_grad``
+    False) are left alone, and a group added later (``add_param_group``) is snapped when
+    added. ``multiplicative=False`` groups (biases, norm
     parameters; :func:`optim.split_params`) take Madam's additive step in float.
 
     Example::
@@ -60,10 +63,15 @@ class LNSMadam(Optimizer):
                         g_bound=g_bound, beta=beta, weight_decay=weight_decay,
                         multiplicative=multiplicative)
         super().__init__(params, defaults)
-        with torch.no_grad():
-            for group in self.param_groups:
-                if group["multiplicative"]:
-                    for p in group["params"]:
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # torch's __init__ adds its groups through here too: one place snaps them all.
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["multiplicative"]:
+            with torch.no_grad():
+                for p in group["params"]:
+                    if p.requires_grad:
                         self._snap(p, group)
 
     @staticmethod
@@ -80,28 +88,24 @@ class LNSMadam(Optimizer):
         state.update(scale=scale, sign=sign, exponent=code)
         p.copy_(self.format_of(group).decode(sign, code, scale, dtype=p.dtype))
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        # torch casts every state tensor to the parameter's float dtype on load; the
-        # sign and exponent are integers (values are exact in float32, so casting back is).
-        for state in self.state.values():
-            if "exponent" in state:
-                state["sign"] = state["sign"].to(torch.int8)
-                state["exponent"] = state["exponent"].to(torch.int32)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = closure_loss(closure)
+        for group in self.param_groups:  # params that did not train when added: snap now
+            for p in params_with_grad(group):
+                if group["multiplicative"] and "exponent" not in self.state.get(p, {}):
+                    self._snap(p, group)
+        return super().step(closure)
+
+    def _update(self) -> None:
         for group in self.param_groups:
             for p in params_with_grad(group):
                 state = self.state[p]
                 g = madam_direction(p.grad, state, group["beta"], group["g_bound"])
-                lr, wd = group["lr"], group["weight_decay"]
                 if group["multiplicative"]:
                     self._exponent_step(p, g, state, group)
                 else:
-                    madam_additive_step(p, g, lr, wd)
-        return loss
+                    decoupled_decay_(p, group["lr"], group["weight_decay"])
+                    additive_(p, g, group["lr"])
 
     def _exponent_step(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, Any],
                        group: dict[str, Any]) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
-import torch
-from torch.optim import Optimizer
+from optim._common import check_bool, check_range, params_with_grad, rms
+from optim._update import additive_, decoupled_decay_, madam_direction, multiplicative_
+from optim.base import Optimizer
 
-from optim._common import check_bool, check_range, closure_loss, params_with_grad, rms
-
-__all__ = ["Madam", "madam_direction", "madam_additive_step", "check_madam"]
+__all__ = ["Madam", "check_madam"]
 
 
 class Madam(Optimizer):
@@ -19,18 +18,19 @@ class Madam(Optimizer):
     .. math::
         s_t &= \beta s_{t-1} + (1-\beta) g_t^2,\quad
         \hat g_t = \mathrm{clamp}\big(g_t / \sqrt{s_t / (1-\beta^t)},\ \pm g_{bound}\big)
-        \ (0 \text{ where } s_t = 0)\\
+        \ (0 \text{ where } g_t = s_t = 0)\\
         w_t &= \mathrm{clamp}\big(w_{t-1} \exp(-\eta\,(\mathrm{sign}(w_{t-1})\,\hat g_t
                + \lambda)),\ \pm w_{max}\big),\quad
         w_{max} = p_{scale} \cdot \mathrm{rms}(w_0)     && \text{(multiplicative)}\\
         w_t &= w_{t-1}(1 - \eta\lambda) - \eta\,\hat g_t  && \text{(additive groups)}
 
-    ``w_max`` is fixed from each tensor's first-step value. Unlike the reference code
-    (jxbz/madam), ``p_scale``, ``g_bound`` and ``beta`` live in the param groups, and
-    weight decay is one form, a decoupled shrink of magnitudes by ``exp(-eta * lambda)``.
-    Zeros never move under the multiplicative update (their ``w_max`` would be 0 too):
-    put biases and norm parameters in a ``multiplicative=False`` group
-    (:func:`optim.split_params`).
+    ``w_max`` is fixed from each tensor's first-step value. As in the reference code
+    (jxbz/madam), a gradient whose square underflows to 0 takes a full bounded step
+    (``g / 0`` clamped to ``g_bound``). Unlike it, ``p_scale``, ``g_bound`` and ``beta``
+    live in the param groups, and weight decay is one form, a decoupled shrink of
+    magnitudes by ``exp(-eta * lambda)``. Zeros never move under the multiplicative
+    update (their ``w_max`` would be 0 too): put biases and norm parameters in a
+    ``multiplicative=False`` group (:func:`optim.split_params`).
 
     Example::
 
@@ -45,9 +45,7 @@ class Madam(Optimizer):
                         weight_decay=weight_decay, multiplicative=multiplicative)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = closure_loss(closure)
+    def _update(self) -> None:
         for group in self.param_groups:
             for p in params_with_grad(group):
                 state = self.state[p]
@@ -56,18 +54,11 @@ class Madam(Optimizer):
                 g = madam_direction(p.grad, state, group["beta"], group["g_bound"])
                 lr, wd = group["lr"], group["weight_decay"]
                 if group["multiplicative"]:
-                    p.mul_(torch.exp(-lr * (torch.sign(p) * g + wd)))
+                    multiplicative_(p, g, lr, decay=wd)
                     p.clamp_(-state["max"], state["max"])
                 else:
-                    madam_additive_step(p, g, lr, wd)
-        return loss
-
-
-def madam_additive_step(p: torch.Tensor, g: torch.Tensor, lr: float, wd: float) -> None:
-    """The step of ``multiplicative=False`` groups: w <- w (1 - lr wd) - lr g."""
-    if wd:
-        p.mul_(1 - lr * wd)
-    p.add_(g, alpha=-lr)
+                    decoupled_decay_(p, lr, wd)
+                    additive_(p, g, lr)
 
 
 def check_madam(lr: float, p_scale: float, g_bound: float, beta: float, weight_decay: float,
@@ -78,18 +69,3 @@ def check_madam(lr: float, p_scale: float, g_bound: float, beta: float, weight_d
     check_range("beta", beta, 0.0, 1.0, hi_open=True)
     check_range("weight_decay", weight_decay, 0.0)
     check_bool("multiplicative", multiplicative)
-
-
-def madam_direction(grad: torch.Tensor, state: dict[str, Any], beta: float,
-                    g_bound: float) -> torch.Tensor:
-    """Update ``state`` (step, exp_avg_sq) and return the clamped RMS-normalized gradient."""
-    if "step" not in state:
-        state["step"] = torch.tensor(0.0)
-        state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-    state["step"] += 1
-    s = state["exp_avg_sq"]
-    s.mul_(beta).addcmul_(grad, grad, value=1 - beta)
-    s_hat = s / (1 - beta ** state["step"].item())
-    # A coordinate whose gradient has always been 0 has s = 0: its direction is 0, not NaN.
-    g = torch.where(s_hat > 0, grad / s_hat.sqrt(), torch.zeros_like(grad))
-    return g.clamp_(-g_bound, g_bound)

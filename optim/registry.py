@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -21,31 +21,41 @@ from optim.adam_eg import AdamEG
 from optim.adam_gd import AdamGD
 from optim.eg import EG
 from optim.egpm import EGPM
+from optim.gd_sign import GDSign
 from optim.groups import split_params
 from optim.lns_madam import LNSMadam
 from optim.madam import Madam
+from optim.sgd import SGD
 
-__all__ = ["available", "build", "build_for_model", "register", "is_multiplicative", "reads",
-           "defaults", "validate", "readers"]
+__all__ = ["available", "build", "build_for_model", "register", "needs_bias_group", "reads",
+           "defaults", "validate", "readers", "BIAS_MODES"]
 
 Factory = Callable[..., torch.optim.Optimizer]
+# How build_for_model groups a model's parameters for an optimizer that needs a bias
+# group: "split" (weights take the optimizer's update, biases and norm parameters its
+# additive step) or "all" (every parameter takes the optimizer's update, as seed 000 did).
+BIAS_MODES = ("split", "all")
 
 
 @dataclass(frozen=True)
 class _Entry:
     factory: Factory
-    # True: the update multiplies weights, so biases/norm parameters get an additive group.
-    multiplicative: bool
+    # The flags of the group that biases and norm parameters need (they start at 0, which
+    # a sign-preserving or multiplicative update never moves); None: no such group.
+    bias_group: Mapping[str, Any] | None
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register(name: str, factory: Factory, multiplicative: bool = False) -> None:
-    """Make ``factory(params, **hparams)`` buildable as ``name``."""
+def register(name: str, factory: Factory,
+             bias_group: Mapping[str, Any] | None = None) -> None:
+    """Make ``factory(params, **hparams)`` buildable as ``name``; ``bias_group``: the
+    param-group flags under which the optimizer steps biases additively, if it needs that
+    (e.g. ``{"multiplicative": False}``)."""
     if name in _REGISTRY:
         raise ValueError(f"optimizer {name!r} is already registered")
-    _REGISTRY[name] = _Entry(factory, multiplicative)
+    _REGISTRY[name] = _Entry(factory, bias_group)
 
 
 def available() -> tuple[str, ...]:
@@ -59,8 +69,10 @@ def _entry(name: str) -> _Entry:
     return _REGISTRY[name]
 
 
-def is_multiplicative(name: str) -> bool:
-    return _entry(name).multiplicative
+def needs_bias_group(name: str) -> bool:
+    """Whether ``name``'s update never moves a weight at 0 (multiplicative or
+    sign-preserving), so that :func:`build_for_model` gives biases an additive group."""
+    return _entry(name).bias_group is not None
 
 
 def reads(name: str) -> tuple[str, ...]:
@@ -107,23 +119,34 @@ def validate(name: str, **hparams: Any) -> None:
 
 
 def build_for_model(name: str, model: nn.Module, bias_lr: float | None = None,
-                    **hparams: Any) -> torch.optim.Optimizer:
-    """Like :func:`build`, with :func:`optim.split_params` groups for a multiplicative
-    optimizer (biases and norm parameters step additively at ``bias_lr``).
+                    bias_mode: str = "split", **hparams: Any) -> torch.optim.Optimizer:
+    """Like :func:`build`; for an optimizer that needs a bias group
+    (:func:`needs_bias_group`) and ``bias_mode="split"``, :func:`optim.split_params`
+    groups (biases and norm parameters step additively at ``bias_lr``); ``"all"`` applies
+    the optimizer to every parameter, biases included (seed 000's setting).
 
     Example::
 
         opt = build_for_model("eg", model, bias_lr=0.05, lr=2.0)
     """
-    if is_multiplicative(name):
-        return build(name, split_params(model, bias_lr), **hparams)
+    if bias_mode not in BIAS_MODES:
+        raise ValueError(f"bias_mode={bias_mode!r} is invalid: allowed "
+                         f"{', '.join(BIAS_MODES)}")
+    bias_group = _entry(name).bias_group
+    if bias_group is not None and bias_mode == "split":
+        return build(name, split_params(model, bias_lr, bias_group), **hparams)
     return build(name, model.parameters(), **hparams)
 
 
 def _gd(params: Iterable[Any], lr: float, weight_decay: float = 0.0
         ) -> torch.optim.Optimizer:
     # Plain gradient descent: SGD without momentum.
-    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    return SGD(params, lr=lr, weight_decay=weight_decay)
+
+
+def _gd_sign(params: Iterable[Any], lr: float, weight_decay: float = 0.0,
+             sign_threshold: float = 1e-18) -> torch.optim.Optimizer:
+    return GDSign(params, lr=lr, weight_decay=weight_decay, threshold=sign_threshold)
 
 
 def _sgd(params: Iterable[Any], lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
@@ -134,13 +157,13 @@ def _sgd(params: Iterable[Any], lr: float, weight_decay: float = 0.0, momentum: 
     check_bool("nesterov", nesterov)
     if nesterov and momentum == 0.0:
         raise ValueError("Invalid nesterov: True (allowed only with momentum > 0)")
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov,
-                           weight_decay=weight_decay)
+    return SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
 
 def _eg(params: Iterable[Any], lr: float, weight_decay: float = 0.0, momentum: float = 0.0,
-        nesterov: bool = False) -> torch.optim.Optimizer:
-    return EG(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        nesterov: bool = False, decay_form: str = "sign") -> torch.optim.Optimizer:
+    return EG(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+              decay=decay_form)
 
 
 def _egpm(params: Iterable[Any], lr: float, weight_decay: float = 0.0,
@@ -149,12 +172,18 @@ def _egpm(params: Iterable[Any], lr: float, weight_decay: float = 0.0,
                 weight_decay=weight_decay)
 
 
-def _adam(cls: type) -> Factory:
-    def factory(params: Iterable[Any], lr: float, weight_decay: float = 0.0,
-                beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8
-                ) -> torch.optim.Optimizer:
-        return cls(params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
-    return factory
+def _adam_gd(params: Iterable[Any], lr: float, weight_decay: float = 0.0, beta1: float = 0.9,
+             beta2: float = 0.999, eps: float = 1e-8, amsgrad: bool = False
+             ) -> torch.optim.Optimizer:
+    return AdamGD(params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                  amsgrad=amsgrad)
+
+
+def _adam_eg(params: Iterable[Any], lr: float, weight_decay: float = 0.0, beta1: float = 0.9,
+             beta2: float = 0.999, eps: float = 1e-8, amsgrad: bool = False,
+             decay_form: str = "decoupled") -> torch.optim.Optimizer:
+    return AdamEG(params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                  amsgrad=amsgrad, decay=decay_form)
 
 
 def _madam(params: Iterable[Any], lr: float, weight_decay: float = 0.0, p_scale: float = 3.0,
@@ -171,11 +200,13 @@ def _lns_madam(params: Iterable[Any], lr: float, weight_decay: float = 0.0,
                     g_bound=g_bound, beta=beta2, weight_decay=weight_decay)
 
 
+_ADDITIVE = {"multiplicative": False}
 register("gd", _gd)
 register("sgd", _sgd)
-register("eg", _eg, multiplicative=True)
-register("egpm", _egpm)  # u, v > 0 move even where w = 0: no separate bias group
-register("adam_gd", _adam(AdamGD))
-register("adam_eg", _adam(AdamEG), multiplicative=True)
-register("madam", _madam, multiplicative=True)
-register("lns_madam", _lns_madam, multiplicative=True)
+register("gd_sign", _gd_sign, bias_group={"preserve_signs": False})
+register("eg", _eg, bias_group=_ADDITIVE)
+register("egpm", _egpm)  # multiplicative in u, v > 0, which move even where w = 0
+register("adam_gd", _adam_gd)
+register("adam_eg", _adam_eg, bias_group=_ADDITIVE)
+register("madam", _madam, bias_group=_ADDITIVE)
+register("lns_madam", _lns_madam, bias_group=_ADDITIVE)

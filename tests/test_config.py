@@ -166,3 +166,35 @@ def test_a_config_saved_before_unset_fields_loads() -> None:
     cfg = TrialConfig.from_stored(old)
     assert cfg.optim.momentum == 0.0 and cfg.optim.beta1 is None and cfg.optim.bias_lr is None
     assert cfg.train.epochs == 3
+
+
+def test_seed_forms_and_bias_mode_are_config_fields() -> None:
+    cfg = TrialConfig().with_overrides(["optim.name=eg", "optim.decay_form=l2",
+                                        "optim.bias_mode=all"])
+    params = cfg.tracked_params()
+    assert params["optim.decay_form"] == "l2" and params["optim.bias_mode"] == "all"
+    assert "optim.bias_lr" not in params  # every parameter takes optim.lr
+    assert TrialConfig().with_overrides(["optim.name=adam_eg"]).tracked_params()[
+        "optim.decay_form"] == "decoupled"
+    assert "optim.bias_mode" not in TrialConfig().tracked_params()  # sgd has no bias group
+    with pytest.raises(ConfigError, match="optim.decay_form='l1' is invalid for optim.name=eg"
+                                          ".*sign, l2"):
+        TrialConfig().with_overrides(["optim.name=eg", "optim.decay_form=l1"])
+    with pytest.raises(ConfigError, match="optim.bias_mode='none' is invalid: allowed one of "
+                                          "split, all"):
+        TrialConfig().with_overrides(["optim.name=eg", "optim.bias_mode=none"])
+    with pytest.raises(ConfigError, match="optim.bias_lr=0.01 is invalid: allowed unset with "
+                                          "optim.bias_mode=all"):
+        TrialConfig().with_overrides(["optim.name=eg", "optim.bias_mode=all",
+                                      "optim.bias_lr=0.01"])
+    with pytest.raises(ConfigError, match="optim.sign_threshold.*gd_sign"):
+        TrialConfig().with_overrides(["optim.name=gd", "optim.sign_threshold=1e-9"])
+
+
+def test_a_config_saved_before_decay_forms_keeps_its_decay() -> None:
+    # Before decay_form existed, eg decayed by L2 and adam_eg by exp(-lr * wd).
+    for name, form in (("eg", "l2"), ("adam_eg", "exp")):
+        old = {"optim.name": name, "optim.lr": 0.1, "optim.weight_decay": 1e-4}
+        assert TrialConfig.from_stored(old).optim.decay_form == form
+    new = TrialConfig().with_overrides(["optim.name=eg", "optim.lr=0.5"]).to_flat()
+    assert TrialConfig.from_stored(new).optim.decay_form is None  # the default: sign

@@ -31,11 +31,40 @@ def test_learns_and_reports_every_epoch(tiny_root: Path) -> None:
     history = run_trial(tiny(tiny_root), session)
     assert session.reports == history and [m["epoch"] for m in history] == [1, 2, 3]
     expected = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
-                "epoch_seconds", "train_seconds", "images_per_s", "device"}
+                "grad_nonfinite", "epoch_seconds", "train_seconds", "images_per_s", "device"}
     assert set(history[0]) == expected
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["test_acc"] > 0.5  # 10 classes: chance is 0.1
     assert all(m["images_per_s"] > 0 and m["device"] == "cpu" for m in history)
+
+
+def test_non_finite_gradients_are_skipped_and_reported(tiny_root: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hook that puts inf into one gradient element every step: every optimizer skips
+    that element, the epoch reports how many it skipped, training goes on."""
+    cfg = tiny_config(tiny_root, "optim.name=eg", "optim.lr=0.5", "train.epochs=1")
+    session = LocalSession()
+    calls = []
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        grad = grad.clone()
+        grad.view(-1)[0] = math.inf
+        return grad
+
+    import trainables.loop as loop_module
+
+    original = loop_module._Trainer.__init__
+
+    def patched(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original(self, *args, **kwargs)
+        next(p for p in self.model.parameters() if p.dim() >= 2).register_hook(poison)
+
+    monkeypatch.setattr(loop_module._Trainer, "__init__", patched)
+    run_trial(cfg, session)
+    (metrics,) = session.reports
+    assert metrics["grad_nonfinite"] == len(calls) > 0
+    assert math.isfinite(metrics["train_loss"]) and metrics["test_acc"] > 0.1
 
 
 def test_same_seed_same_numbers(tiny_root: Path) -> None:
@@ -78,7 +107,7 @@ def test_every_registered_optimizer_trains(tiny_root: Path, name: str) -> None:
     # Only the fields this optimizer reads: any other one set is a config error.
     plain = ["optim.momentum=0.0", "optim.nesterov=false"] if "momentum" in optim.reads(name) \
         else []
-    bias = ["optim.bias_lr=0.02"] if optim.is_multiplicative(name) else []
+    bias = ["optim.bias_lr=0.02"] if optim.needs_bias_group(name) else []
     cfg = tiny(tiny_root, f"optim.name={name}", f"optim.lr={OPTIMIZER_LR[name]}", *plain,
                *bias, "optim.schedule=constant", "train.epochs=2")
     history = run_trial(cfg, LocalSession())

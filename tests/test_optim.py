@@ -41,7 +41,7 @@ def test_eg_first_step_by_hand():
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_eg_two_steps_with_momentum_and_decay(nesterov):
+def test_eg_two_steps_with_momentum_and_l2_decay(nesterov):
     lr, mu, wd = 0.7, 0.9, 0.01
     w, buf = list(W0), [None] * 4
     for g in GRADS:
@@ -50,7 +50,8 @@ def test_eg_two_steps_with_momentum_and_decay(nesterov):
             buf[i] = d if buf[i] is None else mu * buf[i] + d
             direction = d + mu * buf[i] if nesterov else buf[i]
             w[i] = w[i] * math.exp(-lr * _sign(w[i]) * direction)
-    got = _steps(lambda ps: EG(ps, lr=lr, momentum=mu, nesterov=nesterov, weight_decay=wd))
+    got = _steps(lambda ps: EG(ps, lr=lr, momentum=mu, nesterov=nesterov, weight_decay=wd,
+                               decay="l2"))
     assert got == pytest.approx(w, abs=1e-14)
 
 
@@ -91,10 +92,10 @@ def test_adam_gd_two_steps_and_equals_adamw():
     assert _steps(lambda ps: torch.optim.AdamW(ps, **hp)) == pytest.approx(want, abs=1e-14)
 
 
-def test_adam_eg_two_steps():
+def test_adam_eg_two_steps_exp_decay():
     want, hp = _adam_reference(
         lambda w, d, lr, wd: w * math.exp(-lr * (_sign(w) * d + wd)))
-    assert _steps(lambda ps: AdamEG(ps, **hp)) == pytest.approx(want, abs=1e-14)
+    assert _steps(lambda ps: AdamEG(ps, decay="exp", **hp)) == pytest.approx(want, abs=1e-14)
 
 
 def test_madam_first_step_by_hand():

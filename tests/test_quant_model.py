@@ -145,7 +145,7 @@ def test_optimizers_train_through_the_fake_quant(name: str) -> None:
     prepare_qat_(model, QuantConfig(weights=IntFormat(4, True, True)))
     y = torch.arange(6) % 10
     lr = {"sgd": 0.05, "eg": 0.5, "madam": 0.05, "lns_madam": 0.125}[name]
-    opt = optim.build_for_model(name, model, bias_lr=0.05 if optim.is_multiplicative(name)
+    opt = optim.build_for_model(name, model, bias_lr=0.05 if optim.needs_bias_group(name)
                                 else None, lr=lr)
     losses = []
     for _ in range(30):

@@ -243,14 +243,22 @@ class OptimConfig(_Section):
     lns_frac_bits: int | None = None  # lns_madam: fractional exponent bits
     egpm_offset: float | None = None  # egpm: u0 = max(w, 0) + offset, v0 = max(-w, 0) + offset
     egpm_normalize: bool | None = None  # egpm: keep sum(u + v) of each tensor fixed
-    # Multiplicative optimizers (eg, adam_eg, madam, lns_madam) update biases and norm
-    # parameters additively (they start at 0, which a multiplicative step cannot move):
-    # their learning rate; unset or 0 means optim.lr.
+    # eg: sign (default; seed 000's wd * sign(w)) or l2 (wd * w);
+    # adam_eg: decoupled (default; w *= 1 - lr * wd) or exp (w *= exp(-lr * wd)).
+    decay_form: str | None = None
+    amsgrad: bool | None = None  # adam_gd, adam_eg: AdamW's amsgrad
+    sign_threshold: float | None = None  # gd_sign: where a weight that would cross 0 stops
+    # Optimizers whose update never moves a weight at 0 (eg, adam_eg, madam, lns_madam,
+    # gd_sign; optim.needs_bias_group) update biases and norm parameters additively in
+    # bias_mode=split (they start at 0), at bias_lr (unset or 0: optim.lr); bias_mode=all
+    # applies the optimizer to every parameter, biases included (seed 000's setting).
+    bias_mode: str = "split"
     bias_lr: float | None = None
 
     def hparams(self) -> dict[str, Any]:
         """Keyword arguments for :func:`optim.build`: lr, weight_decay and the fields set."""
-        loop = {"name", "bias_lr", *(f for names in _SCHEDULE_FIELDS.values() for f in names)}
+        loop = {"name", "bias_mode", "bias_lr",
+                *(f for names in _SCHEDULE_FIELDS.values() for f in names)}
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name not in loop and getattr(self, f.name) is not None}
 
@@ -261,8 +269,10 @@ class OptimConfig(_Section):
     def read_fields(self) -> dict[str, Any]:
         """The fields this optimizer and schedule read, unset ones at their defaults."""
         values = {"name": self.name, **optim.defaults(self.name), **self.hparams()}
-        if optim.is_multiplicative(self.name):
-            values["bias_lr"] = self.bias_group_lr() or self.lr
+        if optim.needs_bias_group(self.name):
+            values["bias_mode"] = self.bias_mode
+            if self.bias_mode == "split":
+                values["bias_lr"] = self.bias_group_lr() or self.lr
         values.update({f: getattr(self, f) for f in _SCHEDULE_FIELDS[self.schedule]})
         return values
 
@@ -272,10 +282,15 @@ class OptimConfig(_Section):
         self._range("warmup_fraction", 0.0, 1.0, hi_open=True)
         self._range("step_epochs", 1, INF)
         self._range("gamma", 0.0, 1.0, lo_open=True)
+        self._choice("bias_mode", optim.BIAS_MODES)
         if self.bias_lr is not None:
-            if not optim.is_multiplicative(self.name):
+            if not optim.needs_bias_group(self.name):
                 _not_read("bias_lr", self.bias_lr, self.name,
-                          tuple(n for n in optim.available() if optim.is_multiplicative(n)))
+                          tuple(n for n in optim.available() if optim.needs_bias_group(n)))
+            if self.bias_mode != "split":
+                _fail("optim.bias_lr", self.bias_lr, "unset with optim.bias_mode="
+                      f"{self.bias_mode} (every parameter takes optim.lr); bias_lr is read "
+                      "with optim.bias_mode=split")
             self._range("bias_lr", 0.0, INF)
         for name, value in self.hparams().items():
             if name not in optim.reads(self.name):
@@ -488,14 +503,19 @@ class TrialConfig:
     def from_stored(cls, values: Mapping[str, Any]) -> "TrialConfig":
         """A config as an older qsweep saved it (checkpoints, MLflow, Tune folders): it wrote
         every optimizer field, read or not. Fields the optimizer does not read had no
-        effect then and are dropped; ``optim.bias_lr=0`` meant unset."""
+        effect then and are dropped; ``optim.bias_lr=0`` meant unset; a config without
+        ``optim.decay_form`` keeps the decay eg and adam_eg had then."""
         flat = _dotted(values)
         name = flat.get("optim.name", OptimConfig.name)
         if name in optim.available():
             unread = {f.name for f in fields(OptimConfig) if f.default is None} - \
                 set(optim.reads(name))
-            if not optim.is_multiplicative(name) or flat.get("optim.bias_lr") == 0:
+            if not optim.needs_bias_group(name) or flat.get("optim.bias_lr") == 0:
                 unread.add("bias_lr")
+            # Before decay_form existed, eg's decay was L2 and adam_eg's exp(-lr * wd).
+            old_decay = {"eg": "l2", "adam_eg": "exp"}
+            if name in old_decay and "optim.decay_form" not in flat:
+                flat["optim.decay_form"] = old_decay[name]
             flat = {k: v for k, v in flat.items()
                     if k.partition(".")[2] not in unread or not k.startswith("optim.")}
         return cls.from_flat(flat)

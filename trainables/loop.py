@@ -6,7 +6,8 @@ trial (one worker, no worker group), or a Ray Train worker (DDP, ``num_workers >
 Precision (``fp32 | amp_bf16 | amp_fp16``) is a switch inside it, not another loop.
 
 Every epoch reports ``train_loss, train_acc, test_loss, test_acc`` (``val_*`` with a
-validation split), ``lr``, ``epoch_seconds``, ``train_seconds``, ``images_per_s`` and
+validation split), ``lr``, ``grad_nonfinite`` (gradient elements the optimizer skipped as
+inf/NaN), ``epoch_seconds``, ``train_seconds``, ``images_per_s`` and
 writes a checkpoint (model, optimizer, scheduler, scaler, stage states, config, epoch,
 history, RNG). A run resumed from a checkpoint ends with the same numbers as an
 uninterrupted one: every epoch seeds its own shuffle, crops and dropout from
@@ -140,7 +141,7 @@ class _Trainer:
             self.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         o = cfg.optim
         self.optimizer = optim.build_for_model(o.name, model, bias_lr=o.bias_group_lr(),
-                                               **o.hparams())
+                                               bias_mode=o.bias_mode, **o.hparams())
         self.train_loader = self._loader("train", cfg.data.batch_size)
         self.eval_loaders = {"test": self._loader("test", cfg.data.test_batch_size)}
         if self.splits.val is not None:
@@ -221,9 +222,12 @@ class _Trainer:
         epoch_start = time.perf_counter()
         self._seed_epoch(self.epoch)
         lr = self.optimizer.param_groups[0]["lr"]
+        skipped = getattr(self.optimizer, "nonfinite_skipped", 0)
         train_loss, train_acc, n, train_seconds = self.train_epoch()
         metrics: dict[str, Any] = {"epoch": self.epoch + 1, "train_loss": train_loss,
                                    "train_acc": train_acc, "lr": lr}
+        # Gradient elements the optimizer skipped as inf/NaN this epoch (optim.base).
+        metrics["grad_nonfinite"] = getattr(self.optimizer, "nonfinite_skipped", 0) - skipped
         for split, loader in self.eval_loaders.items():
             metrics[f"{split}_loss"], metrics[f"{split}_acc"] = self.evaluate(loader)
         metrics.update(train_seconds=train_seconds, images_per_s=n / max(train_seconds, 1e-9),
