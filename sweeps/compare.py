@@ -6,9 +6,16 @@ optimizer): its search trials, the config picked from them, and that config re-r
 several seeds (histories and final weights per seed). Plots draw one panel per key
 without its last part (dataset / model) and one series per last part (the optimizer).
 
+Every seed that was asked for is counted: *ok*, *diverged* (its training loss was
+non-finite at some epoch, or its final accuracy is at chance: a run that froze), or
+*failed* (it raised). Means, stds and the 95% confidence interval (t-distribution over
+seeds) are over the ok and diverged seeds: a diverged seed's accuracy is what that
+config gave. :func:`paired_rows` compares matched cells seed by seed (the same seed
+gives both the same initial weights and data order).
+
 Example::
 
-    cells = [CellResult(("mnist", "mlp", "eg"), search_rows, best_config)]
+    cells = [CellResult(("mnist", "mlp", "eg"), search_rows, best_config, chance=0.1)]
     cells[0].add_seed_run(1, history, weights)
     print(rows_to_markdown(table_rows(cells, ("dataset", "model", "optimizer"))))
 """
@@ -23,10 +30,10 @@ from typing import Any, Mapping
 
 import torch
 
-from sweeps.outcome import diverged
+from sweeps.outcome import at_chance, diverged
 
-__all__ = ["CellResult", "table_rows", "weight_vector", "weight_stats", "plot_curves",
-           "plot_sensitivity", "plot_weights"]
+__all__ = ["CellResult", "table_rows", "paired_rows", "mean_ci", "weight_vector",
+           "weight_stats", "plot_curves", "plot_sensitivity", "plot_weights"]
 
 # A search trial "worked" when its final accuracy is within this of the cell's best.
 WORKED_WITHIN = 0.01
@@ -41,6 +48,9 @@ class CellResult:
     weights: list[torch.Tensor] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     picked_trial_id: str = ""  # the search trial whose config best_config is
+    chance: float | None = None  # accuracy of guessing the most likely class (1 / classes)
+    asked: int = 0  # seed re-runs asked for (0: as many as reported)
+    failed_seeds: list[int] = field(default_factory=list)
 
     @property
     def panel(self) -> tuple[str, ...]:
@@ -57,9 +67,33 @@ class CellResult:
         if weights is not None:
             self.weights.append(weights)
 
+    def add_failed_seed(self, seed: int) -> None:
+        self.failed_seeds.append(seed)
+
     def finals(self, metric: str = "test_acc") -> list[float]:
         """The last reported value of ``metric`` of each seed run that has it."""
         return [h[-1][metric] for h in self.histories if h and metric in h[-1]]
+
+    def finals_by_seed(self, metric: str = "test_acc") -> dict[int, float]:
+        return {s: h[-1][metric] for s, h in zip(self.seeds, self.histories, strict=True)
+                if h and metric in h[-1]}
+
+    def seed_diverged(self, history: list[dict[str, Any]], metric: str = "test_acc") -> bool:
+        """Non-finite training loss at some epoch, or the final ``metric`` at chance."""
+        final = history[-1].get(metric) if history else None
+        froze = (self.chance is not None and isinstance(final, (int, float))
+                 and at_chance(final, self.chance))
+        return diverged(history) or froze
+
+    def seed_counts(self, metric: str = "test_acc") -> dict[str, int]:
+        """Every seed asked for: ok, diverged, failed (and missing: asked, never reported)."""
+        bad = sum(self.seed_diverged(h, metric) for h in self.histories)
+        counts = {"seeds_asked": max(self.asked, len(self.histories) + len(self.failed_seeds)),
+                  "seeds_ok": len(self.histories) - bad, "seeds_diverged": bad,
+                  "seeds_failed": len(self.failed_seeds)}
+        counts["seeds_missing"] = counts["seeds_asked"] - len(self.histories) - \
+            len(self.failed_seeds)
+        return counts
 
 
 def weight_vector(model_state: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -88,6 +122,25 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and the two ends of its ``level`` confidence interval (Student's t over the
+    values, e.g. seeds); NaN ends for fewer than two values, NaN everything on NaN input."""
+    if not values or any(math.isnan(v) for v in values):
+        return math.nan, math.nan, math.nan
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    from scipy.stats import t
+
+    half = t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / \
+        math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def _interval(lo: float, hi: float) -> str:
+    return f"{100 * lo:.2f}..{100 * hi:.2f}" if not math.isnan(lo) else ""
+
+
 def _worked_range(rows: list[dict[str, Any]], metric: str) -> tuple[float, float]:
     scored = [r for r in rows if metric in r and not math.isnan(r[metric])]
     if not scored:
@@ -104,26 +157,36 @@ def _percent(values: list[float]) -> str:
 
 def table_rows(cells: list[CellResult], key_names: tuple[str, ...],
                metric: str = "test_acc", search_metric: str | None = None,
-               extra_metrics: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+               extra_metrics: tuple[str, ...] = (),
+               notes: Mapping[tuple[str, ...], Mapping[str, str]] | None = None
+               ) -> list[dict[str, Any]]:
     """One row per cell: ``metric`` mean +- std over the seed re-runs (in percent in
-    ``result``), each of ``extra_metrics`` that the runs reported (e.g. accuracy with
-    rounded weights) likewise, the picked config, the learning rates that worked (by
-    ``search_metric``, default ``metric``), and the final weights' tail statistics."""
+    ``result``) and its 95% confidence interval (``ci95``), every seed asked for counted
+    (ok, diverged, failed), each of ``extra_metrics`` that the runs reported (e.g.
+    accuracy with rounded weights) likewise, or the text ``notes[cell.key][metric]`` where
+    a value is known without measuring; the picked config, the learning rates that
+    worked (by ``search_metric``, default ``metric``), and the final weights' tail
+    statistics."""
     rows = []
+    notes = notes or {}
     for cell in cells:
         search_metric = search_metric or metric
-        mean, std = _mean_std(cell.finals(metric))
+        finals = cell.finals(metric)
+        mean, std = _mean_std(finals)
+        _, ci_lo, ci_hi = mean_ci(finals)
         lo, hi = _worked_range(cell.search_rows, search_metric)
         stats = [weight_stats(w) for w in cell.weights]
         searched_lrs = [r["optim.lr"] for r in cell.search_rows if "optim.lr" in r]
         extra = {name: _percent(cell.finals(name)) for name in extra_metrics
                  if cell.finals(name)}
+        extra.update({name: text for name, text in notes.get(cell.key, {}).items()
+                      if name in extra_metrics})
         rows.append({
             **dict(zip(key_names, cell.key, strict=True)),
-            f"{metric}_mean": mean, f"{metric}_std": std, "n_seeds": len(cell.finals(metric)),
-            # Seeds whose training loss was ever non-finite (their accuracy is in the mean).
-            "diverged": sum(diverged(h) for h in cell.histories),
-            "result": _percent(cell.finals(metric)),
+            f"{metric}_mean": mean, f"{metric}_std": std,
+            f"{metric}_ci95_lo": ci_lo, f"{metric}_ci95_hi": ci_hi, "n_seeds": len(finals),
+            **cell.seed_counts(metric),
+            "result": _percent(finals), "ci95": _interval(ci_lo, ci_hi),
             **extra,
             "best_lr": cell.best_config.get("optim.lr", math.nan),
             "best_weight_decay": cell.best_config.get("optim.weight_decay", math.nan),
@@ -137,6 +200,35 @@ def table_rows(cells: list[CellResult], key_names: tuple[str, ...],
             "weight_kurtosis": _mean_std([s["kurtosis"] for s in stats])[0],
             "weight_log2_abs_std": _mean_std([s["log2_abs_std"] for s in stats])[0],
         })
+    return rows
+
+
+def paired_rows(cells: list[CellResult], pairs: tuple[tuple[str, str], ...],
+                key_names: tuple[str, ...], metric: str = "test_acc") -> list[dict[str, Any]]:
+    """Per panel and matched pair ``(a, b)`` of series (e.g. ("eg", "gd")): the seed-by-seed
+    differences a - b of ``metric`` over the seeds both reported, their mean, 95%
+    confidence interval and how many seeds a won; ``verdict`` says which is better only
+    where the interval excludes 0."""
+    rows = []
+    by_key = {c.key: c for c in cells}
+    for panel in _panels(cells):
+        for a, b in pairs:
+            cell_a, cell_b = by_key.get((*panel, a)), by_key.get((*panel, b))
+            if cell_a is None or cell_b is None:
+                continue
+            finals_a, finals_b = cell_a.finals_by_seed(metric), cell_b.finals_by_seed(metric)
+            common = sorted(set(finals_a) & set(finals_b))
+            diffs = [finals_a[s] - finals_b[s] for s in common]
+            mean, lo, hi = mean_ci(diffs)
+            verdict = (f"{a} better" if lo > 0 else f"{b} better" if hi < 0
+                       else "not resolved")
+            rows.append({**dict(zip(key_names[:-1], panel, strict=True)), "pair": f"{a} - {b}",
+                         "n_pairs": len(common),
+                         f"{a}_wins": sum(d > 0 for d in diffs),
+                         "mean_diff": mean, "ci95_lo": lo, "ci95_hi": hi,
+                         "diff_points": f"{100 * mean:+.2f}" if not math.isnan(mean) else "",
+                         "ci95": _interval(lo, hi),
+                         "verdict": verdict if not math.isnan(lo) else "n < 2"})
     return rows
 
 

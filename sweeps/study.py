@@ -15,13 +15,18 @@ The design, on purpose:
   (the learning rate): the best single trial was often the largest lr that still
   trained, and its re-runs with other seeds diverged.
 - **Re-runs** of the picked configs with seeds ``seed+1 .. seed+seeds`` score the test set
-  (``metric``); the table reports mean +- std, diverged seeds, and every
+  (``metric``); the table reports mean +- std and a 95% confidence interval, every seed
+  asked for (ok, diverged: non-finite loss or chance accuracy, failed), and every
   ``extra_metrics`` the trials report (their stages' metrics, e.g. rounded weights).
+- **Pairs**: matched cells (``pairs``, e.g. EG vs GD) are compared seed by seed: the same
+  seed gives both the same initial weights and data order, so the paired difference
+  is much tighter than two separate intervals.
 
 MLflow: a study run (``kind=study``), one nested run per cell's search (``kind=search``,
 tag ``cell``) and one for the seed re-runs (``kind=points``), trials nested under those.
-The study run holds comparison.csv/.md, curves.png, sensitivity.png, weights.png and the
-per-cell mean/std as metrics. :func:`report_from` rebuilds all of it from the runs.
+The study run holds comparison.csv/.md, pairs.csv/.md, curves.png, sensitivity.png,
+weights.png and the per-cell mean/std as metrics. :func:`report_from` rebuilds all of it
+from the runs.
 
 Example::
 
@@ -33,17 +38,19 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from sweeps.compare import (
     CellResult,
+    paired_rows,
     plot_curves,
     plot_sensitivity,
     plot_weights,
@@ -53,8 +60,8 @@ from sweeps.compare import (
 from sweeps.outcome import FAILED, FINISHED, diverged, trial_status
 from sweeps.runner import Sweep, rows_to_csv, rows_to_markdown, run_sweep, validate_points
 from sweeps.tracking import SweepTracker, default_tracking_uri
-from trainables.config import ConfigError, TrialConfig
-from trainables.data import prepare_data
+from trainables.config import ConfigError, DataConfig, TrialConfig
+from trainables.data import load_splits, prepare_data
 from trainables.sessions import load_state_file
 
 __all__ = ["SearchSpace", "Cell", "Study", "StudyOutcome", "run_study", "report_from",
@@ -119,6 +126,10 @@ class Study:
     pick_within: float = 0.003  # accuracy: 0.3 points
     backoff_key: str = "optim.lr"
     extra_metrics: tuple[str, ...] = ()  # reported by the trials, tabled like ``metric``
+    # Matched series compared seed by seed within each panel, e.g. (("eg", "gd"),).
+    pairs: tuple[tuple[str, str], ...] = ()
+    # Cell key -> {extra metric: text} for values known without measuring (a no-op).
+    notes: Callable[[tuple[str, ...]], Mapping[str, str]] | None = None
     max_concurrent: int = 2
     tracking_uri: str = field(default_factory=default_tracking_uri)
     storage_path: str = "ray_results"
@@ -158,6 +169,8 @@ class StudyOutcome:
     cells: list[CellResult]
     rows: list[dict[str, Any]]
     table: str
+    pair_rows: list[dict[str, Any]] = field(default_factory=list)
+    pairs_table: str = ""
 
 
 def pick_config(rows: list[dict[str, Any]], metric: str, within: float,
@@ -201,8 +214,7 @@ def run_study(study: Study) -> StudyOutcome:
         if not cells:
             raise RuntimeError("no cell produced a result; see the FAILED runs in MLflow")
         _rerun_seeds(study, cells, parent, stamp)
-        rows, table = _report(study, tracker, parent, cells)
-    return StudyOutcome(parent, cells, rows, table)
+        return _report(study, tracker, parent, cells)
 
 
 def _sweep(study: Study, **kwargs: Any) -> Sweep:
@@ -256,7 +268,20 @@ def _cell_result(study: Study, key: tuple[str, ...], rows: list[dict[str, Any]],
             picked = max(rows, key=lambda r: (r.get("status") != FAILED,
                                               _or_inf(r.get(study.search_metric))))
         picked_id = picked["trial_id"]
-    return CellResult(key, rows, dict(configs[picked_id]), picked_trial_id=picked_id)
+    cell = next(c for c in study.cells if c.key == key)
+    return CellResult(key, rows, dict(configs[picked_id]), picked_trial_id=picked_id,
+                      chance=_chance(cell.base.data), asked=study.seeds)
+
+
+@functools.lru_cache(maxsize=None)
+def _chance(data: DataConfig) -> float | None:
+    """1 / classes of a dataset (None if its data is not here to count them)."""
+    try:
+        return 1.0 / load_splits(data, seed=0).num_classes
+    except (ConfigError, OSError, RuntimeError) as exc:
+        print(f"chance accuracy of {data.name} unknown ({exc}): only a non-finite "
+              "loss counts as diverged", flush=True)
+        return None
 
 
 def _rerun_seeds(study: Study, cells: list[CellResult], parent: str, stamp: str) -> None:
@@ -279,13 +304,14 @@ def _add_seed_results(study: Study, cells: list[CellResult], results: Any) -> No
     # A re-run is its cell's picked config with another seed: match on everything else.
     by_config = [(_without_seed(c.best_config), c) for c in cells]
     for result in results:
-        if result.error or result.metrics_dataframe is None:
-            continue
         config = _without_seed(result.config)
         cell = next((c for picked, c in by_config if picked == config), None)
         if cell is None:
             print(f"a seed re-run (seed {result.config.get('train.seed')}) matches no cell's "
                   "picked config: left out of the table", flush=True)
+            continue
+        if result.error or result.metrics_dataframe is None:
+            cell.add_failed_seed(result.config["train.seed"])  # counted, not dropped
             continue
         history = result.metrics_dataframe.to_dict("records")
         weights = None
@@ -297,12 +323,18 @@ def _add_seed_results(study: Study, cells: list[CellResult], results: Any) -> No
 
 
 def _report(study: Study, tracker: SweepTracker, parent: str, cells: list[CellResult]
-            ) -> tuple[list[dict[str, Any]], str]:
+            ) -> StudyOutcome:
+    notes = {c.key: study.notes(c.key) for c in cells} if study.notes else None
     rows = table_rows(cells, study.key_names, study.metric, study.search_metric,
-                      study.extra_metrics)
+                      study.extra_metrics, notes)
     tracker.log_text(parent, rows_to_csv(rows), "comparison.csv")
     table = rows_to_markdown(rows)
     tracker.log_text(parent, table, "comparison.md")
+    pairs = paired_rows(cells, study.pairs, study.key_names, study.metric)
+    pairs_table = rows_to_markdown(pairs) if pairs else ""
+    if pairs:
+        tracker.log_text(parent, rows_to_csv(pairs), "pairs.csv")
+        tracker.log_text(parent, pairs_table, "pairs.md")
     with tempfile.TemporaryDirectory() as tmp:
         tracker.log_artifact(parent, plot_curves(cells, Path(tmp) / "curves.png"))
         tracker.log_artifact(parent, plot_sensitivity(cells, Path(tmp) / "sensitivity.png",
@@ -315,7 +347,7 @@ def _report(study: Study, tracker: SweepTracker, parent: str, cells: list[CellRe
             metrics[f"{prefix}.{study.metric}_mean"] = row[f"{study.metric}_mean"]
             metrics[f"{prefix}.{study.metric}_std"] = row[f"{study.metric}_std"]
     tracker.log_metrics(parent, metrics, step=0)
-    return rows, table
+    return StudyOutcome(parent, cells, rows, table, pairs, pairs_table)
 
 
 def report_from(study: Study, run_id: str) -> StudyOutcome:
@@ -354,8 +386,7 @@ def report_from(study: Study, run_id: str) -> StudyOutcome:
     if seeds is not None:
         _add_seed_results(study, cells, seeds)
     with tracker.ending(run_id):
-        rows, table = _report(study, tracker, run_id, cells)
-    return StudyOutcome(run_id, cells, rows, table)
+        return _report(study, tracker, run_id, cells)
 
 
 def _restored_rows(grid: Any, study: Study) -> list[dict[str, Any]]:

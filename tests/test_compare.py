@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sweeps.compare import CellResult, table_rows, weight_stats, weight_vector
+from sweeps.compare import CellResult, mean_ci, paired_rows, table_rows, weight_stats, weight_vector
 from sweeps.runner import Sweep, validate_points
 from trainables.config import ConfigError, TrialConfig
 
@@ -94,6 +94,80 @@ def test_a_diverged_seed_gives_nan_not_a_crash(tmp_path):
                       torch.tensor([nan, 1.0, -nan]))
     [row] = table_rows([cell], KEYS)
     assert row["test_acc_mean"] == pytest.approx(0.525) and math.isnan(row["weight_kurtosis"])
-    assert row["diverged"] == 1
+    assert row["seeds_diverged"] == 1
     for plot in (plot_curves, plot_sensitivity, plot_weights):
         assert plot([cell], tmp_path / f"{plot.__name__}.png").stat().st_size > 0
+
+
+# t quantiles (0.975) by hand from tables: df 1 -> 12.7062, df 2 -> 4.3027.
+T975 = {1: 12.706204736174698, 2: 4.302652729911275}
+
+
+def test_confidence_interval_and_seed_counts_by_hand():
+    cell = CellResult(("mnist", "mlp", "eg"), [], {}, chance=0.1, asked=5)
+    cell.add_seed_run(1, _history([0.5, 0.96]), None)
+    cell.add_seed_run(2, _history([0.5, 0.98]), None)
+    frozen = _history([0.11, 0.1135])  # finite loss, accuracy at chance: it froze
+    cell.add_seed_run(3, frozen, None)
+    cell.add_failed_seed(4)  # raised: counted, not dropped; seed 5 never reported
+    [row] = table_rows([cell], KEYS)
+    values = [0.96, 0.98, 0.1135]
+    mean = sum(values) / 3
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
+    half = T975[2] * std / math.sqrt(3)
+    assert row["test_acc_mean"] == pytest.approx(mean)
+    assert row["test_acc_ci95_lo"] == pytest.approx(mean - half)
+    assert row["test_acc_ci95_hi"] == pytest.approx(mean + half)
+    assert row["ci95"] == f"{100 * (mean - half):.2f}..{100 * (mean + half):.2f}"
+    assert (row["seeds_asked"], row["seeds_ok"], row["seeds_diverged"], row["seeds_failed"],
+            row["seeds_missing"], row["n_seeds"]) == (5, 2, 1, 1, 1, 3)
+
+
+def test_a_non_finite_loss_at_any_epoch_is_diverged_and_one_seed_has_no_interval():
+    cell = CellResult(("mnist", "mlp", "eg"), [], {}, chance=0.1)
+    history = _history([0.9, 0.95])
+    history[0]["train_loss"] = float("nan")
+    cell.add_seed_run(1, history, None)
+    [row] = table_rows([cell], KEYS)
+    assert row["seeds_diverged"] == 1 and row["seeds_ok"] == 0 and row["seeds_asked"] == 1
+    assert math.isnan(row["test_acc_ci95_lo"]) and row["ci95"] == ""
+
+
+def test_notes_replace_a_column_known_without_measuring():
+    cell = CellResult(("mnist", "mlp", "lns_madam"), [], {})
+    history = _history([0.9, 0.95])
+    history[-1]["test_acc_lns8"] = 0.95
+    cell.add_seed_run(1, history, None)
+    notes = {("mnist", "mlp", "lns_madam"): {"test_acc_lns8": "= test_acc (on its grid)"}}
+    [row] = table_rows([cell], KEYS, extra_metrics=("test_acc_lns8",), notes=notes)
+    assert row["test_acc_lns8"] == "= test_acc (on its grid)"
+
+
+def test_paired_differences_by_hand():
+    eg = CellResult(("mnist", "mlp", "eg"), [], {})
+    gd = CellResult(("mnist", "mlp", "gd"), [], {})
+    for seed, a, b in ((1, 0.97, 0.96), (2, 0.98, 0.965), (3, 0.975, 0.97)):
+        eg.add_seed_run(seed, _history([a]), None)
+        gd.add_seed_run(seed, _history([b]), None)
+    gd.add_seed_run(4, _history([0.5]), None)  # no eg partner: not in the pairs
+    other = CellResult(("mnist", "cnn", "eg"), [], {})  # no gd in its panel: no row
+    other.add_seed_run(1, _history([0.9]), None)
+    rows = paired_rows([eg, gd, other], (("eg", "gd"),), KEYS)
+    assert len(rows) == 1
+    [row] = rows
+    diffs = [0.01, 0.015, 0.005]
+    mean = sum(diffs) / 3
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    half = T975[2] * std / math.sqrt(3)
+    assert (row["dataset"], row["model"], row["pair"], row["n_pairs"], row["eg_wins"]) == (
+        "mnist", "mlp", "eg - gd", 3, 3)
+    assert row["mean_diff"] == pytest.approx(mean)
+    assert row["ci95_lo"] == pytest.approx(mean - half) and mean - half < 0  # 0.01 - 0.0124
+    assert row["verdict"] == "not resolved" and row["diff_points"] == "+1.00"
+    # Seed-by-seed differences that all agree resolve it.
+    tight = CellResult(("mnist", "mlp", "gd"), [], {})
+    for seed, b in ((1, 0.96), (2, 0.97), (3, 0.965)):
+        tight.add_seed_run(seed, _history([b]), None)
+    [row] = paired_rows([eg, tight], (("eg", "gd"),), KEYS)
+    assert row["verdict"] == "eg better" and row["ci95_lo"] > 0
+    assert mean_ci([0.5])[0] == 0.5 and math.isnan(mean_ci([0.5])[1])

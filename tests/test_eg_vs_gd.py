@@ -63,13 +63,16 @@ def test_smoke_study_records_the_table_and_plots(tmp_path: Path, tiny_root: Path
     assert len(trials) == 2 * 2 + 2 * 2  # 2 searched per cell, then 2 cells x 2 seeds
 
     artifacts = {f.path for f in client.list_artifacts(study_id)}
-    assert {"comparison.csv", "comparison.md", "curves.png", "sensitivity.png",
-            "weights.png"} <= artifacts
+    assert {"comparison.csv", "comparison.md", "pairs.csv", "pairs.md", "curves.png",
+            "sensitivity.png", "weights.png"} <= artifacts
+    assert "| mnist | mlp | eg - gd | 2 |" in out.stdout  # the paired comparison, 2 seeds
     local = client.download_artifacts(study_id, "comparison.csv", str(tmp_path))
     rows = list(csv.DictReader(io.StringIO(Path(local).read_text())))
     assert [r["optimizer"] for r in rows] == ["gd", "eg"]
     for row in rows:
         assert row["n_seeds"] == "2" and 0.0 <= float(row["test_acc_mean"]) <= 1.0
+        assert row["seeds_asked"] == "2" and row["seeds_failed"] == "0"
+        assert int(row["seeds_ok"]) + int(row["seeds_diverged"]) == 2 and row["ci95"]
         assert float(row["weight_kurtosis"]) == float(row["weight_kurtosis"])  # not NaN
         assert all(" +- " in row[f"test_acc_{f}"] for f in ("lns8", "lns4", "int8", "int4"))
     # The rounding ran inside each seed trial: its metrics and file are on the trial run.
@@ -91,3 +94,32 @@ def test_smoke_study_records_the_table_and_plots(tmp_path: Path, tiny_root: Path
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.split("test_acc over seeds per cell ===")[1].split("MLflow")[0] \
         == table
+
+
+def test_lns_madam_weights_round_to_themselves_in_lns8() -> None:
+    """Why the study shows lns_madam's LNS-8 column as a no-op: its weights are already on
+    weight rounding's lns8 grid (8 bits, 3 fractional, aligned to each tensor's max)."""
+    import torch
+
+    import optim
+    from trainables.weight_rounding import FORMATS, round_weights
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(50, 40), torch.nn.ReLU(),
+                                torch.nn.Linear(40, 10))
+    opt = optim.build_for_model("lns_madam", model, bias_lr=0.01, lr=0.125)
+    for _ in range(50):
+        opt.zero_grad()
+        model(torch.randn(32, 50)).pow(2).mean().backward()
+        opt.step()
+    _, sqnr = round_weights(model, FORMATS["lns8"])
+    assert sqnr == {"0.weight": float("inf"), "2.weight": float("inf")}  # exact
+
+
+def test_bias_mode_all_runs_every_optimizer_on_every_parameter() -> None:
+    from sweeps.eg_vs_gd import parse_args, study
+
+    args = parse_args(["--smoke-test", "--set", "optim.bias_mode=all"])
+    for cell in study(args).cells:
+        assert cell.base.optim.bias_mode == "all"
+        assert "optim.bias_lr" not in dict(cell.space.constants)
