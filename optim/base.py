@@ -60,6 +60,14 @@ class Optimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse "
                                        "gradients (torch.optim.SGD does: optim.name=gd)")
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A state_dict saved before a group option existed (e.g. EG's decay) lacks it:
+        # the constructor's value fills it, as torch's optimizers setdefault theirs.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]

@@ -365,3 +365,20 @@ def test_decay_form_is_named_in_errors():
         optim.build("adam_eg", p, lr=0.1, decay_form="sign")
     assert optim.defaults("eg")["decay_form"] == "sign"
     assert optim.defaults("adam_eg")["decay_form"] == "decoupled"
+
+
+def test_a_state_dict_from_before_a_new_group_option_loads():
+    # Checkpoints saved before EG had ``decay`` (or AdamEG ``amsgrad``): the constructor's
+    # value fills the missing key instead of a KeyError at the first step.
+    for cls, missing, kwargs in ((EG, "decay", {"decay": "l2"}), (AdamEG, "amsgrad", {})):
+        p = torch.nn.Parameter(torch.randn(3))
+        opt = cls([p], lr=0.1, **kwargs)
+        p.grad = torch.randn(3)
+        opt.step()
+        saved = copy.deepcopy(opt.state_dict())
+        for group in saved["param_groups"]:
+            del group[missing]
+        resumed = cls([p], lr=0.1, **kwargs)
+        resumed.load_state_dict(saved)
+        resumed.step()
+        assert resumed.param_groups[0][missing] == opt.param_groups[0][missing]
