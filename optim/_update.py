@@ -96,7 +96,10 @@ def decoupled_decay_(p: torch.Tensor, lr: float, weight_decay: float) -> None:
 def sign_preserving_additive_(p: torch.Tensor, d: torch.Tensor, lr: float,
                               threshold: float) -> None:
     """w <- w - lr d, except that a weight whose sign would change (crossing or reaching
-    0) is set to ``threshold * sign(w)``: a weight that is 0 stays 0."""
+    0) is set to ``threshold * sign(w)``: a weight that is 0 stays 0. A threshold below
+    the dtype's smallest normal number (1e-18 in float16) is raised to it, or it would
+    round to 0 and the weight could never move again."""
+    threshold = max(threshold, torch.finfo(p.dtype).tiny)
     new = p - lr * d
     crossed = torch.sign(new) != torch.sign(p)
     p.copy_(torch.where(crossed, threshold * torch.sign(p), new))

@@ -45,6 +45,7 @@ class AdamEG(Optimizer):
         check_adam(lr, betas, eps, weight_decay, amsgrad, maximize)
         check_choice("decay", decay, ADAM_EG_DECAYS)
         check_bool("multiplicative", multiplicative)
+        _check_shrink(lr, weight_decay, decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decay=decay, amsgrad=amsgrad, maximize=maximize,
                         multiplicative=multiplicative)
@@ -60,7 +61,15 @@ class AdamEG(Optimizer):
                     decoupled_decay_(p, lr, wd)
                     additive_(p, d, lr)
                 elif group["decay"] == "decoupled":
+                    _check_shrink(lr, wd, "decoupled")  # a schedule may have raised lr
                     decoupled_decay_(p, lr, wd)
                     multiplicative_(p, d, lr)
                 else:
                     multiplicative_(p, d, lr, decay=wd)
+
+
+def _check_shrink(lr: float, weight_decay: float, decay: str) -> None:
+    # 1 - lr * wd <= 0 would flip (or zero) every sign: what this update promises not to.
+    if decay == "decoupled" and lr * weight_decay >= 1:
+        raise ValueError(f"Invalid lr * weight_decay: {lr * weight_decay!r} (allowed < 1 "
+                         "with decay='decoupled': w *= 1 - lr * weight_decay must keep signs)")

@@ -2,14 +2,14 @@
 gradients, a clear refusal of sparse gradients, and state that reloads exactly.
 
 **Non-finite gradients** (inf or NaN, from an overflow, a log of 0, a bad batch): the
-element is skipped, as GradScaler skips a step. Its weight and every per-element state
-(moments, momentum buffers, EG+- parts, LNS exponents) stay as they were for that step,
-the rest of the tensor steps as if that element had no gradient, and
-``optimizer.nonfinite_skipped`` counts the skipped elements (the training loop logs it
-per epoch as ``grad_nonfinite``). Never a finite but wrong weight (EG's ``exp(-inf) = 0``,
-LNS-Madam's NaN cast to an integer exponent), never a state poisoned for good (Madam's
-NaN second moment). A trial whose *loss* is non-finite is still stopped as diverged by
-the loop; a skipped gradient alone is not divergence.
+whole step is skipped, as GradScaler skips one under AMP fp16 (so the policy is the
+same in every precision). No weight and no state changes (moments, step counts,
+momentum buffers, EG+- parts, LNS exponents); ``optimizer.skipped_steps`` counts the
+skipped steps and the training loop reports them per epoch as ``skipped_steps``. Never a
+finite but wrong weight (EG's ``exp(-inf) = 0``, LNS-Madam's NaN cast to an integer
+exponent), never a state poisoned for good (Madam's NaN second moment). A trial whose
+*loss* is non-finite is still stopped as diverged by the loop; a skipped step alone is
+not divergence, but a trial whose every step is skipped shows it in ``skipped_steps``.
 
 Example::
 
@@ -22,24 +22,23 @@ Example::
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from optim._common import closure_loss
 
-__all__ = ["Optimizer", "skipping_nonfinite"]
+__all__ = ["Optimizer", "all_finite"]
 
 
 class Optimizer(torch.optim.Optimizer):
     """``torch.optim.Optimizer`` whose ``step`` runs ``_update`` (the algorithm, under
-    ``no_grad``) with the non-finite policy above; ``load_state_dict`` keeps each state
+    ``no_grad``) unless a gradient is non-finite; ``load_state_dict`` keeps each state
     tensor's saved dtype (torch casts them all to the parameter's, which rounds float32
     scales and integer exponents of bf16 parameters)."""
 
     supports_sparse: ClassVar[bool] = False
-    nonfinite_skipped: int = 0
+    skipped_steps: int = 0
 
     def _update(self) -> None:
         raise NotImplementedError
@@ -47,11 +46,17 @@ class Optimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = closure_loss(closure)
+        self._before_update()
         if not self.supports_sparse:
             self._refuse_sparse()
-        with skipping_nonfinite(self):
+        if all_finite(self):
             self._update()
+        else:
+            self.skipped_steps += 1
         return loss
+
+    def _before_update(self) -> None:
+        """Runs after the closure, before the finite check (LNS-Madam snaps new params)."""
 
     def _refuse_sparse(self) -> None:
         for group in self.param_groups:
@@ -79,43 +84,16 @@ class Optimizer(torch.optim.Optimizer):
                     self.state[p][key] = value.detach().to(loaded.device, copy=True)
 
 
-@contextmanager
-def skipping_nonfinite(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Around one update: zero the non-finite gradient elements, then put back the
-    weights, the same-shaped state and the gradients of those elements. One device sync
-    and one sum per tensor per step when every gradient is finite."""
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if not params:
-        yield
-        return
-    values = [p.grad._values() if p.grad.is_sparse else p.grad for p in params]
-    # A sum is non-finite if any element is (inf + -inf is NaN): one cheap reduction per
-    # tensor. It can also overflow without a bad element: then the exact check below
-    # finds nothing to set aside.
-    total = torch.stack([v.sum().to(values[0].device, torch.float64) for v in values]).sum()
+def all_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient of ``optimizer``'s params is finite: one sum per tensor and
+    one device sync (a sum is non-finite if any element is; inf + -inf is NaN). A sum
+    can also overflow without a bad element: the exact elementwise check decides then."""
+    grads = [p.grad._values() if p.grad.is_sparse else p.grad
+             for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return True
+    device = grads[0].device
+    total = torch.stack([g.sum().to(device, torch.float32) for g in grads]).sum()
     if bool(torch.isfinite(total)):
-        yield
-        return
-    saved = [_set_aside(optimizer, p) for p, v in zip(params, values, strict=True)
-             if not bool(torch.isfinite(v).all())]
-    try:
-        yield
-    finally:
-        for p, grad, bad, weight, kept in saved:
-            p[bad] = weight
-            for key, value in kept.items():
-                optimizer.state[p][key][bad] = value
-            p.grad = grad
-
-
-def _set_aside(optimizer: torch.optim.Optimizer, p: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    grad = p.grad
-    dense = grad.to_dense() if grad.is_sparse else grad
-    bad = ~torch.isfinite(dense)
-    state = optimizer.state.get(p, {})  # .get: the defaultdict would grow an entry
-    kept = {k: v[bad].clone() for k, v in state.items()
-            if torch.is_tensor(v) and v.shape == p.shape}
-    p.grad = dense.masked_fill(bad, 0)
-    optimizer.nonfinite_skipped += int(bad.sum())
-    return p, grad, bad, p[bad].clone(), kept
+        return True
+    return all(bool(torch.isfinite(g).all()) for g in grads)

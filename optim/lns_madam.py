@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -88,13 +88,13 @@ class LNSMadam(Optimizer):
         state.update(scale=scale, sign=sign, exponent=code)
         p.copy_(self.format_of(group).decode(sign, code, scale, dtype=p.dtype))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        for group in self.param_groups:  # params that did not train when added: snap now
+    def _before_update(self) -> None:
+        # Params that did not train when their group was added (after the closure, which
+        # may be what gave them a gradient): snap them now.
+        for group in self.param_groups:
             for p in params_with_grad(group):
                 if group["multiplicative"] and "exponent" not in self.state.get(p, {}):
                     self._snap(p, group)
-        return super().step(closure)
 
     def _update(self) -> None:
         for group in self.param_groups:

@@ -12,7 +12,7 @@ __all__ = ["SGD"]
 
 class SGD(Optimizer, torch.optim.SGD):
     """``torch.optim.SGD`` (same arguments, same steps on finite gradients, sparse
-    gradients included) whose non-finite gradient elements are skipped and counted
+    gradients included) that skips a step with a non-finite gradient and counts it
     (:mod:`optim.base`) instead of turning the weights inf/NaN.
 
     Example::
@@ -23,4 +23,9 @@ class SGD(Optimizer, torch.optim.SGD):
     supports_sparse = True
 
     def _update(self) -> None:
-        torch.optim.SGD.step(self)
+        # Once any plain torch SGD exists, torch has wrapped SGD.step with its hook
+        # runner: call what it wraps, or this step's hooks would run twice.
+        step = torch.optim.SGD.step
+        if getattr(step, "hooked", False):
+            step = step.__wrapped__
+        step(self)

@@ -48,7 +48,7 @@ class CellResult:
     weights: list[torch.Tensor] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     picked_trial_id: str = ""  # the search trial whose config best_config is
-    chance: float | None = None  # accuracy of guessing the most likely class (1 / classes)
+    chance: float | None = None  # accuracy of guessing: 1 / classes
     asked: int = 0  # seed re-runs asked for (0: as many as reported)
     failed_seeds: list[int] = field(default_factory=list)
 
@@ -206,9 +206,9 @@ def table_rows(cells: list[CellResult], key_names: tuple[str, ...],
 def paired_rows(cells: list[CellResult], pairs: tuple[tuple[str, str], ...],
                 key_names: tuple[str, ...], metric: str = "test_acc") -> list[dict[str, Any]]:
     """Per panel and matched pair ``(a, b)`` of series (e.g. ("eg", "gd")): the seed-by-seed
-    differences a - b of ``metric`` over the seeds both reported, their mean, 95%
-    confidence interval and how many seeds a won; ``verdict`` says which is better only
-    where the interval excludes 0."""
+    differences a - b of ``metric`` over the seeds both reported (a non-finite one is
+    left out and counted), their mean, 95% confidence interval and how many seeds a
+    won; ``verdict`` says which is better only where the interval excludes 0."""
     rows = []
     by_key = {c.key: c for c in cells}
     for panel in _panels(cells):
@@ -218,12 +218,13 @@ def paired_rows(cells: list[CellResult], pairs: tuple[tuple[str, str], ...],
                 continue
             finals_a, finals_b = cell_a.finals_by_seed(metric), cell_b.finals_by_seed(metric)
             common = sorted(set(finals_a) & set(finals_b))
-            diffs = [finals_a[s] - finals_b[s] for s in common]
+            every = [finals_a[s] - finals_b[s] for s in common]
+            diffs = [d for d in every if math.isfinite(d)]  # a NaN accuracy: left out, counted
             mean, lo, hi = mean_ci(diffs)
             verdict = (f"{a} better" if lo > 0 else f"{b} better" if hi < 0
                        else "not resolved")
             rows.append({**dict(zip(key_names[:-1], panel, strict=True)), "pair": f"{a} - {b}",
-                         "n_pairs": len(common),
+                         "n_pairs": len(diffs), "non_finite_pairs": len(every) - len(diffs),
                          f"{a}_wins": sum(d > 0 for d in diffs),
                          "mean_diff": mean, "ci95_lo": lo, "ci95_hi": hi,
                          "diff_points": f"{100 * mean:+.2f}" if not math.isnan(mean) else "",

@@ -310,10 +310,11 @@ def _add_seed_results(study: Study, cells: list[CellResult], results: Any) -> No
             print(f"a seed re-run (seed {result.config.get('train.seed')}) matches no cell's "
                   "picked config: left out of the table", flush=True)
             continue
-        if result.error or result.metrics_dataframe is None:
+        history = [] if result.metrics_dataframe is None else \
+            result.metrics_dataframe.to_dict("records")
+        if result.error or not history:
             cell.add_failed_seed(result.config["train.seed"])  # counted, not dropped
             continue
-        history = result.metrics_dataframe.to_dict("records")
         weights = None
         if result.checkpoint is not None:
             with result.checkpoint.as_directory() as folder:

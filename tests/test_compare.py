@@ -171,3 +171,22 @@ def test_paired_differences_by_hand():
     [row] = paired_rows([eg, tight], (("eg", "gd"),), KEYS)
     assert row["verdict"] == "eg better" and row["ci95_lo"] > 0
     assert mean_ci([0.5])[0] == 0.5 and math.isnan(mean_ci([0.5])[1])
+
+
+def test_a_nan_seed_is_left_out_of_the_pair_and_counted():
+    eg = CellResult(("mnist", "mlp", "eg"), [], {})
+    gd = CellResult(("mnist", "mlp", "gd"), [], {})
+    for seed, a, b in ((1, 0.9, 0.8), (2, 0.91, 0.81), (3, float("nan"), 0.8), (4, 0.92, 0.82)):
+        eg.add_seed_run(seed, _history([a]), None)
+        gd.add_seed_run(seed, _history([b]), None)
+    [row] = paired_rows([eg, gd], (("eg", "gd"),), KEYS)
+    assert row["n_pairs"] == 3 and row["non_finite_pairs"] == 1
+    assert row["mean_diff"] == pytest.approx(0.1) and row["verdict"] == "eg better"
+
+
+def test_chance_is_relative_to_the_headroom():
+    from sweeps.outcome import at_chance
+
+    assert at_chance(0.1135, 0.1) and not at_chance(0.15, 0.1)
+    assert at_chance(0.52, 0.5) and not at_chance(0.70, 0.5)  # 2 classes: 0.70 learned
+    assert at_chance(float("nan"), 0.1)

@@ -36,49 +36,95 @@ def _bad_grad(shape=(4, 3), seed=1):
     return g
 
 
-BAD = torch.zeros(4, 3, dtype=torch.bool)
-BAD[0, 0] = BAD[1, 1] = BAD[2, 2] = True
 
 
 # -- non-finite gradients: one policy for every optimizer ---------------------------------
-@pytest.mark.parametrize("name", sorted(LR))
-def test_non_finite_gradient_elements_are_skipped_and_counted(name):
-    """The policy: an element whose gradient is inf or NaN keeps its weight and its
-    optimizer state for that step; the rest of the tensor steps as if that element had
-    no gradient; ``nonfinite_skipped`` counts the elements."""
-    p = _param()
-    opt = optim.build(name, [p], lr=LR[name])
-    before = p.detach().clone()
-    p.grad = _bad_grad()
-    opt.step()
-    assert torch.isfinite(p).all(), name
-    assert torch.equal(p.detach()[BAD], before[BAD]), name
-    assert not torch.equal(p.detach()[~BAD], before[~BAD]), name
-    assert opt.nonfinite_skipped == 3
-    for key, value in opt.state[p].items():
-        if torch.is_tensor(value) and value.is_floating_point():
-            assert torch.isfinite(value).all(), (name, key)
-    # The skipped elements are not frozen: the next clean gradient moves them.
-    p.grad = torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
-    opt.step()
-    assert (p.detach()[BAD] != before[BAD]).all(), name
-    assert opt.nonfinite_skipped == 3
+def _snapshot(opt):
+    return copy.deepcopy(opt.state_dict()["state"])
+
+
+def _same_state(a, b):
+    assert a.keys() == b.keys()
+    for index in a:
+        assert a[index].keys() == b[index].keys()
+        for key, value in a[index].items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, b[index][key]), key
+            else:
+                assert value == b[index][key], key
 
 
 @pytest.mark.parametrize("name", sorted(LR))
-def test_clean_elements_step_as_if_the_bad_ones_were_absent(name):
-    """The finite elements of a step with some non-finite ones equal the same step of a
-    tensor whose gradient is 0 there, and the original gradient is left as it was
-    (registry defaults; EG+- with ``normalize`` couples a tensor's elements)."""
-    p, q = _param(), _param()
-    g = _bad_grad()
-    p.grad = g.clone()
-    q.grad = torch.where(BAD, torch.zeros(()), g)
-    opt_p, opt_q = optim.build(name, [p], lr=LR[name]), optim.build(name, [q], lr=LR[name])
+def test_a_non_finite_gradient_skips_the_step_and_counts_it(name):
+    """The policy: a step with any inf/NaN gradient changes no weight and no state (as
+    GradScaler skips a step); ``skipped_steps`` counts it."""
+    p, q = _param(), _param(seed=5, shape=(3,))
+    opt = optim.build(name, [p, q], lr=LR[name])
+    p.grad, q.grad = torch.randn(4, 3), torch.randn(3)
+    opt.step()  # state exists now: the skipped step must leave it alone too
+    before, state = (p.detach().clone(), q.detach().clone()), _snapshot(opt)
+    p.grad, q.grad = _bad_grad(), torch.randn(3)  # q's gradient is finite: skipped too
+    opt.step()
+    assert torch.equal(p, before[0]) and torch.equal(q, before[1]), name
+    _same_state(_snapshot(opt), state)
+    assert opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("name", sorted(LR))
+def test_a_skipped_step_leaves_training_as_if_it_never_happened(name):
+    """Steps g1, bad, g2 equal steps g1, g2 bit for bit (weights and state), also when
+    the bad gradient comes first, before any state exists."""
+    gen = torch.Generator().manual_seed(3)
+    g1, g2 = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen)
+    for order in (("bad", g1, g2), (g1, "bad", g2)):
+        p, q = _param(), _param()
+        opt_p, opt_q = optim.build(name, [p], lr=LR[name]), optim.build(name, [q], lr=LR[name])
+        for g in order:
+            p.grad = _bad_grad() if isinstance(g, str) else g.clone()
+            opt_p.step()
+        for g in (g1, g2):
+            q.grad = g.clone()
+            opt_q.step()
+        assert torch.equal(p, q), name
+        _same_state(_snapshot(opt_p), _snapshot(opt_q))
+
+
+def test_an_all_nan_gradient_does_not_advance_adams_step_count():
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt_p, opt_q = AdamGD([p], lr=0.1), AdamGD([q], lr=0.1)
+    p.grad = torch.full((3,), math.nan)
+    opt_p.step()
+    p.grad, q.grad = torch.ones(3), torch.ones(3)
     opt_p.step()
     opt_q.step()
-    assert torch.equal(p.detach()[~BAD], q.detach()[~BAD])
-    assert torch.equal(p.grad.isnan(), g.isnan()) and torch.equal(p.grad.isinf(), g.isinf())
+    assert torch.equal(p, q) and p[0].item() == pytest.approx(0.9)  # a full first step
+
+
+def test_sgd_step_hooks_run_once_even_after_a_plain_torch_sgd_exists():
+    torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)  # torch wraps SGD.step
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = optim.build("sgd", [p], lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda *_: calls.append("pre"))
+    opt.register_step_post_hook(lambda *_: calls.append("post"))
+    p.grad = torch.ones(2)
+    opt.step()
+    assert calls == ["pre", "post"]
+
+
+def test_lns_madam_snaps_a_param_that_gets_its_gradient_in_the_closure():
+    w = torch.nn.Parameter(torch.randn(4), requires_grad=False)
+    opt = LNSMadam([w])
+    w.requires_grad_(True)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert LNSFormat(8, 3).on_grid(w.detach(), opt.state[w]["scale"])
 
 
 def test_lns_madam_inf_gradient_does_not_jump_to_the_top_of_the_grid():
@@ -382,3 +428,27 @@ def test_a_state_dict_from_before_a_new_group_option_loads():
         resumed.load_state_dict(saved)
         resumed.step()
         assert resumed.param_groups[0][missing] == opt.param_groups[0][missing]
+
+
+def test_adam_eg_decoupled_decay_never_flips_a_sign():
+    with pytest.raises(ValueError, match="Invalid lr \\* weight_decay: 2.0"):
+        AdamEG([torch.nn.Parameter(torch.ones(2))], lr=2.0, weight_decay=1.0)
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = AdamEG([p], lr=0.5, weight_decay=1.0)
+    opt.param_groups[0]["lr"] = 1.5  # a schedule's peak
+    p.grad = torch.ones(2)
+    with pytest.raises(ValueError, match="lr \\* weight_decay"):
+        opt.step()
+    AdamEG([p], lr=2.0, weight_decay=1.0, decay="exp")  # exp(-lr wd) > 0 always
+
+
+def test_gd_sign_threshold_survives_half_precision():
+    p = torch.nn.Parameter(torch.tensor([0.01, -0.01], dtype=torch.float16))
+    opt = GDSign([p], lr=1.0)
+    p.grad = torch.tensor([1.0, -1.0], dtype=torch.float16)
+    opt.step()
+    tiny = torch.finfo(torch.float16).tiny
+    assert p.tolist() == [pytest.approx(tiny), pytest.approx(-tiny)]  # not 0: can regrow
+    p.grad = torch.tensor([-1.0, 1.0], dtype=torch.float16)
+    opt.step()
+    assert p.tolist() == [pytest.approx(1.0, abs=1e-3), pytest.approx(-1.0, abs=1e-3)]

@@ -6,8 +6,8 @@ trial (one worker, no worker group), or a Ray Train worker (DDP, ``num_workers >
 Precision (``fp32 | amp_bf16 | amp_fp16``) is a switch inside it, not another loop.
 
 Every epoch reports ``train_loss, train_acc, test_loss, test_acc`` (``val_*`` with a
-validation split), ``lr``, ``grad_nonfinite`` (gradient elements the optimizer skipped as
-inf/NaN), ``epoch_seconds``, ``train_seconds``, ``images_per_s`` and
+validation split), ``lr``, ``skipped_steps`` (steps the optimizer skipped for an inf/NaN
+gradient), ``epoch_seconds, ``train_seconds``, ``images_per_s`` and
 writes a checkpoint (model, optimizer, scheduler, scaler, stage states, config, epoch,
 history, RNG). A run resumed from a checkpoint ends with the same numbers as an
 uninterrupted one: every epoch seeds its own shuffle, crops and dropout from
@@ -222,12 +222,12 @@ class _Trainer:
         epoch_start = time.perf_counter()
         self._seed_epoch(self.epoch)
         lr = self.optimizer.param_groups[0]["lr"]
-        skipped = getattr(self.optimizer, "nonfinite_skipped", 0)
+        skipped = getattr(self.optimizer, "skipped_steps", 0)
         train_loss, train_acc, n, train_seconds = self.train_epoch()
         metrics: dict[str, Any] = {"epoch": self.epoch + 1, "train_loss": train_loss,
                                    "train_acc": train_acc, "lr": lr}
-        # Gradient elements the optimizer skipped as inf/NaN this epoch (optim.base).
-        metrics["grad_nonfinite"] = getattr(self.optimizer, "nonfinite_skipped", 0) - skipped
+        # Steps the optimizer skipped for an inf/NaN gradient this epoch (optim.base).
+        metrics["skipped_steps"] = getattr(self.optimizer, "skipped_steps", 0) - skipped
         for split, loader in self.eval_loaders.items():
             metrics[f"{split}_loss"], metrics[f"{split}_acc"] = self.evaluate(loader)
         metrics.update(train_seconds=train_seconds, images_per_s=n / max(train_seconds, 1e-9),
