@@ -84,6 +84,17 @@ class Sweep:
     objectives: tuple[tuple[str, str], ...] = ()
     early_stopping: bool = True  # ASHA for a space search; False: every trial to the end
     tags: Mapping[str, str] = field(default_factory=dict)  # more tags on the sweep's run
+    params: Mapping[str, Any] = field(default_factory=dict)  # more params on the sweep's run
+    # The sweep run's name in MLflow (default: run_name, which also names the Tune folder;
+    # the run's tag tune_folder keeps that), e.g. "search mnist/cnn/eg".
+    title: str = ""
+    # best_* metrics on the sweep run: only where "best" means something (one cell).
+    log_best: bool = True
+
+    @property
+    def phase(self) -> str:
+        """``search`` (trials that choose a config) or ``final`` (re-runs of chosen ones)."""
+        return "search" if self.space is not None or self.kind == "search" else "final"
 
     def __post_init__(self) -> None:
         if (self.space is None) == (not self.points):
@@ -274,6 +285,40 @@ def _search(sweep: Sweep, base: TrialConfig) -> tuple[Any, Any, int]:
     return searcher, scheduler, sweep.num_samples
 
 
+def _describe_search(sweep: Sweep) -> tuple[str, str]:
+    """(searcher, scheduler) as the sweep run's params say them."""
+    if sweep.points:
+        return "points (each as given)", "FIFO (every trial to its last epoch)"
+    if sweep.objectives:
+        return f"Optuna NSGA-II (seed {sweep.seed})", "FIFO (every trial to its last epoch)"
+    searcher = f"Optuna TPE (seed {sweep.seed})"
+    if not sweep.early_stopping:
+        return searcher, "FIFO (every trial to its last epoch)"
+    return searcher, (f"ASHA (grace {sweep.grace_period} epochs, reduction "
+                      f"{sweep.reduction_factor:g})")
+
+
+def space_ranges(space: SpaceFn, samples: int = 20) -> dict[str, str]:
+    """``search.<key>`` -> the range Optuna samples it from (``0.001..0.5 log``, or the
+    choices), over a few samples of a define-by-run space (conditional keys included)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    ranges: dict[str, str] = {}
+    for _ in range(samples):
+        trial = study.ask()
+        space(trial)
+        for key, dist in trial.distributions.items():
+            if hasattr(dist, "choices"):
+                ranges[f"search.{key}"] = "one of " + ", ".join(map(str, dist.choices))
+            else:
+                log = " log" if getattr(dist, "log", False) else ""
+                ranges[f"search.{key}"] = f"{dist.low:g}..{dist.high:g}{log}"
+        study.tell(trial, 0.0)
+    return ranges
+
+
 def _trial_name(trial: Any) -> str:
     # Tune's default names spell out every config key: too long for paths and the UI.
     return f"trial_{trial.trial_id}"
@@ -285,9 +330,11 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     if sweep.points:
         searched = validate_points(base, sweep.points)
         datasets = {base.replace(p).data for p in sweep.points}
+        design = {"sweep.design": "points"}
     else:
         searched = validate_space(base, sweep.space)
         datasets = {base.data}
+        design = {"sweep.design": "optuna", **space_ranges(sweep.space)}
     if sweep.prepare_data:
         for data in datasets:
             prepare_data(data)
@@ -295,17 +342,20 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     # The MLflow parent run and the Tune run folder share this name.
     run_name = sweep.run_name or f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     nested = {"mlflow.parentRunId": sweep.parent_run_id} if sweep.parent_run_id else {}
+    searcher, scheduler = _describe_search(sweep)
     parent = tracker.start_sweep(
-        run_name,
+        sweep.title or run_name,
         params={"sweep.num_samples": len(sweep.points) or sweep.num_samples,
                 "sweep.metric": sweep.metric,
                 "sweep.mode": sweep.mode, "sweep.max_concurrent": sweep.max_concurrent,
-                "sweep.grace_period": sweep.grace_period, "sweep.seed": sweep.seed,
+                "sweep.searcher": searcher, "sweep.scheduler": scheduler,
+                "sweep.seed": sweep.seed, "sweep.varied": ",".join(searched), **design,
+                **sweep.params,
                 # The fixed fields: a searched field's base value is not what ran.
                 **{k: v for k, v in base.tracked_params().items() if k not in searched}},
         tags={"sweep": sweep.name, "kind": sweep.kind or ("points" if sweep.points else "search"),
-              **sweep.tags, **nested})
-    callback = MLflowSweepCallback(tracker)
+              "phase": sweep.phase, "tune_folder": run_name, **sweep.tags, **nested})
+    callback = MLflowSweepCallback(tracker, varied=searched, phase=sweep.phase)
     with tracker.ending(parent):
         _init_ray(sweep.address)
         results = _tuner(sweep, base, callback, run_name, searched).fit()
@@ -345,10 +395,11 @@ def _summarize(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
                          f"{sweep.name}: {len(rows)} trials")
         if png is not None:
             tracker.log_artifact(parent, png)
-    tracker.log_metrics(parent, {f"best_{k}": v for k, v in best.items()
-                                 if k in SUMMARY_METRICS or k == sweep.metric}, step=0)
-    tracker.set_tags(parent, {"best_trial_id": best["trial_id"],
-                              "best_mlflow_run_id": best["mlflow_run_id"]})
+    if sweep.log_best:
+        tracker.log_metrics(parent, {f"best_{k}": v for k, v in best.items()
+                                     if k in SUMMARY_METRICS or k == sweep.metric}, step=0)
+        tracker.set_tags(parent, {"best_trial_id": best["trial_id"],
+                                  "best_mlflow_run_id": best["mlflow_run_id"]})
     return SweepOutcome(best=best, best_config=dict(best_result.config), rows=rows,
                         parent_run_id=parent, tracking_uri=sweep.tracking_uri,
                         experiment=sweep.name, results=results)

@@ -202,7 +202,7 @@ def run_study(study: Study) -> StudyOutcome:
     tracker = SweepTracker(study.tracking_uri, study.name)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     parent = tracker.start_sweep(
-        f"{study.name}-{stamp}",
+        f"{study.name} study {time.strftime('%Y-%m-%d %H:%M')}",
         params={"study.num_samples": study.num_samples, "study.seeds": study.seeds,
                 "study.seed": study.seed, "study.search_metric": study.search_metric,
                 "study.metric": study.metric, "study.pick_within": study.pick_within,
@@ -233,7 +233,8 @@ def _search_cells(study: Study, tracker: SweepTracker, parent: str, stamp: str
             outcome = run_sweep(_sweep(
                 study, base=cell.base, points=points, metric=study.search_metric,
                 kind="search", tags={"cell": cell.label}, parent_run_id=parent,
-                run_name=f"{study.name}-{stamp}-search-{'-'.join(cell.key)}"))
+                run_name=f"{study.name}-{stamp}-search-{'-'.join(cell.key)}",
+                title=f"search {cell.label}", params=_design_params(study, cell)))
         except RuntimeError as exc:  # every trial failed: record it, go on with the rest
             print(f"cell {cell.label} failed: {exc}", flush=True)
             continue
@@ -244,6 +245,15 @@ def _search_cells(study: Study, tracker: SweepTracker, parent: str, stamp: str
         tracker.set_tags(outcome.parent_run_id, {"picked_trial_id": result.picked_trial_id})
         results.append(result)
     return results
+
+
+def _design_params(study: Study, cell: Cell) -> dict[str, Any]:
+    """A search run's design: the ranges and constants of its Sobol points."""
+    ranges = {f"search.{key}": f"{low:g}..{high:g}{' log' if log else ''}"
+              for key, low, high, log in cell.space.ranges}
+    return {"sweep.design": f"scrambled Sobol, {study.num_samples} points, seed "
+                            f"{study.seed}", **ranges,
+            **{f"search.{key}": f"= {value}" for key, value in cell.space.constants}}
 
 
 def _with_searched(study: Study, rows: list[dict[str, Any]],
@@ -291,7 +301,8 @@ def _rerun_seeds(study: Study, cells: list[CellResult], parent: str, stamp: str)
     print(f"\n=== picked configs x seeds {seeds}: {len(points)} trials ===", flush=True)
     outcome = run_sweep(_sweep(
         study, base=TrialConfig.from_flat(cells[0].best_config), points=points,
-        metric=study.metric, parent_run_id=parent, run_name=f"{study.name}-{stamp}-seeds"))
+        metric=study.metric, parent_run_id=parent, run_name=f"{study.name}-{stamp}-seeds",
+        title=f"seeds {seeds[0]}..{seeds[-1]} x {len(cells)} picked configs", log_best=False))
     _add_seed_results(study, cells, outcome.results)
 
 
@@ -369,7 +380,8 @@ def report_from(study: Study, run_id: str) -> StudyOutcome:
         kind, label = run.data.tags.get("kind"), run.data.tags.get("cell", "")
         if kind != "points" and label not in order:
             continue  # a cell this invocation does not ask about
-        grid = ResultGrid(ExperimentAnalysis(str(storage / run.info.run_name)))
+        folder = run.data.tags.get("tune_folder", run.info.run_name)
+        grid = ResultGrid(ExperimentAnalysis(str(storage / folder)))
         if kind == "points":
             seeds = grid
             continue

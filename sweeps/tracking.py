@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 from urllib.parse import urlparse
@@ -37,8 +39,13 @@ from sweeps.outcome import diverged, trial_status
 from sweeps.provenance import environment_tags
 from trainables.sessions import ARTIFACTS_DIR
 
+# MLflow's store opens print SQLAlchemy's "noload is deprecated" on every open: noise that
+# hides what matters (mlflow's own issue, not ours to act on).
+warnings.filterwarnings("ignore", message=".*noload.*", category=DeprecationWarning)
+
 __all__ = ["SweepTracker", "MLflowSweepCallback", "default_tracking_uri", "plot_curves",
-           "plot_sweep", "trial_metrics", "load_quantized_model"]
+           "plot_sweep", "trial_metrics", "load_quantized_model", "trial_run_name",
+           "trial_tags", "quant_label"]
 
 
 def default_tracking_uri() -> str:
@@ -62,7 +69,24 @@ class SweepTracker:
         else:
             self.experiment_id = self.client.create_experiment(
                 experiment, artifact_location=_artifact_location(tracking_uri, experiment))
+        self._set_up_experiment(experiment)
         self.parent_run_id: str | None = None
+
+    def _set_up_experiment(self, experiment: str) -> None:
+        """Open on the runs table (MLflow 3's UI shows a GenAI overview for experiments of
+        unknown kind) and say what made the experiment, once."""
+        tags = self.client.get_experiment(self.experiment_id).tags
+        if tags.get("mlflow.experimentKind") != "custom_model_development":
+            self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind",
+                                           "custom_model_development")
+        if "mlflow.note.content" not in tags:
+            script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+            command = " ".join(["python", *sys.argv]) if script.endswith(".py") else script
+            self.client.set_experiment_tag(
+                self.experiment_id, "mlflow.note.content",
+                f"qsweep sweep `{experiment}`, started by `{command}`. Each sweep or study "
+                "is a parent run (phase tags: search | final); trials are nested under it. "
+                "Compare with `python -m sweeps.report " + experiment + "`.")
 
     def start_sweep(self, run_name: str, params: Mapping[str, Any] | None = None,
                     tags: Mapping[str, str] | None = None) -> str:
@@ -225,19 +249,72 @@ def tracked_params(config: Mapping[str, Any]) -> dict[str, Any]:
         return dict(config)
 
 
+# Short names for a run's title; other keys show their last part (quant.bits -> bits).
+_SHORT = {"optim.lr": "lr", "optim.weight_decay": "wd", "optim.bias_lr": "bias_lr"}
+
+
+def quant_label(config: Mapping[str, Any]) -> str:
+    """``int4-qat``, ``lns8-ptq``, ``codebook16-qat``, ``fp16-ptq``; "" when not quantizing."""
+    mode = config.get("quant.mode", "none")
+    if mode in (None, "none"):
+        return ""
+    fmt = config.get("quant.format", "int")
+    size = {"codebook": config.get("quant.k"), "fp16": "", "bf16": ""}.get(
+        fmt, config.get("quant.bits"))
+    return f"{fmt}{size if size is not None else ''}-{mode}"
+
+
+def trial_run_name(config: Mapping[str, Any], varied: Iterable[str] = ()) -> str:
+    """A trial's MLflow run name, what distinguishes it first: optimizer, quantization,
+    the dataset/model where they vary, the other varied keys, the seed; e.g.
+    ``madam lr=0.0995 wd=4.3e-05 s2``, ``gd int4-qat lenet s1``."""
+    parts = [str(config.get("optim.name", ""))]
+    parts += [label for label in (quant_label(config),) if label]
+    shown = {"optim.name", "train.seed", "quant.mode", "quant.format", "quant.bits", "quant.k"}
+    cell = [str(config[k]) for k in ("data.name", "model.name") if k in varied]
+    if cell:
+        parts.append("/".join(cell))
+        shown |= {"data.name", "model.name"}
+    for key in varied:
+        if key not in shown and key in config:
+            value = config[key]
+            text = f"{value:.3g}" if isinstance(value, float) else str(value)
+            parts.append(f"{_SHORT.get(key, key.rpartition('.')[2])}={text}")
+    parts.append(f"s{config.get('train.seed', 0)}")
+    return " ".join(p for p in parts if p)
+
+
+def trial_tags(config: Mapping[str, Any], phase: str) -> dict[str, str]:
+    """What filtering and grouping in the MLflow UI need on every trial run."""
+    return {"phase": phase, "optimizer": str(config.get("optim.name", "")),
+            "dataset": str(config.get("data.name", "")),
+            "model": str(config.get("model.name", "")),
+            "precision": str(config.get("precision.mode", "fp32")),
+            "quant": quant_label(config) or "none",
+            "seed": str(config.get("train.seed", "")),
+            "num_workers": str(config.get("train.num_workers", 1))}
+
+
 class MLflowSweepCallback(Callback):
     """Mirror every Tune trial into a nested MLflow child run of the sweep's parent run.
 
-    Params: the config fields the trial reads. Per result: every numeric metric the trial
-    reported, with ``step = epoch``. At the end: ``config.yaml``, ``curves.png``, the
-    files the trial's stages wrote (from its final checkpoint's ``artifacts/`` folder, on
-    whichever node it ran), the final checkpoint; the status by :func:`trial_status` and a
-    ``diverged`` tag.
+    Name: :func:`trial_run_name` (what distinguishes the trial, ``varied``: the keys the
+    sweep varies); tags: :func:`trial_tags` (``phase`` search | final, optimizer, dataset,
+    model, precision, quant, seed) and the Tune trial id. Params: the config fields the
+    trial reads. Per result: every numeric metric the trial reported, with ``step =
+    epoch``. At the end: ``config.yaml``, ``curves.png``, the files the trial's stages
+    wrote (from its final checkpoint's ``artifacts/`` folder, on whichever node it ran),
+    the final checkpoint; the status by :func:`trial_status`, a ``diverged`` tag, and for
+    a trial the scheduler stopped early (KILLED) a ``stopped_early`` tag and a run
+    description that say so; a FAILED one's description holds its error.
     """
 
-    def __init__(self, tracker: SweepTracker, log_checkpoint: bool = True) -> None:
+    def __init__(self, tracker: SweepTracker, log_checkpoint: bool = True,
+                 varied: Iterable[str] = (), phase: str = "search") -> None:
         self.tracker = tracker
         self.log_checkpoint = log_checkpoint
+        self.varied = tuple(varied)
+        self.phase = phase
         self.run_ids: dict[str, str] = {}
         self.histories: dict[str, list[dict[str, Any]]] = {}
         self.statuses: dict[str, str] = {}
@@ -248,10 +325,9 @@ class MLflowSweepCallback(Callback):
         if trial.trial_id in self.run_ids:  # restarted after a failure: same run
             return
         config = dict(trial.config)
-        tags = {"trial_id": trial.trial_id, "seed": str(config.get("train.seed", "")),
-                "num_workers": str(config.get("train.num_workers", 1))}
+        tags = {"trial_id": trial.trial_id, **trial_tags(config, self.phase)}
         self.run_ids[trial.trial_id] = self.tracker.start_trial(
-            str(trial), tracked_params(config), tags)
+            trial_run_name(config, self.varied), tracked_params(config), tags)
         self.histories[trial.trial_id] = []
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any,
@@ -296,8 +372,24 @@ class MLflowSweepCallback(Callback):
             self._log_trial_artifacts(trial, run_id, status)
         finally:  # whatever happened to the artifacts, the run must not stay RUNNING
             self.tracker.set_tags(run_id, {"ended_as": status,
-                                           "diverged": str(self.diverged(trial)).lower()})
+                                           "diverged": str(self.diverged(trial)).lower(),
+                                           **self._ending_tags(trial, status)})
             self.tracker.end_run(run_id, status)
+
+    def _ending_tags(self, trial: Any, status: str) -> dict[str, str]:
+        """KILLED here is a scheduler decision, not a crash: say so where the UI shows it
+        (the run's description is the tag ``mlflow.note.content``)."""
+        epochs = len(self.histories.get(trial.trial_id, []))
+        planned = int(trial.config.get("train.epochs", 0))
+        if status == "KILLED":
+            return {"stopped_early": f"ASHA at epoch {epochs}",
+                    "mlflow.note.content": f"Stopped early by the ASHA scheduler at epoch "
+                    f"{epochs} of {planned}: its result ranked below the cut of that rung. "
+                    "Not an error."}
+        if status == "FAILED":
+            return {"mlflow.note.content": f"Failed after {epochs} of {planned} epochs: "
+                    f"{_last_error_line(trial)} (full traceback: artifact error/)"}
+        return {}
 
     def _log_trial_artifacts(self, trial: Any, run_id: str, status: str) -> None:
         import yaml
@@ -333,6 +425,16 @@ class MLflowSweepCallback(Callback):
         if path is None and getattr(trial, "checkpoint", None) is not None:
             path = trial.checkpoint.path
         return path if path and Path(path).is_dir() else None
+
+
+def _last_error_line(trial: Any) -> str:
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).exists():
+        lines = [line for line in Path(path).read_text(errors="replace").splitlines()
+                 if line.strip()]
+        if lines:
+            return lines[-1].strip()[:500]
+    return "no error file"
 
 
 def load_quantized_model(run_id: str, tracking_uri: str | None = None) -> tuple[Any, Any]:

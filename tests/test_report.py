@@ -1,0 +1,115 @@
+"""What a researcher reads in MLflow: descriptive trial names and tags, honest group runs,
+early stops said as such, and ``python -m sweeps.report`` from the store alone (a real
+SQLite MLflow store written through SweepTracker, no Ray)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sweeps.report import main, report
+from sweeps.runner import space_ranges
+from sweeps.tracking import SweepTracker, quant_label, trial_run_name, trial_tags
+from trainables.config import TrialConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _flat(*overrides: str) -> dict:
+    return TrialConfig().with_overrides(list(overrides)).to_flat()
+
+
+def test_trial_names_lead_with_what_distinguishes_them():
+    config = _flat("optim.name=madam", "optim.lr=0.0995", "optim.weight_decay=4.3e-5",
+                   "train.seed=2")
+    assert trial_run_name(config, ["optim.lr", "optim.weight_decay"]) == \
+        "madam lr=0.0995 wd=4.3e-05 s2"
+    qat = _flat("quant.mode=qat", "quant.bits=4", "model.name=lenet", "train.seed=1")
+    assert trial_run_name(qat, ["quant.bits", "model.name"]) == "sgd int4-qat lenet s1"
+    # A study's seed re-runs vary the cell: dataset/model join the name.
+    seeds = _flat("optim.name=eg", "data.name=fashion_mnist", "model.name=mlp",
+                  "train.seed=3")
+    assert trial_run_name(seeds, ["data.name", "model.name", "optim.name", "train.seed"]) \
+        == "eg fashion_mnist/mlp s3"
+    assert quant_label(_flat("quant.mode=ptq", "quant.format=codebook", "quant.k=16")) == \
+        "codebook16-ptq"
+    assert quant_label(_flat()) == ""
+
+
+def test_trial_tags_separate_phases_and_cells():
+    tags = trial_tags(_flat("optim.name=adam_eg", "quant.mode=qat", "quant.bits=4"), "final")
+    assert tags == {**tags, "phase": "final", "optimizer": "adam_eg", "dataset": "mnist",
+                    "model": "lenet", "precision": "fp32", "quant": "int4-qat"}
+
+
+def test_space_ranges_name_every_searched_key():
+    def space(trial):
+        trial.suggest_float("optim.lr", 1e-3, 0.5, log=True)
+        if trial.suggest_categorical("quant.mode", ["ptq", "qat"]) == "qat":
+            trial.suggest_int("quant.bits", 2, 8)
+
+    assert space_ranges(space) == {"search.optim.lr": "0.001..0.5 log",
+                                   "search.quant.mode": "one of ptq, qat",
+                                   "search.quant.bits": "2..8"}
+
+
+def _store(tmp_path: Path) -> tuple[str, SweepTracker]:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return uri, SweepTracker(uri, "demo")
+
+
+def _trial(tracker: SweepTracker, config: dict, phase: str, acc: float, status: str,
+           **tags: str) -> str:
+    run = tracker.start_trial(trial_run_name(config, ["optim.lr"]), {"optim.lr": config[
+        "optim.lr"], "optim.name": config["optim.name"]}, {**trial_tags(config, phase), **tags})
+    tracker.log_metrics(run, {"test_acc": acc, "epoch": 3}, step=3)
+    tracker.end_run(run, status)
+    return run
+
+
+def test_report_of_a_running_study_builds_the_table_from_its_final_trials(tmp_path, capsys):
+    uri, tracker = _store(tmp_path)
+    study = tracker.start_sweep("demo study", tags={"kind": "study"})
+    tracker.start_sweep("search mnist/lenet/eg", tags={"kind": "search",
+                                                      "mlflow.parentRunId": study})
+    _trial(tracker, _flat("optim.name=eg", "optim.lr=0.5"), "search", 0.9, "KILLED",
+           stopped_early="ASHA at epoch 1")
+    tracker.start_sweep("seeds", tags={"kind": "points", "mlflow.parentRunId": study})
+    for seed, acc in ((1, 0.97), (2, 0.99)):
+        _trial(tracker, _flat("optim.name=eg", "optim.lr=0.5", f"train.seed={seed}"),
+               "final", acc, "FINISHED")
+    text = report("demo", uri, tmp_path / "out")
+    assert "| mnist | lenet | eg | 2 | 2 | 0 | 98.00 +- 1.41 |" in text
+    assert "stopped early (ASHA at epoch 1)" in (tmp_path / "out" / "trials.csv").read_text()
+    assert (tmp_path / "out" / "report.md").read_text() == text
+
+    # The same through the command line; then bad targets: one line, exit 2.
+    assert main([study, "--tracking-uri", uri]) == 0
+    assert "98.00 +- 1.41" in capsys.readouterr().out
+    assert main(["nope", "--tracking-uri", uri]) == 2
+    assert "'nope' is invalid: allowed a run id or one of the experiments" in \
+        capsys.readouterr().err
+    assert main(["demo", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+
+
+def test_experiment_opens_on_the_runs_table_with_a_description(tmp_path):
+    uri, tracker = _store(tmp_path)
+    tags = tracker.client.get_experiment(tracker.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "demo" in tags["mlflow.note.content"]
+
+
+def test_report_runs_as_a_module(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "sweeps.report", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "experiment name" in out.stdout
+
+
+@pytest.mark.parametrize("target", ["0" * 32])
+def test_an_unknown_run_id_is_one_line(tmp_path, capsys, target):
+    uri, _ = _store(tmp_path)
+    assert main([target, "--tracking-uri", uri]) == 2
+    assert "is not in this tracking store" in capsys.readouterr().err
