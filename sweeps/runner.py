@@ -428,4 +428,5 @@ def rows_to_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def mlflow_ui_command(tracking_uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+    """The light UI (sweeps/ui.py: one worker, bound to 127.0.0.1) on this store."""
+    return f"python -m sweeps.ui --tracking-uri {tracking_uri}"

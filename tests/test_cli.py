@@ -59,7 +59,7 @@ def test_smoke_test_runs_and_prints_the_summary(tmp_path: Path, tiny_root: Path)
               tiny_root)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "best trial" in out.stdout and "test_acc" in out.stdout
-    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in out.stdout
+    assert f"python -m sweeps.ui --tracking-uri sqlite:///{tmp_path / 'mlflow.db'}" in out.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("baseline")
     runs = client.search_runs([exp.experiment_id])

@@ -4,8 +4,13 @@ SQLite MLflow store written through SweepTracker, no Ray)."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -113,3 +118,40 @@ def test_an_unknown_run_id_is_one_line(tmp_path, capsys, target):
     uri, _ = _store(tmp_path)
     assert main([target, "--tracking-uri", uri]) == 2
     assert "is not in this tracking store" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_light_ui_serves_the_store_and_leaves_nothing_running(tmp_path):
+    """python -m sweeps.ui: one worker on 127.0.0.1 answers the runs API with the store's
+    experiment; stopping it stops every process it started."""
+    uri, tracker = _store(tmp_path)
+    tracker.start_sweep("demo study", tags={"kind": "study"})
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.ui", "--tracking-uri", uri,
+                             "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, body = time.time() + 90, None
+        while time.time() < deadline and body is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/"
+                                            "experiments/search?max_results=10",
+                                            timeout=2) as response:
+                    body = json.loads(response.read())
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, proc.stdout.read1().decode() if proc.stdout else ""
+        assert "demo" in [e["name"] for e in body["experiments"]]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    leftover = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True,
+                              text=True).stdout.split()
+    assert not leftover
