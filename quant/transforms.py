@@ -124,7 +124,12 @@ class WeightFakeQuant(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
-        q = self.fmt.dequantize(self.encode(w), dtype=w.dtype)
+        try:
+            q = self.fmt.dequantize(self.encode(w), dtype=w.dtype)
+        except ValueError:
+            if bool(torch.isfinite(w).all()):
+                raise
+            return w  # diverged weights (inf/NaN) pass through: the loss says so
         # Exactly q forward (w - w.detach() is 0.0), identity backward.
         return q + (w - w.detach())
 

@@ -5,6 +5,7 @@ file alone reproduces the evaluated accuracy."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,20 @@ def test_qat_after_a_float_warm_up_resumes_exactly(tiny_root: Path, tmp_path: Pa
         [{k: v for k, v in m.items() if k not in TIMINGS} for m in full]
     with pytest.raises(ConfigError, match="quant.qat_start_epoch=3.*< train.epochs"):
         tiny(tiny_root, "quant.mode=qat", "quant.qat_start_epoch=3")
+
+
+@pytest.mark.parametrize("mode", ["ptq", "qat"])
+def test_a_diverged_trial_reports_nan_instead_of_failing(tiny_root: Path, mode: str) -> None:
+    """EG at an absurd lr drives weights to inf: the trial still ends, its post-training
+    metrics are NaN and its files say why (LNS encoding raised on inf before)."""
+    from trainables.loop import run_trial
+    from trainables.sessions import LocalSession
+
+    cfg = tiny_config(tiny_root, "optim.name=eg", "optim.lr=1e4", "optim.weight_decay=0",
+                      "train.epochs=2", f"quant.mode={mode}", "quant.format=lns",
+                      "quant.bits=8", "evaluate.weight_rounding=[lns8,int4]")
+    history = run_trial(cfg, LocalSession())
+    last = history[-1]
+    assert not math.isfinite(last["train_loss"])
+    for key in ("test_acc_q", "test_acc_lns8", "test_acc_int4"):
+        assert math.isnan(last[key]), key

@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 
 import quant
 from trainables.config import TrialConfig
-from trainables.stages import Stage, StageContext, register_stage_builder
+from trainables.stages import Stage, StageContext, nonfinite_params, register_stage_builder
 from trainables.weight_rounding import sqnr_db
 
 __all__ = ["QuantStage", "quant_config"]
@@ -113,6 +113,9 @@ class QuantStage(Stage):
         """The quantized model's accuracy on the selection split (val when held out) and
         its packed size, every epoch: what a bit-width search ranks trials by."""
         split = "val" if "val" in ctx.splits else "test"
+        if nonfinite_params(ctx.model):  # diverged: nothing to quantize, NaN (not a crash)
+            self._advance()
+            return {f"{split}_acc_q": math.nan, "budget_score": math.nan}
         model = self._quantized_copy(ctx)
         if self.model is not None and self._qat_on():
             # The epoch's own evaluation already ran the quantized forward pass, which the
@@ -124,12 +127,22 @@ class QuantStage(Stage):
         budget = self.cfg.quant.byte_budget
         # Over the budget costs accuracy in proportion: a searcher can tell 10% from 2x.
         score = acc - max(0.0, nbytes / budget - 1.0) if budget else acc
+        self._advance()
+        return {f"{split}_acc_q": acc, "packed_bytes": nbytes, "budget_score": score}
+
+    def _advance(self) -> None:
         self.epochs_done += 1
         if self.model is not None and self._qat_on():  # the float warm-up is over
             quant.transforms.set_qat_enabled_(self.model, True)
-        return {f"{split}_acc_q": acc, "packed_bytes": nbytes, "budget_score": score}
 
     def finalize(self, ctx: StageContext) -> dict[str, float]:
+        bad = nonfinite_params(ctx.model)
+        if bad:  # a diverged trial: say so in its metrics and file, do not fail it
+            if ctx.is_chief:
+                (ctx.out_dir / "quant.json").write_text(json.dumps(
+                    {"mode": self.cfg.quant.mode, "not_quantized": "the trained weights "
+                     f"hold inf/NaN (the trial diverged): {', '.join(bad)}"}, indent=1))
+            return {"test_acc_q": math.nan, "test_loss_q": math.nan}
         floats = _float_weights(ctx.model)
         model = self._quantized_copy(ctx)
         result = ctx.evaluate(model)

@@ -44,6 +44,7 @@ from torch import nn
 from trainables.config import TrialConfig
 
 __all__ = ["Stage", "StageContext", "FinalizeContext", "STAGE_BUILDERS", "build_stages",
+           "nonfinite_params",
            "register_stage_builder"]
 
 
@@ -102,6 +103,13 @@ class Stage:
 
 StageBuilder = Callable[[TrialConfig], "Stage | None"]
 STAGE_BUILDERS: list[StageBuilder] = []
+
+
+def nonfinite_params(model: nn.Module) -> list[str]:
+    """Names of the parameters holding inf or NaN: a diverged trial's. Post-training
+    stages report NaN for such a model instead of failing the trial."""
+    return [name for name, p in model.named_parameters()
+            if not bool(torch.isfinite(p.detach()).all())]
 
 
 def register_stage_builder(builder: StageBuilder) -> StageBuilder:
