@@ -405,7 +405,8 @@ class MLflowSweepCallback(Callback):
         history = self.histories.get(trial.trial_id, [])
         if history:
             with tempfile.TemporaryDirectory() as tmp:
-                png = plot_curves(history, Path(tmp) / "curves.png", f"{trial} ({status})")
+                title = f"{trial_run_name(trial.config, self.varied)} ({status})"
+                png = plot_curves(history, Path(tmp) / "curves.png", title)
                 self.tracker.log_artifact(run_id, png)
         if status == "FAILED":
             if trial.error_file and Path(trial.error_file).exists():
