@@ -33,7 +33,8 @@ import torch
 from sweeps.outcome import at_chance, diverged
 
 __all__ = ["CellResult", "table_rows", "paired_rows", "mean_ci", "weight_vector",
-           "weight_stats", "plot_curves", "plot_sensitivity", "plot_weights"]
+           "weight_stats", "plot_comparison", "plot_curves", "plot_sensitivity",
+           "plot_weights"]
 
 # A search trial "worked" when its final accuracy is within this of the cell's best.
 WORKED_WITHIN = 0.01
@@ -253,6 +254,35 @@ def _save(plt: Any, fig: Any, path: str | Path, title: str) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return Path(path)
+
+
+def plot_comparison(cells: list[CellResult], path: str | Path, metric: str = "test_acc"
+                    ) -> Path:
+    """One panel per key without its last part (dataset / model), one bar per series
+    (optimizer): ``metric`` mean over the seeds with its 95% interval, each seed a dot."""
+    panels = _panels(cells)
+    plt, fig, axes = _figure(1, len(panels), width=max(4.5, 0.8 * len(cells) / len(panels)))
+    for ax, panel in zip(axes[0], panels, strict=True):
+        chosen = [c for c in cells if c.panel == panel]
+        for x, cell in enumerate(chosen):
+            finals = [v for v in cell.finals(metric) if math.isfinite(v)]
+            mean, lo, hi = mean_ci(finals)
+            if math.isnan(mean):
+                continue
+            err = [[mean - lo], [hi - mean]] if not math.isnan(lo) else None
+            ax.bar(x, 100 * mean, color=f"C{x}", alpha=0.6,
+                   yerr=None if err is None else [[100 * e[0]] for e in err], capsize=4)
+            ax.scatter([x] * len(finals), [100 * v for v in finals], color="black", s=8,
+                       zorder=3)
+        ax.set_xticks(range(len(chosen)), [c.series for c in chosen], rotation=45,
+                      ha="right", fontsize=8)
+        values = [100 * v for c in chosen for v in c.finals(metric) if math.isfinite(v)]
+        if values:  # zoom on the spread: accuracies differ in the last points
+            ax.set_ylim(max(0.0, min(values) - 2), min(100.0, max(values) + 1))
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(" / ".join(panel))
+        ax.grid(axis="y", alpha=0.3)
+    return _save(plt, fig, path, f"{metric}: mean and 95% interval over seeds (dots: seeds)")
 
 
 def plot_curves(cells: list[CellResult], path: str | Path) -> Path:

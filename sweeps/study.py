@@ -24,8 +24,9 @@ The design, on purpose:
 
 MLflow: a study run (``kind=study``), one nested run per cell's search (``kind=search``,
 tag ``cell``) and one for the seed re-runs (``kind=points``), trials nested under those.
-The study run holds comparison.csv/.md, pairs.csv/.md, curves.png, sensitivity.png,
-weights.png and the per-cell mean/std as metrics. :func:`report_from` rebuilds all of it
+The study run holds comparison.csv/.md/.png (the bars: mean and 95% interval per cell),
+pairs.csv/.md, curves.png, sensitivity.png, weights.png and the per-cell mean, std and
+interval as metrics. :func:`report_from` rebuilds all of it
 from the runs.
 
 Example::
@@ -51,6 +52,7 @@ import torch
 from sweeps.compare import (
     CellResult,
     paired_rows,
+    plot_comparison,
     plot_curves,
     plot_sensitivity,
     plot_weights,
@@ -348,6 +350,8 @@ def _report(study: Study, tracker: SweepTracker, parent: str, cells: list[CellRe
         tracker.log_text(parent, rows_to_csv(pairs), "pairs.csv")
         tracker.log_text(parent, pairs_table, "pairs.md")
     with tempfile.TemporaryDirectory() as tmp:
+        tracker.log_artifact(parent, plot_comparison(cells, Path(tmp) / "comparison.png",
+                                                     study.metric))
         tracker.log_artifact(parent, plot_curves(cells, Path(tmp) / "curves.png"))
         tracker.log_artifact(parent, plot_sensitivity(cells, Path(tmp) / "sensitivity.png",
                                                       study.search_metric))
@@ -356,8 +360,11 @@ def _report(study: Study, tracker: SweepTracker, parent: str, cells: list[CellRe
     for row, cell in zip(rows, cells, strict=True):
         if not math.isnan(row[f"{study.metric}_mean"]):
             prefix = ".".join(cell.key)
-            metrics[f"{prefix}.{study.metric}_mean"] = row[f"{study.metric}_mean"]
-            metrics[f"{prefix}.{study.metric}_std"] = row[f"{study.metric}_std"]
+            # Rounded: the UI shows these numbers as they are (float noise otherwise).
+            for stat in ("mean", "std", "ci95_lo", "ci95_hi"):
+                value = row[f"{study.metric}_{stat}"]
+                if not math.isnan(value):
+                    metrics[f"{prefix}.{study.metric}_{stat}"] = round(value, 5)
     tracker.log_metrics(parent, metrics, step=0)
     return StudyOutcome(parent, cells, rows, table, pairs, pairs_table)
 

@@ -20,13 +20,24 @@ from pathlib import Path
 
 from sweeps.tracking import default_tracking_uri
 
-__all__ = ["server_command", "main"]
+__all__ = ["server_command", "server_env", "experiment_urls", "main"]
 
 
 def server_command(tracking_uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
     return [mlflow, "server", "--backend-store-uri", tracking_uri, "--host", host,
             "--port", str(port), "--workers", "1"]
+
+
+def experiment_urls(tracking_uri: str, port: int) -> dict[str, str]:
+    """Each experiment's runs table in the model-training view (MLflow 3.17's UI opens
+    on a GenAI overview unless the link says ``workflowType=machine_learning``)."""
+    from mlflow.tracking import MlflowClient
+
+    return {e.name: f"http://127.0.0.1:{port}/#/experiments/{e.experiment_id}/runs"
+                    "?workflowType=machine_learning"
+            for e in MlflowClient(tracking_uri).search_experiments()
+            if e.name != "Default"}
 
 
 def server_env() -> dict[str, str]:
@@ -47,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = server_command(uri, args.port)
     print(f"MLflow UI on http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
+    for name, url in experiment_urls(uri, args.port).items():
+        print(f"  {name}: {url}", flush=True)
     os.execvpe(command[0], command, server_env())
     return 0  # not reached: exec replaced this process
 

@@ -63,7 +63,8 @@ def test_smoke_study_records_the_table_and_plots(tmp_path: Path, tiny_root: Path
     assert len(trials) == 2 * 2 + 2 * 2  # 2 searched per cell, then 2 cells x 2 seeds
 
     artifacts = {f.path for f in client.list_artifacts(study_id)}
-    assert {"comparison.csv", "comparison.md", "pairs.csv", "pairs.md", "curves.png",
+    assert {"comparison.csv", "comparison.md", "comparison.png", "pairs.csv", "pairs.md",
+            "curves.png",
             "sensitivity.png", "weights.png"} <= artifacts
     assert "| mnist | mlp | eg - gd | 2 |" in out.stdout  # the paired comparison, 2 seeds
     local = client.download_artifacts(study_id, "comparison.csv", str(tmp_path))
