@@ -155,3 +155,24 @@ def test_the_light_ui_serves_the_store_and_leaves_nothing_running(tmp_path):
     leftover = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True,
                               text=True).stdout.split()
     assert not leftover
+
+
+def test_a_trial_reruns_from_its_run_id(tmp_path, tiny_root, capsys):
+    from conftest import tiny_config
+
+    from sweeps.rerun import main as rerun
+
+    uri, tracker = _store(tmp_path)
+    tracker.start_sweep("demo", tags={"kind": "search"})
+    cfg = tiny_config(tiny_root, "train.epochs=1")
+    run_id = tracker.start_trial("sgd s0", {}, {"git_sha": "0123abc"})
+    tracker.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    tracker.log_metrics(run_id, {"test_acc": 0.5}, step=1)
+    tracker.end_run(run_id, "FINISHED")
+    assert rerun([run_id, "--tracking-uri", uri]) == 0
+    captured = capsys.readouterr()
+    assert "was made with code 0123abc" in captured.err
+    assert "test_acc: now " in captured.out and "logged 0.5000" in captured.out
+    study = tracker.start_sweep("group", tags={"kind": "study"})
+    assert rerun([study, "--tracking-uri", uri]) == 2
+    assert "has no config.yaml" in capsys.readouterr().err
