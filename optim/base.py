@@ -8,8 +8,9 @@ momentum buffers, EG+- parts, LNS exponents); ``optimizer.skipped_steps`` counts
 skipped steps and the training loop reports them per epoch as ``skipped_steps``. Never a
 finite but wrong weight (EG's ``exp(-inf) = 0``, LNS-Madam's NaN cast to an integer
 exponent), never a state poisoned for good (Madam's NaN second moment). A trial whose
-*loss* is non-finite is still stopped as diverged by the loop; a skipped step alone is
-not divergence, but a trial whose every step is skipped shows it in ``skipped_steps``.
+*loss* turns non-finite is marked diverged by the sweep (it is not stopped early); a
+skipped step alone is not divergence, but a trial whose every step is skipped shows it in
+``skipped_steps``.
 
 Example::
 

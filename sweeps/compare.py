@@ -277,7 +277,9 @@ def plot_comparison(cells: list[CellResult], path: str | Path, metric: str = "te
         ax.set_xticks(range(len(chosen)), [c.series for c in chosen], rotation=45,
                       ha="right", fontsize=8)
         values = [100 * v for c in chosen for v in c.finals(metric) if math.isfinite(v)]
-        if values:  # zoom on the spread: accuracies differ in the last points
+        values += [100 * e for c in chosen for e in mean_ci(
+            [v for v in c.finals(metric) if math.isfinite(v)])[1:] if math.isfinite(e)]
+        if values:  # zoom on the spread and the intervals: accuracies differ in the last points
             ax.set_ylim(max(0.0, min(values) - 2), min(100.0, max(values) + 1))
         ax.set_ylabel(f"{metric} (%)")
         ax.set_title(" / ".join(panel))

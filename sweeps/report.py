@@ -68,9 +68,9 @@ def _text_artifact(client: Any, run: Any, name: str, folder: Path) -> str | None
     return Path(client.download_artifacts(run.info.run_id, name, str(folder))).read_text()
 
 
-def trial_rows(trials: list[Any]) -> list[dict[str, Any]]:
+def trial_rows(trials: list[Any], extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """One row per trial run: name, status (and why it stopped), the params its sweep
-    varied, its final metrics."""
+    varied, its final metrics (the summary ones and ``extra``, e.g. the sweep's own)."""
     varied = _varied(trials)
     rows = []
     for trial in trials:
@@ -81,8 +81,9 @@ def trial_rows(trials: list[Any]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"run": trial.info.run_name, "status": trial.info.status,
                                "note": ", ".join(notes)}
         row.update({k: _number(params[k]) for k in sorted(varied) if k in params})
-        row.update({k: round(metrics[k], 4) for k in (*SUMMARY_METRICS, "test_acc_lns8",
-                    "test_acc_int4", "packed_bytes") if k in metrics})
+        row.update({k: round(metrics[k], 4) for k in dict.fromkeys((
+            *SUMMARY_METRICS, *extra, "test_acc_lns8", "test_acc_int4", "packed_bytes",
+            "budget_score")) if k in metrics})
         rows.append(row)
     return rows
 
@@ -137,7 +138,8 @@ def report(target: str, tracking_uri: str, out: Path | None = None) -> str:
                 lines += ["## Matched pairs", pairs]
             rows = trial_rows(trials)
         else:
-            rows = trial_rows(_children(client, run))
+            rows = trial_rows(_children(client, run),
+                              (run.data.params.get("sweep.metric", "test_acc"),))
             lines += ["## Trials", rows_to_markdown(rows) if rows else "(no trial yet)\n"]
     if out is not None:
         _write(out, lines, rows, run)

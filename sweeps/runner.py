@@ -285,6 +285,17 @@ def _search(sweep: Sweep, base: TrialConfig) -> tuple[Any, Any, int]:
     return searcher, scheduler, sweep.num_samples
 
 
+def _fixed(sweep: Sweep, base: TrialConfig) -> TrialConfig:
+    """The config whose unvaried fields every trial shares: the base with the first
+    point (its constants are every point's) or with the space's constants."""
+    if sweep.points:
+        return base.replace(sweep.points[0])
+    import optuna
+
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    return base.replace(sweep.space(trial) or {})
+
+
 def _describe_search(sweep: Sweep) -> tuple[str, str]:
     """(searcher, scheduler) as the sweep run's params say them."""
     if sweep.points:
@@ -305,18 +316,21 @@ def space_ranges(space: SpaceFn, samples: int = 20) -> dict[str, str]:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    ranges: dict[str, str] = {}
+    ranges: dict[str, dict[str, None]] = {}  # key -> every distinct range (conditional)
     for _ in range(samples):
         trial = study.ask()
-        space(trial)
+        constants = space(trial) or {}
         for key, dist in trial.distributions.items():
             if hasattr(dist, "choices"):
-                ranges[f"search.{key}"] = "one of " + ", ".join(map(str, dist.choices))
+                text = "one of " + ", ".join(map(str, dist.choices))
             else:
                 log = " log" if getattr(dist, "log", False) else ""
-                ranges[f"search.{key}"] = f"{dist.low:g}..{dist.high:g}{log}"
+                text = f"{dist.low:g}..{dist.high:g}{log}"
+            ranges.setdefault(f"search.{key}", {})[text] = None
+        for key, value in constants.items():
+            ranges.setdefault(f"search.{key}", {})[f"= {value}"] = None
         study.tell(trial, 0.0)
-    return ranges
+    return {key: " | ".join(texts) for key, texts in ranges.items()}
 
 
 def _trial_name(trial: Any) -> str:
@@ -351,8 +365,10 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
                 "sweep.searcher": searcher, "sweep.scheduler": scheduler,
                 "sweep.seed": sweep.seed, "sweep.varied": ",".join(searched), **design,
                 **sweep.params,
-                # The fixed fields: a searched field's base value is not what ran.
-                **{k: v for k, v in base.tracked_params().items() if k not in searched}},
+                # The fixed fields as the trials ran them (a point's constants included);
+                # a searched field's base value is not what ran.
+                **{k: v for k, v in _fixed(sweep, base).tracked_params().items()
+                   if k not in searched}},
         tags={"sweep": sweep.name, "kind": sweep.kind or ("points" if sweep.points else "search"),
               "phase": sweep.phase, "tune_folder": run_name, **sweep.tags, **nested})
     callback = MLflowSweepCallback(tracker, varied=searched, phase=sweep.phase)

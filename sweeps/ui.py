@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -24,9 +23,9 @@ __all__ = ["server_command", "server_env", "experiment_urls", "main"]
 
 
 def server_command(tracking_uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
-    mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-    return [mlflow, "server", "--backend-store-uri", tracking_uri, "--host", host,
-            "--port", str(port), "--workers", "1"]
+    # This interpreter's mlflow (another one on PATH may be another version).
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
+            "--host", host, "--port", str(port), "--workers", "1"]
 
 
 def experiment_urls(tracking_uri: str, port: int) -> dict[str, str]:

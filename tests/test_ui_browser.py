@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "sweeps" / "eg_vs_gd.py"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
+playwright = pytest.importorskip("playwright.sync_api",
+                                 reason="playwright is not installed (pip install playwright)")
 pytestmark = [
     pytest.mark.ray,
     pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (Debian: apt-get install "
@@ -65,12 +67,11 @@ def light_server(tmp_path: Path, tiny_root: Path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-    left = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True)
+    left = subprocess.run(["pgrep", "-f", "--", f"--port {port}"], capture_output=True, text=True)
     assert not left.stdout.split(), "the UI server left processes running"
 
 
 def test_a_researcher_reads_the_smoke_study_in_the_browser(light_server, tmp_path: Path):
-    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     base, client = light_server
     shots = Path(os.environ.get("QSWEEP_SCREENSHOTS", tmp_path / "screens"))
     shots.mkdir(parents=True, exist_ok=True)
@@ -81,8 +82,8 @@ def test_a_researcher_reads_the_smoke_study_in_the_browser(light_server, tmp_pat
         browser = pw.chromium.launch(executable_path=CHROMIUM,
                                      args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1500, "height": 950})
-        # The link sweeps print: the runs table of the model-training view.
-        page.goto(f"{base}/#/experiments/{experiment}?workflowType=machine_learning")
+        # The link sweeps.ui prints: the runs table of the model-training view.
+        page.goto(f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning")
         page.get_by_text("eg_vs_gd study").first.wait_for(timeout=60_000)
         assistant = page.get_by_role("button", name="Close")
         if assistant.count():  # MLflow 3's assistant panel opens on a first visit

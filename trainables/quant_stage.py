@@ -115,7 +115,8 @@ class QuantStage(Stage):
         split = "val" if "val" in ctx.splits else "test"
         if nonfinite_params(ctx.model):  # diverged: nothing to quantize, NaN (not a crash)
             self._advance()
-            return {f"{split}_acc_q": math.nan, "budget_score": math.nan}
+            return {f"{split}_acc_q": math.nan, "packed_bytes": math.nan,
+                    "budget_score": math.nan}
         model = self._quantized_copy(ctx)
         if self.model is not None and self._qat_on():
             # The epoch's own evaluation already ran the quantized forward pass, which the
