@@ -176,3 +176,24 @@ def test_a_trial_reruns_from_its_run_id(tmp_path, tiny_root, capsys):
     study = tracker.start_sweep("group", tags={"kind": "study"})
     assert rerun([study, "--tracking-uri", uri]) == 2
     assert "has no config.yaml" in capsys.readouterr().err
+
+
+def test_search_runs_log_the_ranges_and_constants_as_trials_ran_them():
+    from sweeps.runner import Sweep, _fixed
+
+    def space(trial):
+        if trial.suggest_categorical("optim.name", ["sgd", "eg"]) == "eg":
+            trial.suggest_float("optim.lr", 0.1, 10.0, log=True)
+        else:
+            trial.suggest_float("optim.lr", 1e-3, 1.0, log=True)
+        return {"optim.weight_decay": 0.0}
+
+    ranges = space_ranges(space)
+    assert set(ranges["search.optim.lr"].split(" | ")) == {"0.1..10 log", "0.001..1 log"}
+    assert ranges["search.optim.weight_decay"] == "= 0.0"
+    base = TrialConfig()
+    points = ({"optim.name": "eg", "optim.bias_lr": 0.01, "optim.lr": 1.0},
+              {"optim.name": "eg", "optim.bias_lr": 0.01, "optim.lr": 2.0})
+    fixed = _fixed(Sweep(name="s", base=base, points=points), base)
+    assert fixed.tracked_params()["optim.bias_lr"] == 0.01  # not the base's
+    assert _fixed(Sweep(name="s", base=base, space=space), base).optim.weight_decay == 0.0
