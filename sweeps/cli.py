@@ -69,7 +69,27 @@ def base_config(args: argparse.Namespace, defaults: Sequence[str],
 
 
 def tracking_uri(args: argparse.Namespace) -> str:
-    return args.tracking_uri or default_tracking_uri()
+    uri = args.tracking_uri or default_tracking_uri()
+    check_tracking_server(uri)
+    return uri
+
+
+def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
+    """An ``http(s)://`` tracking server must answer its /health now: MLflow's client
+    would retry for minutes before a traceback."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy or an older server without /health)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--tracking-uri {uri} does not answer ({exc}): start the MLflow "
+                          "server, or leave the flag out for the local ./mlflow.db") from None
 
 
 def print_summary(outcome: Any) -> None:

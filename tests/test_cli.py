@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,19 @@ def test_flags_yaml_and_overrides_compose_in_order(tmp_path: Path) -> None:
     assert cfg.data.root == "/data"
     smoke = base_config(parser.parse_args(["--smoke-test"]), [], ["train.epochs=1"])
     assert smoke.train.epochs == 1  # the smoke test keeps its own short epochs
+
+
+def test_bad_config_files_and_a_dead_tracking_server_are_one_line_errors(
+        tmp_path: Path, tiny_root: Path) -> None:
+    (tmp_path / "broken.yaml").write_text("optim:\n  lr: [0.1\n")
+    cases = [(["--config", "nope.yaml"], "config file 'nope.yaml' cannot be read"),
+             (["--config", "broken.yaml"], "config file 'broken.yaml' is not valid YAML at"),
+             (["--tracking-uri", "http://127.0.0.1:9"],
+              "--tracking-uri http://127.0.0.1:9 does not answer")]
+    for args, fragment in cases:
+        start = time.time()
+        out = run(["--smoke-test", *args], tmp_path, tiny_root, timeout=60)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert fragment in out.stderr, out.stderr
+        assert time.time() - start < 60
+    assert not (tmp_path / "ray_results").exists()

@@ -598,8 +598,17 @@ def _dotted(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _read_yaml(path: str | Path) -> Mapping[str, Any]:
-    with open(path) as fh:
-        loaded = yaml.safe_load(fh) or {}
+    try:
+        with open(path) as fh:
+            loaded = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: "
+                          f"{exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{at}: "
+                          f"{getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(loaded, Mapping):
         raise ConfigError(f"config file {str(path)!r} is invalid: allowed a YAML mapping of "
                           f"sections ({', '.join(_SECTIONS)}) or dotted keys")
