@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from sweeps.tracking import default_tracking_uri
@@ -62,10 +64,24 @@ def base_config(args: argparse.Namespace, defaults: Sequence[str],
     if args.smoke_test:
         flags = flags[1:]  # the smoke test keeps its own (short) epochs
     if args.gpus_per_trial > 0:
+        _check_gpus_reachable(args)
         flags += ["train.use_gpu=true", f"train.gpus_per_worker={args.gpus_per_trial}"]
     if args.data_root:
         flags.append(f"data.root={args.data_root}")
     return cfg.with_overrides(flags).with_overrides(args.overrides)
+
+
+def _check_gpus_reachable(args: argparse.Namespace) -> None:
+    """An embedded Ray cluster (no --address, none running here) on a machine without a
+    GPU can never place a GPU trial: Ray would wait forever. Say so before starting."""
+    import torch
+
+    running = args.address not in (None, "local") or os.environ.get("RAY_ADDRESS") or \
+        Path(tempfile.gettempdir(), "ray", "ray_current_cluster").exists()
+    if not running and torch.cuda.device_count() == 0:
+        raise ConfigError(f"--gpus-per-trial {args.gpus_per_trial} is invalid here: this "
+                          "machine has no GPU and no Ray cluster is running to provide one; "
+                          "allowed 0 (CPU), or --address of a cluster with GPUs")
 
 
 def tracking_uri(args: argparse.Namespace) -> str:

@@ -99,3 +99,13 @@ def test_bad_config_files_and_a_dead_tracking_server_are_one_line_errors(
         assert fragment in out.stderr, out.stderr
         assert time.time() - start < 60
     assert not (tmp_path / "ray_results").exists()
+
+
+def test_a_gpu_trial_without_any_gpu_stops_at_once(tmp_path: Path, tiny_root: Path) -> None:
+    import torch
+
+    if torch.cuda.device_count():
+        pytest.skip("this machine has a GPU: the trial could run")
+    out = run(["--smoke-test", "--gpus-per-trial", "1"], tmp_path, tiny_root, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "--gpus-per-trial 1.0 is invalid here: this machine has no GPU" in out.stderr
