@@ -145,3 +145,15 @@ def test_random_crop_flip_is_a_shifted_window_of_the_padded_image() -> None:
         assert matches, f"image {i} is not a crop of its padded original"
         flips += matches[0]
     assert 10 < flips < 54  # about half flipped
+
+
+def test_a_truncated_dataset_file_is_named_not_a_decoder_traceback(tiny_root: Path,
+                                                                  tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root / "MNIST", root / "MNIST")
+    images = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[: images.stat().st_size // 2])
+    cfg = DataConfig(name="mnist", root=str(root), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataNotFoundError, match="cannot be decoded.*truncated or corrupt.*"
+                                                "train-images-idx3-ubyte"):
+        load_splits(cfg, seed=0)

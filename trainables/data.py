@@ -203,8 +203,19 @@ def _folder_arrays(folder: Path, size: int, channels: int = 3) -> tuple[_Arrays,
 def _decode(cfg: DataConfig, root: Path) -> dict[str, torch.Tensor]:
     if cfg.name in _TORCHVISION_FILES:
         _ensure_present(cfg.name, root)
-        train = _torchvision_arrays(cfg.name, root, train=True)
-        test = _torchvision_arrays(cfg.name, root, train=False)
+        try:
+            train = _torchvision_arrays(cfg.name, root, train=True)
+            test = _torchvision_arrays(cfg.name, root, train=False)
+        except (RuntimeError, ValueError, EOFError, OSError) as exc:
+            # A truncated or corrupt file fails deep inside torchvision's decoder.
+            files = [root / f for f in _TORCHVISION_FILES[cfg.name]]
+            sizes = ", ".join(f"{f.name} ({f.stat().st_size:,} bytes)" for f in files
+                              if f.exists())
+            raise DataNotFoundError(
+                f"dataset {cfg.name!r} under data root {str(root)!r} cannot be decoded "
+                f"({type(exc).__name__}: {str(exc)[:200]}): a file is truncated or corrupt. "
+                f"Files: {sizes}. Replace them with complete copies (delete them to let "
+                "torchvision download them again where there is internet).") from None
     else:
         folder, size = _folder_of(cfg, root), _image_size(cfg)
         for split in ("train", "test"):
