@@ -74,6 +74,7 @@ def test_flags_yaml_and_overrides_compose_in_order(tmp_path: Path) -> None:
     parser = common_parser("t", num_samples=4, max_concurrent=2, epochs=3)
     args = parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--set", "optim.lr=0.3",
                               "--epochs", "5", "--num-workers", "2", "--gpus-per-trial", "0.5",
+                              "--address", "ray://head:10001",
                               "--data-root", "/data"])
     cfg = base_config(args, ["model.name=lenet", "optim.lr=0.1"], ["train.epochs=1"])
     assert cfg.model.name == "mlp" and cfg.optim.momentum == 0.5  # file over defaults
