@@ -102,6 +102,8 @@ def test_a_researcher_reads_the_smoke_study_in_the_browser(light_server, tmp_pat
         page.goto(f"{run_url}/model-metrics?workflowType=machine_learning")
         page.get_by_text(trial.info.run_name).first.wait_for(timeout=30_000)
         page.get_by_text("test_acc", exact=True).first.wait_for(timeout=30_000)
+        page.locator("svg.main-svg").first.wait_for(timeout=30_000)  # a drawn chart
+        page.wait_for_timeout(1000)  # let the other charts finish drawing
         page.screenshot(path=shots / "3-trial-metrics.png")
 
         page.goto(f"{run_url}/artifacts/curves.png?workflowType=machine_learning")
