@@ -15,7 +15,7 @@ model's accuracy); ``--set optim.bias_mode=all`` applies each optimizer to every
 parameter, biases included, as the research code (seed 000) did.
 
     python sweeps/eg_vs_gd.py --smoke-test            # MNIST + MLP, tiny subset, minutes
-    python sweeps/eg_vs_gd.py                         # everything, full data (~3 h, 2 cores)
+    python sweeps/eg_vs_gd.py                         # everything, full data (1.5 h, 2 cores)
     python sweeps/eg_vs_gd.py --datasets mnist --optimizers gd eg --models cnn
     ray submit cluster/gpu.yaml sweeps/eg_vs_gd.py -- --gpus-per-trial 0.25 --max-concurrent 16
 """
