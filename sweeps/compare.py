@@ -222,15 +222,17 @@ def paired_rows(cells: list[CellResult], pairs: tuple[tuple[str, str], ...],
             every = [finals_a[s] - finals_b[s] for s in common]
             diffs = [d for d in every if math.isfinite(d)]  # a NaN accuracy: left out, counted
             mean, lo, hi = mean_ci(diffs)
-            verdict = (f"{a} better" if lo > 0 else f"{b} better" if hi < 0
-                       else "not resolved")
+            # Fewer than 3 pairs: t(1) = 12.7 makes any real interval huge, and a zero one
+            # (two equal differences) would claim certainty it does not have.
+            verdict = ("n < 3" if len(diffs) < 3 else f"{a} better" if lo > 0
+                       else f"{b} better" if hi < 0 else "not resolved")
             rows.append({**dict(zip(key_names[:-1], panel, strict=True)), "pair": f"{a} - {b}",
                          "n_pairs": len(diffs), "non_finite_pairs": len(every) - len(diffs),
-                         f"{a}_wins": sum(d > 0 for d in diffs),
+                         "first_wins": sum(d > 0 for d in diffs),
                          "mean_diff": mean, "ci95_lo": lo, "ci95_hi": hi,
                          "diff_points": f"{100 * mean:+.2f}" if not math.isnan(mean) else "",
                          "ci95": _interval(lo, hi),
-                         "verdict": verdict if not math.isnan(lo) else "n < 2"})
+                         "verdict": verdict})
     return rows
 
 

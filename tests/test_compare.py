@@ -159,7 +159,7 @@ def test_paired_differences_by_hand():
     mean = sum(diffs) / 3
     std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
     half = T975[2] * std / math.sqrt(3)
-    assert (row["dataset"], row["model"], row["pair"], row["n_pairs"], row["eg_wins"]) == (
+    assert (row["dataset"], row["model"], row["pair"], row["n_pairs"], row["first_wins"]) == (
         "mnist", "mlp", "eg - gd", 3, 3)
     assert row["mean_diff"] == pytest.approx(mean)
     assert row["ci95_lo"] == pytest.approx(mean - half) and mean - half < 0  # 0.01 - 0.0124
@@ -190,3 +190,13 @@ def test_chance_is_relative_to_the_headroom():
     assert at_chance(0.1135, 0.1) and not at_chance(0.15, 0.1)
     assert at_chance(0.52, 0.5) and not at_chance(0.70, 0.5)  # 2 classes: 0.70 learned
     assert at_chance(float("nan"), 0.1)
+
+
+def test_two_equal_differences_are_no_verdict():
+    eg = CellResult(("mnist", "mlp", "eg"), [], {})
+    gd = CellResult(("mnist", "mlp", "gd"), [], {})
+    for seed in (1, 2):  # identical differences: a zero-width interval
+        eg.add_seed_run(seed, _history([0.9]), None)
+        gd.add_seed_run(seed, _history([0.91]), None)
+    [row] = paired_rows([eg, gd], (("eg", "gd"),), KEYS)
+    assert row["ci95_lo"] == row["ci95_hi"] and row["verdict"] == "n < 3"
