@@ -14,6 +14,7 @@ descriptive name, status, the varied params and its final metrics.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="also write report.md, trials.csv and sweep.png here")
     args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout is the report
     uri = args.tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         print(f"error: no MLflow store at {uri} (run from the folder that holds mlflow.db, "
