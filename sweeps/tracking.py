@@ -249,6 +249,7 @@ def tracked_params(config: Mapping[str, Any]) -> dict[str, Any]:
         return dict(config)
 
 
+MAX_RUN_NAME = 250
 # Short names for a run's title; other keys show their last part (quant.bits -> bits).
 _SHORT = {"optim.lr": "lr", "optim.weight_decay": "wd", "optim.bias_lr": "bias_lr"}
 
@@ -280,8 +281,11 @@ def trial_run_name(config: Mapping[str, Any], varied: Iterable[str] = ()) -> str
             value = config[key]
             text = f"{value:.3g}" if isinstance(value, float) else str(value)
             parts.append(f"{_SHORT.get(key, key.rpartition('.')[2])}={text}")
-    parts.append(f"s{config.get('train.seed', 0)}")
-    return " ".join(p for p in parts if p)
+    seed = f"s{config.get('train.seed', 0)}"
+    name = " ".join(p for p in parts if p)
+    # MLflow's SQL stores cap run names at 250 characters: cut the varied keys, keep the seed.
+    return f"{name[:MAX_RUN_NAME - len(seed) - 2]}~ {seed}" \
+        if len(name) + len(seed) + 1 > MAX_RUN_NAME else f"{name} {seed}"
 
 
 def trial_tags(config: Mapping[str, Any], phase: str) -> dict[str, str]:

@@ -197,3 +197,10 @@ def test_search_runs_log_the_ranges_and_constants_as_trials_ran_them():
     fixed = _fixed(Sweep(name="s", base=base, points=points), base)
     assert fixed.tracked_params()["optim.bias_lr"] == 0.01  # not the base's
     assert _fixed(Sweep(name="s", base=base, space=space), base).optim.weight_decay == 0.0
+
+
+def test_a_long_trial_name_is_cut_to_what_mlflow_stores():
+    config = {f"model.k{i}": 0.123456 for i in range(60)} | {"optim.name": "eg",
+                                                            "train.seed": 7}
+    name = trial_run_name(config, list(config))
+    assert len(name) == 250 and name.startswith("eg k0=0.123 ") and name.endswith("~ s7")
