@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeps.runner import SUMMARY_METRICS, rows_to_csv, rows_to_markdown
-from sweeps.tracking import default_tracking_uri, plot_sweep
+from sweeps.tracking import existing_store, plot_sweep
 from trainables.config import ConfigError
 
 __all__ = ["main", "report"]
@@ -175,13 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write report.md, trials.csv and sweep.png here")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout is the report
-    uri = args.tracking_uri or default_tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        print(f"error: no MLflow store at {uri} (run from the folder that holds mlflow.db, "
-              "or pass --tracking-uri)", file=sys.stderr)
-        return 2
     try:
-        print(report(args.target, uri, args.out))
+        print(report(args.target, existing_store(args.tracking_uri), args.out))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeps.provenance import git_sha
-from sweeps.tracking import default_tracking_uri
+from sweeps.tracking import existing_store
 from trainables.config import ConfigError, TrialConfig
 
 __all__ = ["logged_config", "main"]
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="change a field of the logged config")
     args = parser.parse_args(argv)
-    client = MlflowClient(args.tracking_uri or default_tracking_uri())
     try:
+        client = MlflowClient(existing_store(args.tracking_uri))
         cfg = logged_config(client, args.run_id).with_overrides(args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -45,7 +45,7 @@ warnings.filterwarnings("ignore", message=".*noload.*", category=DeprecationWarn
 
 __all__ = ["SweepTracker", "MLflowSweepCallback", "default_tracking_uri", "plot_curves",
            "plot_sweep", "trial_metrics", "load_quantized_model", "trial_run_name",
-           "trial_tags", "quant_label"]
+           "trial_tags", "quant_label", "existing_store"]
 
 
 def default_tracking_uri() -> str:
@@ -152,6 +152,18 @@ class SweepTracker:
             self.end_run(run_id, "FAILED")
             raise
         self.end_run(run_id, "FINISHED")
+
+
+def existing_store(tracking_uri: str | None) -> str:
+    """``tracking_uri`` (default :func:`default_tracking_uri`) for commands that read a
+    store: a local SQLite file must exist (MLflow would create an empty one)."""
+    from trainables.config import ConfigError
+
+    uri = tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise ConfigError(f"no MLflow store at {uri}: run from the folder that holds "
+                          "mlflow.db (where a sweep ran), or pass --tracking-uri")
+    return uri
 
 
 def _artifact_location(tracking_uri: str, experiment: str) -> str | None:

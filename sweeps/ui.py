@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-from sweeps.tracking import default_tracking_uri
+from sweeps.tracking import existing_store
+from trainables.config import ConfigError
 
 __all__ = ["server_command", "server_env", "experiment_urls", "main"]
 
@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db")
     parser.add_argument("--port", type=int, default=5000)
     args = parser.parse_args(argv)
-    uri = args.tracking_uri or default_tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        print(f"error: no MLflow store at {uri} (run a sweep first, or pass "
-              "--tracking-uri)", file=sys.stderr)
+    try:
+        uri = existing_store(args.tracking_uri)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     command = server_command(uri, args.port)
     print(f"MLflow UI on http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)

@@ -7,7 +7,7 @@ Precision (``fp32 | amp_bf16 | amp_fp16``) is a switch inside it, not another lo
 
 Every epoch reports ``train_loss, train_acc, test_loss, test_acc`` (``val_*`` with a
 validation split), ``lr``, ``skipped_steps`` (steps the optimizer skipped for an inf/NaN
-gradient), ``epoch_seconds, ``train_seconds``, ``images_per_s`` and
+gradient), ``epoch_seconds``, ``train_seconds``, ``images_per_s`` and
 writes a checkpoint (model, optimizer, scheduler, scaler, stage states, config, epoch,
 history, RNG). A run resumed from a checkpoint ends with the same numbers as an
 uninterrupted one: every epoch seeds its own shuffle, crops and dropout from

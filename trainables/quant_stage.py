@@ -41,7 +41,13 @@ from torch.nn.utils import parametrize
 
 import quant
 from trainables.config import TrialConfig
-from trainables.stages import Stage, StageContext, nonfinite_params, register_stage_builder
+from trainables.stages import (
+    Stage,
+    StageContext,
+    diverged_reason,
+    nonfinite_params,
+    register_stage_builder,
+)
 from trainables.weight_rounding import sqnr_db
 
 __all__ = ["QuantStage", "quant_config"]
@@ -141,8 +147,8 @@ class QuantStage(Stage):
         if bad:  # a diverged trial: say so in its metrics and file, do not fail it
             if ctx.is_chief:
                 (ctx.out_dir / "quant.json").write_text(json.dumps(
-                    {"mode": self.cfg.quant.mode, "not_quantized": "the trained weights "
-                     f"hold inf/NaN (the trial diverged): {', '.join(bad)}"}, indent=1))
+                    {"mode": self.cfg.quant.mode, "not_quantized": diverged_reason(bad)},
+                    indent=1))
             return {"test_acc_q": math.nan, "test_loss_q": math.nan}
         floats = _float_weights(ctx.model)
         model = self._quantized_copy(ctx)

@@ -44,7 +44,7 @@ from torch import nn
 from trainables.config import TrialConfig
 
 __all__ = ["Stage", "StageContext", "FinalizeContext", "STAGE_BUILDERS", "build_stages",
-           "nonfinite_params",
+           "nonfinite_params", "diverged_reason",
            "register_stage_builder"]
 
 
@@ -110,6 +110,12 @@ def nonfinite_params(model: nn.Module) -> list[str]:
     stages report NaN for such a model instead of failing the trial."""
     return [name for name, p in model.named_parameters()
             if not bool(torch.isfinite(p.detach()).all())]
+
+
+def diverged_reason(bad: list[str]) -> str:
+    """What a post-training stage's file says instead of its results (``bad``: the
+    parameters :func:`nonfinite_params` named)."""
+    return f"the trained weights hold inf/NaN (the trial diverged): {', '.join(bad)}"
 
 
 def register_stage_builder(builder: StageBuilder) -> StageBuilder:

@@ -26,7 +26,13 @@ from torch import nn
 from quant import IntFormat, LNSFormat, QuantConfig, quantize_, quantized_layers
 from quant.transforms import Format, strip_qat_
 from trainables.config import TrialConfig
-from trainables.stages import FinalizeContext, Stage, nonfinite_params, register_stage_builder
+from trainables.stages import (
+    FinalizeContext,
+    Stage,
+    diverged_reason,
+    nonfinite_params,
+    register_stage_builder,
+)
 
 __all__ = ["FORMATS", "WeightRounding", "round_weights", "sqnr_db"]
 
@@ -77,8 +83,7 @@ class WeightRounding(Stage):
         if bad:  # a diverged trial: NaN accuracies and a file that says why, not a crash
             if ctx.is_chief:
                 (ctx.out_dir / "weight_rounding.json").write_text(json.dumps(
-                    {"not_rounded": "the trained weights hold inf/NaN (the trial "
-                     f"diverged): {', '.join(bad)}"}, indent=1))
+                    {"not_rounded": diverged_reason(bad)}, indent=1))
             return {f"test_acc_{fmt}": math.nan for fmt in self.formats}
         metrics, report = {}, {}
         for fmt in self.formats:
