@@ -13,7 +13,7 @@ Two modes:
   generations of num_samples / 4 trials; conditional parameters (bits of one format, k of
   another) are sampled at random by NSGA-II. ASHA cannot rank two objectives and nothing
   stops trials early: every trial runs its (short) epochs. The sweep's run holds the
-  Pareto front (pareto.csv/.md, pareto.png).
+  Pareto front (pareto.md, csv/pareto.csv, pareto.png, and as its description).
 - ``--objective budget``: Optuna TPE + ASHA on ``budget_score`` = val_acc_q minus the
   relative overshoot of ``--byte-budget`` (default: 1/8 of the FP32 state_dict, i.e. what
   4-bit weights take).
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from sweeps.cli import base_config, common_parser, main_guard, print_summary, tracking_uri
-from sweeps.runner import Sweep, rows_to_csv, rows_to_markdown, run_sweep
+from sweeps.runner import Sweep, rows_to_markdown, run_sweep
 from sweeps.tracking import SweepTracker
 from trainables.config import ConfigError, TrialConfig
 
@@ -179,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                   "test_acc_q": r.get("test_acc_q", ""), "packed_bytes": r["packed_bytes"],
                   "compression_ratio": fp32 / r["packed_bytes"],
                   "mlflow_run_id": r["mlflow_run_id"]} for r in front]
-        tracker.log_text(outcome.parent_run_id, rows_to_csv(table), "pareto.csv")
-        tracker.log_text(outcome.parent_run_id, rows_to_markdown(table), "pareto.md")
+        tracker.log_table(outcome.parent_run_id, table, "pareto",
+                          describe=f"Pareto front: val_acc_q against packed bytes (FP32 "
+                                   f"{fp32} bytes)")
         with tempfile.TemporaryDirectory() as tmp:
             tracker.log_artifact(outcome.parent_run_id, plot_pareto(
                 outcome.rows, front, Path(tmp) / "pareto.png", fp32))

@@ -16,7 +16,7 @@ from typing import Any
 
 from sweeps.provenance import git_sha
 from sweeps.tracking import existing_store
-from trainables.config import ConfigError, TrialConfig
+from trainables.config import ConfigError, TrialConfig, dotted_keys
 
 __all__ = ["logged_config", "main"]
 
@@ -24,7 +24,8 @@ SHOWN = ("test_acc", "val_acc", "test_acc_q", "train_loss")
 
 
 def logged_config(client: Any, run_id: str) -> TrialConfig:
-    """The config a trial run logged (its config.yaml artifact)."""
+    """The config a trial run logged (its config.yaml artifact). Keys this code no longer
+    has are dropped with a warning naming them: the re-run cannot honour them."""
     import yaml
 
     try:
@@ -37,7 +38,13 @@ def logged_config(client: Any, run_id: str) -> TrialConfig:
         except Exception:
             raise ConfigError(f"run {run_id!r} has no config.yaml: allowed the run id of a "
                               "trial (a sweep's or study's nested run)") from None
-        return TrialConfig.from_stored(yaml.safe_load(Path(path).read_text()))
+        stored = dotted_keys(yaml.safe_load(Path(path).read_text()) or {})
+    known = set(TrialConfig().to_flat())
+    removed = sorted(set(stored) - known)
+    if removed:
+        print(f"warning: run {run_id} set {', '.join(f'{k}={stored[k]!r}' for k in removed)}"
+              ", which this code no longer has: re-run without", file=sys.stderr)
+    return TrialConfig.from_stored({k: v for k, v in stored.items() if k in known})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import tempfile
@@ -31,7 +29,15 @@ from typing import Any, Callable, Mapping
 from ray.tune import Callback
 
 from sweeps.outcome import diverged
-from sweeps.tracking import MLflowSweepCallback, SweepTracker, default_tracking_uri, plot_sweep
+from sweeps.tracking import (
+    MLflowSweepCallback,
+    SweepTracker,
+    default_tracking_uri,
+    format_value,
+    plot_sweep,
+    rows_to_csv,
+    rows_to_markdown,
+)
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import cache_dir, data_root, prepare_data
 
@@ -188,15 +194,15 @@ class ConsoleProgress(Callback):
         print(f"[{time.time() - self.start:6.0f}s] {trial} {text}", flush=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        params = " ".join(f"{k}={_format(trial.config.get(k))}" for k in self.searched)
+        params = " ".join(f"{k}={format_value(trial.config.get(k))}" for k in self.searched)
         self._say(trial, f"started: {params}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any,
                         result: dict[str, Any], **info: Any) -> None:
         self._say(trial, f"epoch {result.get('epoch')}/{self.epochs} "
-                         f"{self.metric}={_format(result.get(self.metric, float('nan')))} "
-                         f"train_loss={_format(result.get('train_loss', float('nan')))} "
-                         f"{_format(result.get('images_per_s', 0.0))} img/s")
+                         f"{self.metric}={format_value(result.get(self.metric, float('nan')))} "
+                         f"train_loss={format_value(result.get('train_loss', float('nan')))} "
+                         f"{format_value(result.get('images_per_s', 0.0))} img/s")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         finished = self.tracking.status(trial) == "FINISHED"
@@ -404,8 +410,7 @@ def _summarize(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
                else float("-inf"))
     best_result = next(r for r in results if r.metrics and
                        r.metrics.get("trial_id") == best["trial_id"])
-    tracker.log_text(parent, rows_to_csv(rows), "trials.csv")
-    tracker.log_text(parent, rows_to_markdown(rows), "trials.md")
+    tracker.log_table(parent, rows, "trials")
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_sweep(rows, searched, sweep.metric, Path(tmp) / "sweep.png",
                          f"{sweep.name}: {len(rows)} trials")
@@ -419,28 +424,6 @@ def _summarize(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
     return SweepOutcome(best=best, best_config=dict(best_result.config), rows=rows,
                         parent_run_id=parent, tracking_uri=sweep.tracking_uri,
                         experiment=sweep.name, results=results)
-
-
-def rows_to_csv(rows: list[dict[str, Any]]) -> str:
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def rows_to_markdown(rows: list[dict[str, Any]]) -> str:
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_format(row.get(k, "")) for k in keys) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def mlflow_ui_command(tracking_uri: str) -> str:

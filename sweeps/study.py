@@ -24,10 +24,10 @@ The design, on purpose:
 
 MLflow: a study run (``kind=study``), one nested run per cell's search (``kind=search``,
 tag ``cell``) and one for the seed re-runs (``kind=points``), trials nested under those.
-The study run holds comparison.csv/.md/.png (the bars: mean and 95% interval per cell),
-pairs.csv/.md, curves.png, sensitivity.png, weights.png and the per-cell mean, std and
-interval as metrics. :func:`report_from` rebuilds all of it
-from the runs.
+The study run holds comparison.md/.png (the bars: mean and 95% interval per cell),
+pairs.md, csv/ (both tables as CSV), a description with the compact table, curves.png,
+sensitivity.png, weights.png and the per-cell mean, std and interval as metrics.
+:func:`report_from` rebuilds all of it from the runs.
 
 Example::
 
@@ -60,7 +60,7 @@ from sweeps.compare import (
     weight_vector,
 )
 from sweeps.outcome import FAILED, FINISHED, diverged, trial_status
-from sweeps.runner import Sweep, rows_to_csv, rows_to_markdown, run_sweep, validate_points
+from sweeps.runner import Sweep, rows_to_markdown, run_sweep, validate_points
 from sweeps.tracking import SweepTracker, default_tracking_uri
 from trainables.config import ConfigError, DataConfig, TrialConfig
 from trainables.data import load_splits, prepare_data
@@ -341,14 +341,10 @@ def _report(study: Study, tracker: SweepTracker, parent: str, cells: list[CellRe
     notes = {c.key: study.notes(c.key) for c in cells} if study.notes else None
     rows = table_rows(cells, study.key_names, study.metric, study.search_metric,
                       study.extra_metrics, notes)
-    tracker.log_text(parent, rows_to_csv(rows), "comparison.csv")
-    table = rows_to_markdown(rows)
-    tracker.log_text(parent, table, "comparison.md")
+    table = tracker.log_table(parent, rows, "comparison")
     pairs = paired_rows(cells, study.pairs, study.key_names, study.metric)
-    pairs_table = rows_to_markdown(pairs) if pairs else ""
-    if pairs:
-        tracker.log_text(parent, rows_to_csv(pairs), "pairs.csv")
-        tracker.log_text(parent, pairs_table, "pairs.md")
+    pairs_table = tracker.log_table(parent, pairs, "pairs") if pairs else ""
+    tracker.set_tags(parent, {"mlflow.note.content": _description(study, rows, pairs)})
     with tempfile.TemporaryDirectory() as tmp:
         tracker.log_artifact(parent, plot_comparison(cells, Path(tmp) / "comparison.png",
                                                      study.metric))
@@ -367,6 +363,30 @@ def _report(study: Study, tracker: SweepTracker, parent: str, cells: list[CellRe
                     metrics[f"{prefix}.{study.metric}_{stat}"] = round(value, 5)
     tracker.log_metrics(parent, metrics, step=0)
     return StudyOutcome(parent, cells, rows, table, pairs, pairs_table)
+
+
+# MLflow keeps at most 8000 characters of a tag; the description is one.
+_DESCRIPTION_LIMIT = 8000
+_SUMMARY_COLUMNS = ("result", "ci95", "seeds_ok", "seeds_diverged", "seeds_failed", "best_lr")
+_PAIR_COLUMNS = ("pair", "n_pairs", "first_wins", "diff_points", "ci95", "verdict")
+
+
+def _description(study: Study, rows: list[dict], pairs: list[dict]) -> str:
+    """The study run's Overview: the result per cell and the paired verdicts, cut to the
+    columns a reader compares first (comparison.md and pairs.md hold every column)."""
+    def compact(table: list[dict], columns: tuple[str, ...]) -> str:
+        keep = (*study.key_names, *columns)
+        return rows_to_markdown([{k: r[k] for k in keep if k in r} for r in table])
+
+    text = (f"{study.metric} per cell: mean +- std over seeds, 95% t interval, seeds "
+            f"ok/diverged/failed. Every column: comparison.md; plots: comparison.png.\n\n"
+            + compact(rows, _SUMMARY_COLUMNS))
+    if pairs:
+        text += "\nMatched pairs, seed by seed (pairs.md):\n\n" + compact(pairs, _PAIR_COLUMNS)
+    if len(text) > _DESCRIPTION_LIMIT:
+        cut = "\n\n(cut here: the rest is in comparison.md and pairs.md)"
+        text = text[:_DESCRIPTION_LIMIT - len(cut)].rsplit("\n", 1)[0] + cut
+    return text
 
 
 def report_from(study: Study, run_id: str) -> StudyOutcome:

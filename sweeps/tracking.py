@@ -23,6 +23,8 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import sys
 import tempfile
@@ -60,6 +62,7 @@ class SweepTracker:
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
+        adopt_moved_store(tracking_uri)
         self.client = MlflowClient(tracking_uri)
         existing = self.client.get_experiment_by_name(experiment)
         if existing is not None:
@@ -136,6 +139,19 @@ class SweepTracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
 
+    def log_table(self, run_id: str, rows: list[Mapping[str, Any]], stem: str,
+                  describe: str | None = None) -> str:
+        """``stem.md`` at the top of the run's artifacts (the UI lists files by name, so
+        the CSVs go to ``csv/`` to leave the readable table first) and ``csv/stem.csv``.
+        With ``describe``, the table also becomes the run's description (its Overview
+        tab), under that heading. Returns the markdown."""
+        table = rows_to_markdown(list(rows))
+        self.client.log_text(run_id, table, f"{stem}.md")
+        self.client.log_text(run_id, rows_to_csv(list(rows)), f"csv/{stem}.csv")
+        if describe is not None:
+            self.set_tags(run_id, {"mlflow.note.content": f"{describe}\n\n{table}"})
+        return table
+
     def end_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
 
@@ -154,6 +170,29 @@ class SweepTracker:
         self.end_run(run_id, "FINISHED")
 
 
+def rows_to_csv(rows: list[dict[str, Any]]) -> str:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def format_value(value: Any) -> str:
+    """A table cell: floats to 4 significant digits."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def rows_to_markdown(rows: list[dict[str, Any]]) -> str:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(format_value(row.get(k, "")) for k in keys) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def existing_store(tracking_uri: str | None) -> str:
     """``tracking_uri`` (default :func:`default_tracking_uri`) for commands that read a
     store: a local SQLite file must exist (MLflow would create an empty one)."""
@@ -163,7 +202,50 @@ def existing_store(tracking_uri: str | None) -> str:
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         raise ConfigError(f"no MLflow store at {uri}: run from the folder that holds "
                           "mlflow.db (where a sweep ran), or pass --tracking-uri")
+    adopt_moved_store(uri)
     return uri
+
+
+def adopt_moved_store(tracking_uri: str) -> int:
+    """A local store whose folder was moved or copied (mlflow.db with its mlartifacts/)
+    still names the old folder in every artifact location (MLflow stores them absolute):
+    rewrite them to this folder, so the UI and downloads find the artifacts. Returns the
+    number of locations rewritten and says so; 0 for servers and stores in place."""
+    import sqlite3
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return 0
+    db = Path(tracking_uri[len("sqlite:///"):]).resolve()
+    here = db.parent / "mlartifacts"
+    if not db.exists() or not here.is_dir():
+        return 0
+    new = here.as_uri() + "/"
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        locations = [row[0] or "" for row in conn.execute(
+            "SELECT artifact_location FROM experiments")]
+        old_roots = {loc[:loc.index("/mlartifacts/") + len("/mlartifacts/")]
+                     for loc in locations if loc.startswith("file://")
+                     and "/mlartifacts/" in loc} - {new}
+        changed = 0
+        for old in old_roots:
+            for table, column in (("experiments", "artifact_location"),
+                                  ("runs", "artifact_uri"),
+                                  ("logged_models", "artifact_location")):
+                if not _has_table(conn, table):
+                    continue
+                changed += conn.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                    f"WHERE substr({column}, 1, ?) = ?",
+                    (new, len(old) + 1, len(old), old)).rowcount
+    if changed:
+        print(f"note: this MLflow store was moved from {', '.join(sorted(old_roots))}; "
+              f"{changed} artifact locations now point to {new}", file=sys.stderr)
+    return changed
+
+
+def _has_table(conn: Any, table: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                        (table,)).fetchone() is not None
 
 
 def _artifact_location(tracking_uri: str, experiment: str) -> str | None:

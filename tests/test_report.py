@@ -173,6 +173,13 @@ def test_a_trial_reruns_from_its_run_id(tmp_path, tiny_root, capsys):
     captured = capsys.readouterr()
     assert "was made with code 0123abc" in captured.err
     assert "test_acc: now " in captured.out and "logged 0.5000" in captured.out
+    # A config logged by older code, with a key this code no longer has: dropped, said.
+    old = tracker.start_trial("sgd s0 old", {}, {"git_sha": "0123abc"})
+    tracker.log_text(old, cfg.to_yaml() + "\ntrain.retired_knob: 3\n", "config.yaml")
+    tracker.end_run(old, "FINISHED")
+    assert rerun([old, "--tracking-uri", uri, "--set", "train.epochs=1"]) == 0
+    assert "set train.retired_knob=3, which this code no longer has" in \
+        capsys.readouterr().err
     study = tracker.start_sweep("group", tags={"kind": "study"})
     assert rerun([study, "--tracking-uri", uri]) == 2
     assert "has no config.yaml" in capsys.readouterr().err
@@ -204,3 +211,30 @@ def test_a_long_trial_name_is_cut_to_what_mlflow_stores():
                                                             "train.seed": 7}
     name = trial_run_name(config, list(config))
     assert len(name) == 250 and name.startswith("eg k0=0.123 ") and name.endswith("~ s7")
+
+
+def test_a_moved_store_finds_its_artifacts_again(tmp_path, capsys):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking import adopt_moved_store, existing_store
+
+    uri, tracker = _store(tmp_path / "lab")
+    parent = tracker.start_sweep("demo", tags={"kind": "search"})
+    tracker.log_text(parent, "| a |\n|---|\n| 1 |\n", "trials.md")
+    tracker.end_run(parent, "FINISHED")
+    shutil.move(tmp_path / "lab", tmp_path / "laptop")  # the folder, as a researcher moves it
+    moved = f"sqlite:///{tmp_path / 'laptop' / 'mlflow.db'}"
+    client = MlflowClient(moved)
+    with pytest.raises(Exception):  # MLflow still looks in the old folder
+        client.download_artifacts(parent, "trials.md", str(tmp_path))
+    assert existing_store(moved) == moved
+    assert "this MLflow store was moved from" in capsys.readouterr().err
+    local = client.download_artifacts(parent, "trials.md", str(tmp_path))
+    assert Path(local).read_text().startswith("| a |")
+    assert client.get_run(parent).info.artifact_uri.startswith(
+        (tmp_path / "laptop" / "mlartifacts").as_uri())
+    assert adopt_moved_store(moved) == 0  # in place now: nothing to do
+    # A server or a store without artifacts beside it is left alone.
+    assert adopt_moved_store("http://127.0.0.1:5000") == 0

@@ -39,6 +39,7 @@ __all__ = [
     "TrialConfig",
     "DATASETS",
     "MODELS",
+    "dotted_keys",
 ]
 
 
@@ -505,7 +506,7 @@ class TrialConfig:
         every optimizer field, read or not. Fields the optimizer does not read had no
         effect then and are dropped; ``optim.bias_lr=0`` meant unset; a config without
         ``optim.decay_form`` keeps the decay eg and adam_eg had then."""
-        flat = _dotted(values)
+        flat = dotted_keys(values)
         name = flat.get("optim.name", OptimConfig.name)
         if name in optim.available():
             unread = {f.name for f in fields(OptimConfig) if f.default is None} - \
@@ -531,7 +532,7 @@ class TrialConfig:
     def replace(self, values: Mapping[str, Any]) -> "TrialConfig":
         """A copy with ``values`` (nested or dotted keys) applied, validated."""
         grouped: dict[str, dict[str, Any]] = {}
-        for key, value in _dotted(values).items():
+        for key, value in dotted_keys(values).items():
             section, _, name = key.partition(".")
             if section not in _SECTIONS:
                 raise ConfigError(f"unknown config section {section!r} in key {key!r}: "
@@ -583,7 +584,7 @@ class TrialConfig:
         return yaml.safe_dump(self.to_nested(), sort_keys=False)
 
 
-def _dotted(values: Mapping[str, Any]) -> dict[str, Any]:
+def dotted_keys(values: Mapping[str, Any]) -> dict[str, Any]:
     """Flatten one level of nesting: ``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
