@@ -13,7 +13,7 @@ Two modes:
   generations of num_samples / 4 trials; conditional parameters (bits of one format, k of
   another) are sampled at random by NSGA-II. ASHA cannot rank two objectives and nothing
   stops trials early: every trial runs its (short) epochs. The sweep's run holds the
-  Pareto front (pareto.md, csv/pareto.csv, pareto.png, and as its description).
+  Pareto front (pareto.md/.table.csv, pareto.png, and as its description).
 - ``--objective budget``: Optuna TPE + ASHA on ``budget_score`` = val_acc_q minus the
   relative overshoot of ``--byte-budget`` (default: 1/8 of the FP32 state_dict, i.e. what
   4-bit weights take).

@@ -25,7 +25,7 @@ The design, on purpose:
 MLflow: a study run (``kind=study``), one nested run per cell's search (``kind=search``,
 tag ``cell``) and one for the seed re-runs (``kind=points``), trials nested under those.
 The study run holds comparison.md/.png (the bars: mean and 95% interval per cell),
-pairs.md, csv/ (both tables as CSV), a description with the compact table, curves.png,
+pairs.md, *.table.csv (both tables as CSV), a description with the compact table, curves.png,
 sensitivity.png, weights.png and the per-cell mean, std and interval as metrics.
 :func:`report_from` rebuilds all of it from the runs.
 

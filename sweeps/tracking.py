@@ -141,13 +141,13 @@ class SweepTracker:
 
     def log_table(self, run_id: str, rows: list[Mapping[str, Any]], stem: str,
                   describe: str | None = None) -> str:
-        """``stem.md`` at the top of the run's artifacts (the UI lists files by name, so
-        the CSVs go to ``csv/`` to leave the readable table first) and ``csv/stem.csv``.
+        """``stem.md`` and ``stem.table.csv`` (the UI lists files by name: the readable
+        table sorts before its CSV and plot, ``stem.csv`` would not).
         With ``describe``, the table also becomes the run's description (its Overview
         tab), under that heading. Returns the markdown."""
         table = rows_to_markdown(list(rows))
         self.client.log_text(run_id, table, f"{stem}.md")
-        self.client.log_text(run_id, rows_to_csv(list(rows)), f"csv/{stem}.csv")
+        self.client.log_text(run_id, rows_to_csv(list(rows)), f"{stem}.table.csv")
         if describe is not None:
             self.set_tags(run_id, {"mlflow.note.content": f"{describe}\n\n{table}"})
         return table

@@ -63,18 +63,16 @@ def test_smoke_study_records_the_table_and_plots(tmp_path: Path, tiny_root: Path
     assert len(trials) == 2 * 2 + 2 * 2  # 2 searched per cell, then 2 cells x 2 seeds
 
     listed = [f.path for f in client.list_artifacts(study_id)]
-    # The UI lists artifacts by name: the readable table first, the CSVs in csv/.
-    assert listed[0] == "comparison.md"
-    assert {"comparison.png", "pairs.md", "curves.png", "sensitivity.png", "weights.png",
-            "csv"} <= set(listed)
-    assert {f.path for f in client.list_artifacts(study_id, "csv")} == {
-        "csv/comparison.csv", "csv/pairs.csv"}
+    # The UI lists artifacts by name: the readable table first, its CSV after the plot.
+    assert listed[:3] == ["comparison.md", "comparison.png", "comparison.table.csv"]
+    assert {"pairs.md", "pairs.table.csv", "curves.png", "sensitivity.png",
+            "weights.png"} <= set(listed)
     # Its Overview (the run description) is the compact table and the paired verdicts.
     overview = study[0].data.tags["mlflow.note.content"]
     assert "| dataset | model | optimizer | result | ci95 | seeds_ok |" in overview
     assert "| mnist | mlp | eg - gd | 2 |" in overview
     assert "| mnist | mlp | eg - gd | 2 |" in out.stdout  # the paired comparison, 2 seeds
-    local = client.download_artifacts(study_id, "csv/comparison.csv", str(tmp_path))
+    local = client.download_artifacts(study_id, "comparison.table.csv", str(tmp_path))
     rows = list(csv.DictReader(io.StringIO(Path(local).read_text())))
     assert [r["optimizer"] for r in rows] == ["gd", "eg"]
     for row in rows:

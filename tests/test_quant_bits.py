@@ -58,10 +58,10 @@ def test_smoke_pareto_sweep_records_the_front(tmp_path: Path, tiny_root: Path) -
         assert {"val_acc_q", "test_acc_q", "packed_bytes", "compression_ratio"} <= \
             set(trial.data.metrics)
         assert "model.qsw" in {a.path for a in client.list_artifacts(trial.info.run_id)}
-    assert {"csv", "pareto.md", "pareto.png"} <= {
+    assert {"pareto.table.csv", "pareto.md", "pareto.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "Pareto front" in parent.data.tags["mlflow.note.content"]
-    local = client.download_artifacts(parent.info.run_id, "csv/pareto.csv", str(tmp_path))
+    local = client.download_artifacts(parent.info.run_id, "pareto.table.csv", str(tmp_path))
     front = list(csv.DictReader(io.StringIO(Path(local).read_text())))
     # One call brings a trial's quantized model back; it scores what the trial reported.
     import torch

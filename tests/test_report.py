@@ -216,6 +216,7 @@ def test_a_long_trial_name_is_cut_to_what_mlflow_stores():
 def test_a_moved_store_finds_its_artifacts_again(tmp_path, capsys):
     import shutil
 
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from sweeps.tracking import adopt_moved_store, existing_store
@@ -227,7 +228,7 @@ def test_a_moved_store_finds_its_artifacts_again(tmp_path, capsys):
     shutil.move(tmp_path / "lab", tmp_path / "laptop")  # the folder, as a researcher moves it
     moved = f"sqlite:///{tmp_path / 'laptop' / 'mlflow.db'}"
     client = MlflowClient(moved)
-    with pytest.raises(Exception):  # MLflow still looks in the old folder
+    with pytest.raises(MlflowException):  # MLflow still looks in the old folder
         client.download_artifacts(parent, "trials.md", str(tmp_path))
     assert existing_store(moved) == moved
     assert "this MLflow store was moved from" in capsys.readouterr().err

@@ -58,7 +58,7 @@ def test_sweep_records_a_parent_run_with_nested_trial_runs(tiny_root: Path,
     parent = parents[0]
     assert parent.info.run_id == outcome.parent_run_id and parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
-        "csv", "trials.md", "sweep.png"}
+        "trials.table.csv", "trials.md", "sweep.png"}
     assert {"best_test_acc", "best_val_acc"} <= set(parent.data.metrics)
     assert parent.data.tags["best_mlflow_run_id"] in {c.info.run_id for c in children}
     tracked = base.tracked_params()

@@ -8,6 +8,7 @@ test's tmp folder); no server is left running."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -111,6 +112,24 @@ def test_a_researcher_reads_the_smoke_study_in_the_browser(light_server, tmp_pat
         image.wait_for(timeout=30_000)
         assert image.evaluate("img => img.naturalWidth") == 900  # curves.png: 9 in x 100 dpi
         page.screenshot(path=shots / "4-trial-curves.png")
+
+        # The study run: its Overview is the result per cell and the paired verdicts...
+        study = client.search_runs([experiment], "tags.kind = 'study'")[0].info.run_id
+        study_url = f"{base}/#/experiments/{experiment}/runs/{study}"
+        page.goto(f"{study_url}?workflowType=machine_learning")
+        page.get_by_text("Show more").first.click()
+        page.get_by_text("Matched pairs, seed by seed").first.wait_for(timeout=30_000)
+        page.get_by_text("eg - gd").first.wait_for(timeout=30_000)
+        page.screenshot(path=shots / "5-study-overview.png")
+        # ... its artifacts list the table first, and the bars render.
+        page.goto(f"{study_url}/artifacts/comparison.png?workflowType=machine_learning")
+        image = page.locator("img[src^='blob:']").first
+        image.wait_for(timeout=30_000)
+        assert image.evaluate("img => img.naturalWidth") > 0
+        names = page.get_by_text(re.compile(r"^[\w.]+\.(md|png|csv)$")).all_inner_texts()
+        assert names[0] == "comparison.md", names
+        page.screenshot(path=shots / "6-study-comparison.png")
         browser.close()
-    assert {p.name for p in shots.iterdir()} >= {"1-runs-table.png", "2-nested-trials.png",
-                                                 "3-trial-metrics.png", "4-trial-curves.png"}
+    assert {p.name for p in shots.iterdir()} >= {
+        "1-runs-table.png", "2-nested-trials.png", "3-trial-metrics.png",
+        "4-trial-curves.png", "5-study-overview.png", "6-study-comparison.png"}
