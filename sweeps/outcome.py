@@ -1,16 +1,17 @@
 """How a trial ended: the one rule every part of a sweep uses (MLflow status, console line,
 tables, study reports).
 
-- FAILED: the trial raised (its error is logged).
+- FAILED: the trial raised (its error is logged), or it diverged.
 - FINISHED: it reported every planned epoch.
 - KILLED: it ended without error before its last epoch: the scheduler (ASHA) stopped it.
-- diverged (a flag beside the status): its training loss was non-finite at some epoch;
-  a study also counts a seed whose final accuracy is at chance (:func:`at_chance`: it
-  froze) as diverged.
+- diverged (a flag beside the status): its training loss was non-finite at some epoch
+  (the loop then stops the trial within that epoch); a study also counts a seed whose
+  final accuracy is at chance (:func:`at_chance`: it froze) as diverged.
 
 Example::
 
     trial_status(reported_epochs=3, planned_epochs=3)        # "FINISHED"
+    trial_status(1, 3, diverged=True)                         # "FAILED"
     diverged([{"train_loss": 0.3}, {"train_loss": float("nan")}])   # True
 """
 
@@ -28,8 +29,9 @@ FINISHED, KILLED, FAILED = "FINISHED", "KILLED", "FAILED"
 CHANCE_MARGIN = 0.05
 
 
-def trial_status(reported_epochs: int, planned_epochs: int, errored: bool = False) -> str:
-    if errored:
+def trial_status(reported_epochs: int, planned_epochs: int, errored: bool = False,
+                 diverged: bool = False) -> str:
+    if errored or diverged:
         return FAILED
     return FINISHED if reported_epochs >= planned_epochs else KILLED
 

@@ -205,9 +205,13 @@ class ConsoleProgress(Callback):
                          f"{format_value(result.get('images_per_s', 0.0))} img/s")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        finished = self.tracking.status(trial) == "FINISHED"
-        ending = "finished" if finished else "stopped early by the scheduler"
-        self._say(trial, ending + (" (diverged)" if self.tracking.diverged(trial) else ""))
+        if self.tracking.diverged(trial):
+            ending = "diverged (non-finite training loss): stopped"
+        elif self.tracking.status(trial) == "FINISHED":
+            ending = "finished"
+        else:
+            ending = "stopped early by the scheduler"
+        self._say(trial, ending)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._say(trial, f"FAILED: see {trial.error_file}")

@@ -437,7 +437,7 @@ def _restored_rows(grid: Any, study: Study) -> list[dict[str, Any]]:
         history = result.metrics_dataframe.to_dict("records")
         m = result.metrics
         status = trial_status(len(history), int(result.config["train.epochs"]),
-                              errored=result.error is not None)
+                              errored=result.error is not None, diverged=diverged(history))
         rows.append({"trial_id": m["trial_id"], "status": status,
                      "diverged": diverged(history),
                      study.backoff_key: result.config.get(study.backoff_key),

@@ -455,7 +455,8 @@ class MLflowSweepCallback(Callback):
         if trial.trial_id in self.statuses:
             return self.statuses[trial.trial_id]
         return trial_status(len(self.histories.get(trial.trial_id, [])),
-                            int(trial.config.get("train.epochs", 0)), errored)
+                            int(trial.config.get("train.epochs", 0)), errored,
+                            self.diverged(trial))
 
     def diverged(self, trial: Any) -> bool:
         return diverged(self.histories.get(trial.trial_id, []))
@@ -484,6 +485,9 @@ class MLflowSweepCallback(Callback):
                     "mlflow.note.content": f"Stopped early by the ASHA scheduler at epoch "
                     f"{epochs} of {planned}: its result ranked below the cut of that rung. "
                     "Not an error."}
+        if status == "FAILED" and self.diverged(trial):
+            return {"mlflow.note.content": diverged_description(
+                self.histories[trial.trial_id], planned)}
         if status == "FAILED":
             return {"mlflow.note.content": f"Failed after {epochs} of {planned} epochs: "
                     f"{_last_error_line(trial)} (full traceback: artifact error/)"}
@@ -524,6 +528,19 @@ class MLflowSweepCallback(Callback):
         if path is None and getattr(trial, "checkpoint", None) is not None:
             path = trial.checkpoint.path
         return path if path and Path(path).is_dir() else None
+
+
+def diverged_description(history: list[Mapping[str, Any]], planned: int) -> str:
+    """Where a diverged trial's loss turned non-finite and what it did then."""
+    last = history[-1] if history else {}
+    where = f"in epoch {len(history)} of {planned}"
+    if "diverged_batch" in last:
+        where = (f"in epoch {int(last['diverged_epoch'])} of {planned}, by batch "
+                 f"{int(last['diverged_batch'])} (optimizer step {int(last['diverged_step'])})")
+    scores = ", ".join(f"{k}={last[k]:.4g}" for k in ("val_acc", "test_acc") if k in last)
+    return (f"Diverged: the training loss became non-finite {where}; the trial stopped there "
+            f"and reported that epoch as its last (losses as +inf, {scores or 'no accuracy'}"
+            "), which is what the searcher learned from. Not a crash: a config to avoid.")
 
 
 def _last_error_line(trial: Any) -> str:

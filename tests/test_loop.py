@@ -123,7 +123,7 @@ def test_checkpoint_holds_what_resume_needs(tiny_root: Path, tmp_path: Path) -> 
     run_trial(tiny(tiny_root, "train.epochs=1"), LocalSession(checkpoint_dir=tmp_path / "c"))
     state = load_state_file(tmp_path / "c")
     assert set(state) == {"model", "optimizer", "scheduler", "scaler", "stages", "config",
-                          "epoch", "step", "history", "rng"}
+                          "epoch", "step", "diverged_at", "history", "rng"}
     assert TrialConfig.from_flat(state["config"]).optim.lr == 0.05
 
 
@@ -162,3 +162,46 @@ def test_schedules_against_hand_computed_values() -> None:
     assert onecycle == pytest.approx([0.55, 1.0] + [1 - k / 8 for k in range(8)])
     cosine = _factors(OptimConfig(schedule="cosine", warmup_fraction=0.0), 1, 4)
     assert cosine == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])
+
+
+def test_a_diverged_trial_stops_within_the_epoch(tiny_root: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training forward turns NaN from its 3rd batch on: the trial stops at that check,
+    reports that epoch as its last (flagged, losses +inf for a searcher), trains no more."""
+    import trainables.loop as loop_module
+
+    monkeypatch.setattr(loop_module, "DIVERGENCE_CHECK_EVERY", 1)
+    forwards = []
+
+    def blow_up(module, inputs, output):  # type: ignore[no-untyped-def]
+        if not module.training:
+            return output
+        forwards.append(1)
+        return output * math.nan if len(forwards) >= 3 else output
+
+    original = loop_module._Trainer.__init__
+
+    def patched(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original(self, *args, **kwargs)
+        self.model.register_forward_hook(blow_up)
+
+    monkeypatch.setattr(loop_module._Trainer, "__init__", patched)
+    session = LocalSession()
+    history = run_trial(tiny(tiny_root, "train.epochs=3"), session)
+    assert len(history) == 1 and session.reports == history and len(forwards) == 3
+    last = history[0]
+    assert (last["diverged"], last["diverged_epoch"], last["diverged_batch"],
+            last["diverged_step"]) == (1.0, 1, 3, 3)
+    assert last["train_loss"] == math.inf  # the worst value, not NaN (Optuna fails on NaN)
+    # The 3rd step's NaN gradients were skipped: the weights still score.
+    assert math.isfinite(last["test_loss"]) and last["skipped_steps"] == 1
+
+
+def test_a_loss_that_turns_non_finite_between_checks_stops_after_the_epoch(
+        tiny_root: Path) -> None:
+    """Fewer batches than the check interval: the epoch's loss says it, the trial stops."""
+    cfg = tiny(tiny_root, "optim.name=eg", "optim.lr=1e4", "optim.weight_decay=0",
+               "train.epochs=3")
+    history = run_trial(cfg, LocalSession())
+    assert len(history) == 1 and history[0]["diverged"] == 1.0
+    assert history[0]["train_loss"] == math.inf and history[0]["diverged_epoch"] == 1

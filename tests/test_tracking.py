@@ -3,6 +3,7 @@ artifacts must land in the server's artifact store, not on the client's disk."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -133,3 +134,24 @@ def test_artifacts_go_to_the_http_server(mlflow_server, tmp_path: Path,
     assert len(stored) == 1 and stored[0].read_text() == "hello"
     assert not any(client_dir.rglob("config.yaml"))  # nothing left on the client side
     assert tracker.client.get_run(child).info.status == "FINISHED"
+
+
+def test_optuna_learns_from_a_diverged_trial_but_not_from_a_nan() -> None:
+    """Why a diverged epoch reports its losses as +inf: Ray's OptunaSearch hands the value
+    to Optuna, which keeps +inf as a (bad) result; a NaN is refused ("The value nan is
+    not acceptable", logged by Ray) and that Optuna trial stays RUNNING, lost to TPE."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    def space(trial):
+        trial.suggest_float("optim.lr", 0.1, 1.0)
+
+    searcher = OptunaSearch(space=space, metric="val_loss", mode="min",
+                            sampler=optuna.samplers.RandomSampler(seed=0))
+    for trial_id, value in (("a", 0.5), ("b", math.inf), ("c", math.nan)):
+        searcher.suggest(trial_id)
+        searcher.on_trial_complete(trial_id, {"val_loss": value, "training_iteration": 1})
+    states = [t.state.name for t in searcher._ot_study.trials]
+    assert states == ["COMPLETE", "COMPLETE", "RUNNING"]
+    assert searcher._ot_study.trials[1].value == math.inf
+    assert trial_status(1, 3, diverged=True) == "FAILED"

@@ -52,6 +52,9 @@ from trainables.stages import Stage, StageContext, build_stages
 __all__ = ["run_trial", "build_schedule", "pick_device", "train_loop_per_worker"]
 
 _AMP_DTYPES = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
+# How often (in batches) training checks for a non-finite loss: a diverged trial stops
+# within the epoch; each check costs one host sync.
+DIVERGENCE_CHECK_EVERY = 25
 
 
 def pick_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
@@ -157,6 +160,7 @@ class _Trainer:
         self.loss_fn = nn.CrossEntropyLoss()
         self.epoch = 0
         self.step = 0  # optimizer steps so far, over all epochs
+        self.diverged_at: tuple[int, int] | None = None  # (epoch, batch) it was seen
         self.history: list[dict[str, Any]] = []
 
     def _loader(self, split: str, batch_size: int) -> BatchLoader:
@@ -179,7 +183,7 @@ class _Trainer:
         self.ddp_model.train()
         counts = _Counts.zeros(self.device)
         start = time.perf_counter()
-        for x, y in self.train_loader:
+        for batch, (x, y) in enumerate(self.train_loader, start=1):
             with self._autocast():
                 logits = self.ddp_model(x)
                 loss = self.loss_fn(logits, y)
@@ -193,10 +197,21 @@ class _Trainer:
             for stage in self.stages:
                 stage.after_step(self.step)
             counts.add(loss, logits, y)
+            if batch % DIVERGENCE_CHECK_EVERY == 0 and self._diverged(counts):
+                self.diverged_at = (self.epoch + 1, batch)
+                break
         loss, acc, n = counts.reduce()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return loss, acc, n, time.perf_counter() - start
+
+    def _diverged(self, counts: "_Counts") -> bool:
+        """A non-finite training loss on any rank so far this epoch (every rank agrees,
+        so DDP ranks stop together). One host sync per DIVERGENCE_CHECK_EVERY batches."""
+        bad = (~torch.isfinite(counts.loss)).to(torch.float32).reshape(1)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item())
 
     def _penalty(self) -> torch.Tensor | float:
         # Outside autocast: a regularizer summed over all weights wants float32.
@@ -226,12 +241,16 @@ class _Trainer:
         train_loss, train_acc, n, train_seconds = self.train_epoch()
         metrics: dict[str, Any] = {"epoch": self.epoch + 1, "train_loss": train_loss,
                                    "train_acc": train_acc, "lr": lr}
+        if self.diverged_at is None and not math.isfinite(train_loss):
+            self.diverged_at = (self.epoch + 1, len(self.train_loader))  # its last batches
         # Steps the optimizer skipped for an inf/NaN gradient this epoch (optim.base).
         metrics["skipped_steps"] = getattr(self.optimizer, "skipped_steps", 0) - skipped
         for split, loader in self.eval_loaders.items():
             metrics[f"{split}_loss"], metrics[f"{split}_acc"] = self.evaluate(loader)
         metrics.update(train_seconds=train_seconds, images_per_s=n / max(train_seconds, 1e-9),
                        epoch_seconds=time.perf_counter() - epoch_start)
+        if self.diverged_at is not None:
+            _mark_diverged(metrics, self.diverged_at, self.step)
         if self.stages:
             with tempfile.TemporaryDirectory(prefix="qsweep-epoch-") as scratch:
                 ctx = self._stage_context(Path(scratch), metrics)
@@ -279,6 +298,7 @@ class _Trainer:
             "config": self.cfg.to_flat(),
             "epoch": self.epoch,
             "step": self.step,
+            "diverged_at": self.diverged_at,
             "history": self.history,
             "rng": torch.get_rng_state(),
         }
@@ -293,7 +313,20 @@ class _Trainer:
                 stage.load_state_dict(state["stages"][stage.name])
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
         self.step = int(state.get("step", self.epoch * len(self.train_loader)))
+        at = state.get("diverged_at")
+        self.diverged_at = tuple(at) if at is not None else None
         torch.set_rng_state(state["rng"])
+
+
+def _mark_diverged(metrics: dict[str, Any], at: tuple[int, int], step: int) -> None:
+    """The epoch a trial diverged in: flagged, and its non-finite losses reported as +inf,
+    the worst value, so a searcher minimizing a loss learns from it (Optuna takes inf; a
+    NaN would mark the trial failed); accuracies stay what the weights score (chance)."""
+    metrics.update(diverged=1.0, diverged_epoch=at[0], diverged_batch=at[1],
+                   diverged_step=step)
+    for key, value in metrics.items():
+        if key.endswith("_loss") and isinstance(value, float) and not math.isfinite(value):
+            metrics[key] = math.inf
 
 
 def run_trial(cfg: TrialConfig, session: Session, stages: list[Stage] | None = None
@@ -304,17 +337,21 @@ def run_trial(cfg: TrialConfig, session: Session, stages: list[Stage] | None = N
     from ``session.load_state()`` when the session holds a checkpoint. Returns the
     per-epoch metrics (the whole history, resumed epochs included; the last one holds
     the stages' final metrics when this call ran the last epoch: a checkpoint saved after
-    the last epoch resumes to nothing, and its history lacks them).
+    the last epoch resumes to nothing, and its history lacks them). A trial whose training
+    loss turns non-finite stops within that epoch (checked every
+    ``DIVERGENCE_CHECK_EVERY`` batches) and reports it as its last epoch (``diverged=1``,
+    where, and its losses as +inf); the stages still finalize (their metrics NaN).
     """
     trainer = _Trainer(cfg, session, build_stages(cfg) if stages is None else stages)
     state = session.load_state()
     if state is not None:
         trainer.restore(state)
-    while trainer.epoch < cfg.train.epochs:
+    while trainer.epoch < cfg.train.epochs and trainer.diverged_at is None:
         metrics = trainer.run_epoch()
         metrics["device"] = str(trainer.device)
         trainer.history.append(metrics)
-        last = trainer.epoch == cfg.train.epochs
+        # A diverged trial stops here: its weights only hold NaN/inf from now on.
+        last = trainer.epoch == cfg.train.epochs or trainer.diverged_at is not None
         chief = session.world_rank == 0
         with tempfile.TemporaryDirectory(prefix="qsweep-ckpt-") as directory:
             if cfg.train.checkpoint and chief:
