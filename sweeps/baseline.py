@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sweeps.cli import base_config, common_parser, main_guard, print_summary, tracking_uri
+from sweeps.cli import (
+    base_config,
+    common_parser,
+    main_guard,
+    print_summary,
+    resume_run_id,
+    tracking_uri,
+)
 from sweeps.runner import Sweep, run_sweep
 
 # Chosen on a validation split, as the studies do: the test set only reports.
@@ -40,7 +47,8 @@ def main() -> int:
     sweep = Sweep(name="baseline", base=base, space=space, num_samples=num_samples,
                   max_concurrent=args.max_concurrent, metric=METRIC, mode=MODE,
                   seed=args.seed, tracking_uri=tracking_uri(args),
-                  storage_path=args.storage_path, address=args.address)
+                  storage_path=args.storage_path, address=args.address,
+                  resume_run_id=resume_run_id(args, "baseline", "search"))
     print_summary(run_sweep(sweep))
     return 0
 

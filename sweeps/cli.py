@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -13,7 +14,8 @@ from sweeps.tracking import default_tracking_uri
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import DataNotFoundError
 
-__all__ = ["common_parser", "base_config", "tracking_uri", "print_summary", "main_guard"]
+__all__ = ["common_parser", "base_config", "tracking_uri", "print_summary", "main_guard",
+           "resume_run_id", "resume_command"]
 
 
 def common_parser(description: str, num_samples: int, max_concurrent: int,
@@ -47,7 +49,36 @@ def common_parser(description: str, num_samples: int, max_concurrent: int,
     p.add_argument("--config", default=None, help="YAML file of config overrides")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="config override, e.g. --set optim.momentum=0.8")
+    p.add_argument("--resume", nargs="?", const="last", default=None, metavar="RUN_ID",
+                   help="go on with an interrupted or killed run of this script (default: "
+                        "the newest unfinished one; or the given run id), same flags")
     return p
+
+
+def resume_run_id(args: argparse.Namespace, experiment: str, kind: str) -> str | None:
+    """The run ``--resume`` names: the given id, or the newest unfinished run of
+    ``experiment`` with tag ``kind`` (an error naming the flag where there is none)."""
+    from sweeps.runner import find_resumable
+
+    if args.resume in (None, "last"):
+        return None if args.resume is None else \
+            find_resumable(tracking_uri(args), experiment, kind)
+    return args.resume
+
+
+def resume_command(run_id: str) -> str:
+    """This command line with ``--resume run_id`` (in place of any --resume it had)."""
+    argv, kept, skip = sys.argv[1:], [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--resume":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            continue
+        if not arg.startswith("--resume="):
+            kept.append(arg)
+    return shlex.join(["python", sys.argv[0], *kept, "--resume", run_id])
 
 
 def base_config(args: argparse.Namespace, defaults: Sequence[str],
@@ -129,8 +160,15 @@ def main_guard(main: Callable[[], int]) -> None:
     """Exit 2 with the message (no traceback) for bad input or missing data; anything else
     propagates."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from sweeps.runner import SweepInterrupted
+
     try:
         sys.exit(main())
     except (ConfigError, DataNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except SweepInterrupted as exc:
+        print(f"\ninterrupted: run {exc.run_id} and its unfinished trials are KILLED in "
+              f"MLflow; finished trials are kept. Resume with:\n  "
+              f"{resume_command(exc.run_id)}", file=sys.stderr)
+        sys.exit(130)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from sweeps.cli import base_config, common_parser, main_guard, tracking_uri
+from sweeps.cli import base_config, common_parser, main_guard, resume_run_id, tracking_uri
 from sweeps.runner import mlflow_ui_command
 from sweeps.study import Cell, SearchSpace, Study, report_from, run_study
 from trainables.config import ConfigError
@@ -125,6 +125,7 @@ def study(args: argparse.Namespace) -> Study:
         extra_metrics=ROUNDED, pairs=PAIRS, notes=lambda key: _no_op(key, args),
         max_concurrent=args.max_concurrent,
         tracking_uri=tracking_uri(args), storage_path=args.storage_path, address=args.address,
+        resume_run_id=resume_run_id(args, STUDY, "study"),
         params={"study.epochs": args.epochs, "study.smoke_test": args.smoke_test,
                 "study.datasets": ",".join(args.datasets), "study.models": ",".join(args.models),
                 "study.optimizers": ",".join(args.optimizers),

@@ -35,7 +35,14 @@ from typing import Any
 
 import torch
 
-from sweeps.cli import base_config, common_parser, main_guard, print_summary, tracking_uri
+from sweeps.cli import (
+    base_config,
+    common_parser,
+    main_guard,
+    print_summary,
+    resume_run_id,
+    tracking_uri,
+)
 from sweeps.runner import Sweep, rows_to_markdown, run_sweep
 from sweeps.tracking import SweepTracker
 from trainables.config import ConfigError, TrialConfig
@@ -156,19 +163,22 @@ def main(argv: list[str] | None = None) -> int:
     base = base_config(args, DEFAULTS, SMOKE)
     fp32 = fp32_bytes(base)
     space = BitSpace(formats=tuple(args.formats))
+    resume = resume_run_id(args, NAME, "search")
     if args.objective == "budget":
         budget = args.byte_budget or fp32 // 8
         base = base.replace({"quant.byte_budget": budget})
         sweep = Sweep(name=NAME, base=base, space=space, num_samples=args.num_samples,
                       max_concurrent=args.max_concurrent, metric="budget_score", mode="max",
                       seed=args.seed, tracking_uri=tracking_uri(args),
-                      storage_path=args.storage_path, address=args.address)
+                      storage_path=args.storage_path, address=args.address,
+                      resume_run_id=resume)
     else:
         sweep = Sweep(name=NAME, base=base, space=space, num_samples=args.num_samples,
                       max_concurrent=args.max_concurrent, metric="val_acc_q", mode="max",
                       objectives=(("val_acc_q", "max"), ("packed_bytes", "min")),
                       seed=args.seed, tracking_uri=tracking_uri(args),
-                      storage_path=args.storage_path, address=args.address)
+                      storage_path=args.storage_path, address=args.address,
+                      resume_run_id=resume)
     outcome = run_sweep(sweep)
     print_summary(outcome)
     front = pareto_front(outcome.rows)

@@ -41,7 +41,8 @@ from sweeps.tracking import (
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import cache_dir, data_root, prepare_data
 
-__all__ = ["Sweep", "SweepOutcome", "run_sweep", "validate_space", "validate_points",
+__all__ = ["Sweep", "SweepOutcome", "SweepInterrupted", "run_sweep", "validate_space",
+           "validate_points", "find_resumable",
            "rows_to_csv", "rows_to_markdown",
            "mlflow_ui_command"]
 
@@ -96,6 +97,10 @@ class Sweep:
     title: str = ""
     # best_* metrics on the sweep run: only where "best" means something (one cell).
     log_best: bool = True
+    # Resume this sweep run (an interrupted or killed one, see find_resumable): its Tune
+    # folder is restored (finished trials are not re-run, the searcher keeps its
+    # history) and its MLflow runs are reused.
+    resume_run_id: str | None = None
 
     @property
     def phase(self) -> str:
@@ -124,6 +129,14 @@ class Sweep:
         if len(self.objectives) == 1:
             raise ConfigError("objectives is invalid with one entry: allowed two or more "
                               "(one objective is metric and mode)")
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped the sweep: Tune saved its state, the runs ended KILLED."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(run_id)
+        self.run_id = run_id
 
 
 @dataclass
@@ -242,6 +255,7 @@ def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_n
     # the base it is laid over (dozens of lines per cell); that is the point of them.
     logging.getLogger("ray.tune.search.variant_generator").setLevel(logging.ERROR)
     searcher, scheduler, num_samples = _search(sweep, base)
+    callbacks = _callbacks(sweep, base, callback, searched)
     return tune.Tuner(
         trainable(),
         param_space=base.to_flat(),
@@ -253,14 +267,18 @@ def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_n
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=str(Path(sweep.storage_path).resolve()),
-            callbacks=[callback, ConsoleProgress(callback, searched, sweep.metric,
-                                                 base.train.epochs),
-                       *sweep.callbacks],
+            callbacks=callbacks,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
             verbose=0,  # ConsoleProgress prints the progress
         ),
     )
+
+
+def _callbacks(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback,
+               searched: list[str]) -> list[Any]:
+    return [callback, ConsoleProgress(callback, searched, sweep.metric, base.train.epochs),
+            *sweep.callbacks]
 
 
 def _search(sweep: Sweep, base: TrialConfig) -> tuple[Any, Any, int]:
@@ -363,6 +381,8 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
         for data in datasets:
             prepare_data(data)
     tracker = SweepTracker(sweep.tracking_uri, sweep.name)  # fails now if the store is bad
+    if sweep.resume_run_id:
+        return _resume(sweep, base, tracker, searched)
     # The MLflow parent run and the Tune run folder share this name.
     run_name = sweep.run_name or f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     nested = {"mlflow.parentRunId": sweep.parent_run_id} if sweep.parent_run_id else {}
@@ -384,8 +404,98 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     callback = MLflowSweepCallback(tracker, varied=searched, phase=sweep.phase)
     with tracker.ending(parent):
         _init_ray(sweep.address)
-        results = _tuner(sweep, base, callback, run_name, searched).fit()
-        return _summarize(sweep, results, callback, tracker, parent, searched)
+        results = _fit(_tuner(sweep, base, callback, run_name, searched), callback, parent)
+        return _finish_sweep(sweep, results, callback, tracker, parent, searched)
+
+
+def _resume(sweep: Sweep, base: TrialConfig, tracker: SweepTracker, searched: list[str]
+            ) -> SweepOutcome:
+    """Go on with an interrupted sweep: its Tune folder restored (finished trials stay
+    finished; unfinished ones resume from their last checkpoint; the searcher's state is
+    Tune's saved copy), its MLflow run and trial runs reused."""
+    from ray import tune
+
+    from trainables.tune_trial import trainable
+
+    parent = sweep.resume_run_id
+    run_name, path = _resumable_folder(tracker, parent, sweep.storage_path)
+    children = tracker.child_runs(parent)
+    print(f"resuming sweep run {parent} ({len(children)} trial runs so far) from {path}",
+          flush=True)
+    tracker.reopen_run(parent)
+    tracker.parent_run_id = parent  # new trials nest under it
+    callback = MLflowSweepCallback(tracker, varied=searched, phase=sweep.phase,
+                                   resumed=children)
+    with tracker.ending(parent):
+        _init_ray(sweep.address)
+        tuner = tune.Tuner.restore(str(path), trainable(), resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        # Tune restores the callbacks as pickled at the first start (their MLflow state
+        # as it was then): use fresh ones that know this sweep's runs.
+        tuner._local_tuner._run_config.callbacks = _callbacks(sweep, base, callback,
+                                                              searched)
+        results = _fit(tuner, callback, parent)
+        return _finish_sweep(sweep, results, callback, tracker, parent, searched)
+
+
+def _fit(tuner: Any, callback: MLflowSweepCallback, parent: str) -> Any:
+    """``tuner.fit()``; a Ctrl-C Tune does not catch itself (a second one, or one outside
+    its loop) still ends the open trial runs KILLED and says how to resume."""
+    try:
+        return tuner.fit()
+    except KeyboardInterrupt:
+        callback.end_interrupted(f"the sweep was interrupted; resume it with --resume {parent}")
+        raise SweepInterrupted(parent) from None
+
+
+def _resumable_folder(tracker: SweepTracker, run_id: str, storage_path: str
+                      ) -> tuple[str, Path]:
+    from ray import tune
+
+    run = tracker.get_run(run_id)
+    if run is None or "tune_folder" not in run.data.tags:
+        raise ConfigError(f"--resume {run_id} is invalid: allowed the run id of a sweep run "
+                          f"of experiment {tracker.experiment_name!r} (see find_resumable)")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"--resume {run_id} is invalid: that sweep finished; allowed an "
+                          "interrupted, killed or failed one")
+    folder = run.data.tags["tune_folder"]
+    path = Path(storage_path).resolve() / folder
+    if not tune.Tuner.can_restore(str(path)):
+        raise ConfigError(f"--resume {run_id}: its Tune state {path} is missing or "
+                          "incomplete (was --storage-path different?); start the sweep "
+                          "again without --resume")
+    return folder, path
+
+
+def find_resumable(tracking_uri: str, experiment: str, kind: str | None = None) -> str:
+    """The newest top-level run of ``experiment`` (of tag ``kind``, if given) that did not
+    finish: what ``--resume`` with no run id resumes."""
+    tracker = SweepTracker(tracking_uri, experiment)
+    for run in tracker.client.search_runs([tracker.experiment_id],
+                                          order_by=["attributes.start_time DESC"]):
+        tags = run.data.tags
+        if "mlflow.parentRunId" in tags or (kind and tags.get("kind") != kind):
+            continue
+        if run.info.status != "FINISHED":
+            return run.info.run_id
+        break  # the newest finished: nothing was left unfinished after it
+    raise ConfigError(f"--resume is invalid here: experiment {experiment!r} has no "
+                      "unfinished sweep run to resume (allowed --resume RUN_ID of an "
+                      "interrupted, killed or failed one)")
+
+
+def _finish_sweep(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
+                  tracker: SweepTracker, parent: str, searched: list[str]) -> SweepOutcome:
+    """Tune returned: after Ctrl-C (not every trial ended), end the runs KILLED and say how
+    to resume; else settle runs a killed driver left RUNNING, and summarize."""
+    # Tune stops, and marks TERMINATED, the trials still pending at a Ctrl-C; the ones
+    # that really ended went through the callback's completion hooks.
+    if len(callback.statuses) < (len(sweep.points) or sweep.num_samples):
+        callback.end_interrupted(f"the sweep was interrupted; resume it with --resume {parent}")
+        raise SweepInterrupted(parent)
+    callback.settle(results)
+    return _summarize(sweep, results, callback, tracker, parent, searched)
 
 
 def _summarize(sweep: Sweep, results: Any, callback: MLflowSweepCallback,

@@ -60,7 +60,7 @@ from sweeps.compare import (
     weight_vector,
 )
 from sweeps.outcome import FAILED, FINISHED, diverged, trial_status
-from sweeps.runner import Sweep, rows_to_markdown, run_sweep, validate_points
+from sweeps.runner import Sweep, SweepInterrupted, rows_to_markdown, run_sweep, validate_points
 from sweeps.tracking import SweepTracker, default_tracking_uri
 from trainables.config import ConfigError, DataConfig, TrialConfig
 from trainables.data import load_splits, prepare_data
@@ -137,6 +137,9 @@ class Study:
     storage_path: str = "ray_results"
     address: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)  # logged on the study run
+    # Go on with this interrupted study run: finished cells are read back (not re-run),
+    # the interrupted one resumes, the rest run.
+    resume_run_id: str | None = None
 
     def __post_init__(self) -> None:
         if not self.cells:
@@ -202,21 +205,61 @@ def _or_inf(value: Any) -> float:
 def run_study(study: Study) -> StudyOutcome:
     study.validate()
     tracker = SweepTracker(study.tracking_uri, study.name)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    parent = tracker.start_sweep(
-        f"{study.name} study {time.strftime('%Y-%m-%d %H:%M')}",
-        params={"study.num_samples": study.num_samples, "study.seeds": study.seeds,
-                "study.seed": study.seed, "study.search_metric": study.search_metric,
-                "study.metric": study.metric, "study.pick_within": study.pick_within,
-                "study.backoff_key": study.backoff_key, "study.design": "sobol+fifo",
-                "study.cells": len(study.cells), **study.params},
-        tags={"sweep": study.name, "kind": "study"})
+    if study.resume_run_id:
+        parent, stamp = _reopen_study(study, tracker)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        parent = tracker.start_sweep(
+            f"{study.name} study {time.strftime('%Y-%m-%d %H:%M')}",
+            params={"study.num_samples": study.num_samples, "study.seeds": study.seeds,
+                    "study.seed": study.seed, "study.search_metric": study.search_metric,
+                    "study.metric": study.metric, "study.pick_within": study.pick_within,
+                    "study.backoff_key": study.backoff_key, "study.design": "sobol+fifo",
+                    "study.cells": len(study.cells), **study.params},
+            tags={"sweep": study.name, "kind": "study", "stamp": stamp})
     with tracker.ending(parent):
-        cells = _search_cells(study, tracker, parent, stamp)
-        if not cells:
-            raise RuntimeError("no cell produced a result; see the FAILED runs in MLflow")
-        _rerun_seeds(study, cells, parent, stamp)
+        try:
+            cells = _search_cells(study, tracker, parent, stamp)
+            if not cells:
+                raise RuntimeError("no cell produced a result; see the FAILED runs in MLflow")
+            _rerun_seeds(study, tracker, cells, parent, stamp)
+        except SweepInterrupted:
+            raise SweepInterrupted(parent) from None  # resume the study, not the cell
         return _report(study, tracker, parent, cells)
+
+
+def _reopen_study(study: Study, tracker: SweepTracker) -> tuple[str, str]:
+    """(run id, stamp) of the study run to resume, RUNNING again."""
+    run_id = study.resume_run_id
+    run = tracker.get_run(run_id)
+    if run is None or run.data.tags.get("kind") != "study" or "stamp" not in run.data.tags:
+        raise ConfigError(f"--resume {run_id} is invalid: allowed the run id of an "
+                          f"unfinished {study.name} study run (tag kind=study)")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"--resume {run_id} is invalid: that study finished; allowed an "
+                          "interrupted, killed or failed one")
+    print(f"resuming study run {run_id}", flush=True)
+    tracker.reopen_run(run_id)
+    tracker.parent_run_id = run_id
+    return run_id, run.data.tags["stamp"]
+
+
+def _earlier_run(study: Study, tracker: SweepTracker, parent: str, folder: str
+                 ) -> Any | None:
+    """The nested sweep run of a resumed study whose Tune folder is ``folder``, if any."""
+    if not study.resume_run_id:
+        return None
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent}' and "
+                                 f"tags.tune_folder = '{folder}'")
+    return runs[0] if runs else None
+
+
+def _read_back(study: Study, folder: str) -> Any:
+    """The ResultGrid of a finished sweep of this study, from its Tune folder."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    return ResultGrid(ExperimentAnalysis(str(Path(study.storage_path).resolve() / folder)))
 
 
 def _sweep(study: Study, **kwargs: Any) -> Sweep:
@@ -231,12 +274,22 @@ def _search_cells(study: Study, tracker: SweepTracker, parent: str, stamp: str
     for cell in study.cells:
         print(f"\n=== search {cell.label} ===", flush=True)
         points = tuple(cell.space.points(study.num_samples, study.seed))
+        folder = f"{study.name}-{stamp}-search-{'-'.join(cell.key)}"
+        earlier = _earlier_run(study, tracker, parent, folder)
+        if earlier is not None and earlier.info.status == "FINISHED":
+            grid = _read_back(study, folder)
+            configs = {r.metrics.get("trial_id"): r.config for r in grid if r.metrics}
+            results.append(_cell_result(study, cell.key, _restored_rows(grid, study),
+                                        configs, earlier.data.tags.get("picked_trial_id")))
+            print(f"finished before the interrupt: read back from {folder}", flush=True)
+            continue
         try:
             outcome = run_sweep(_sweep(
                 study, base=cell.base, points=points, metric=study.search_metric,
                 kind="search", tags={"cell": cell.label}, parent_run_id=parent,
-                run_name=f"{study.name}-{stamp}-search-{'-'.join(cell.key)}",
-                title=f"search {cell.label}", params=_design_params(study, cell)))
+                run_name=folder, title=f"search {cell.label}",
+                params=_design_params(study, cell),
+                resume_run_id=earlier.info.run_id if earlier is not None else None))
         except RuntimeError as exc:  # every trial failed: record it, go on with the rest
             print(f"cell {cell.label} failed: {exc}", flush=True)
             continue
@@ -296,15 +349,22 @@ def _chance(data: DataConfig) -> float | None:
         return None
 
 
-def _rerun_seeds(study: Study, cells: list[CellResult], parent: str, stamp: str) -> None:
+def _rerun_seeds(study: Study, tracker: SweepTracker, cells: list[CellResult], parent: str,
+                 stamp: str) -> None:
     """All cells' picked configs x seeds in one points sweep, each trial to its last epoch."""
     seeds = [study.seed + i for i in range(1, study.seeds + 1)]
     points = tuple({**cell.best_config, "train.seed": s} for cell in cells for s in seeds)
     print(f"\n=== picked configs x seeds {seeds}: {len(points)} trials ===", flush=True)
+    folder = f"{study.name}-{stamp}-seeds"
+    earlier = _earlier_run(study, tracker, parent, folder)
+    if earlier is not None and earlier.info.status == "FINISHED":
+        _add_seed_results(study, cells, _read_back(study, folder))
+        return
     outcome = run_sweep(_sweep(
         study, base=TrialConfig.from_flat(cells[0].best_config), points=points,
-        metric=study.metric, parent_run_id=parent, run_name=f"{study.name}-{stamp}-seeds",
-        title=f"seeds {seeds[0]}..{seeds[-1]} x {len(cells)} picked configs", log_best=False))
+        metric=study.metric, parent_run_id=parent, run_name=folder,
+        title=f"seeds {seeds[0]}..{seeds[-1]} x {len(cells)} picked configs", log_best=False,
+        resume_run_id=earlier.info.run_id if earlier is not None else None))
     _add_seed_results(study, cells, outcome.results)
 
 
@@ -392,15 +452,12 @@ def _description(study: Study, rows: list[dict], pairs: list[dict]) -> str:
 def report_from(study: Study, run_id: str) -> StudyOutcome:
     """Train nothing: rebuild a finished study's cells from its nested MLflow runs and
     their Tune folders under ``storage_path``, and write its report again."""
-    from ray.tune import ExperimentAnalysis, ResultGrid
-
     tracker = SweepTracker(study.tracking_uri, study.name)
     children = tracker.client.search_runs(
         [tracker.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     if not children:
         raise ConfigError(f"--report-from={run_id} is invalid: allowed the run id of a "
                           f"{study.name} study run with nested search runs")
-    storage = Path(study.storage_path).resolve()
     order = {c.label: i for i, c in enumerate(study.cells)}
     cells, seeds = [], None
     for run in children:
@@ -408,7 +465,7 @@ def report_from(study: Study, run_id: str) -> StudyOutcome:
         if kind != "points" and label not in order:
             continue  # a cell this invocation does not ask about
         folder = run.data.tags.get("tune_folder", run.info.run_name)
-        grid = ResultGrid(ExperimentAnalysis(str(storage / folder)))
+        grid = _read_back(study, folder)
         if kind == "points":
             seeds = grid
             continue

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import os
 import sys
 import tempfile
@@ -62,6 +63,7 @@ class SweepTracker:
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
+        self.experiment_name = experiment
         adopt_moved_store(tracking_uri)
         self.client = MlflowClient(tracking_uri)
         existing = self.client.get_experiment_by_name(experiment)
@@ -154,6 +156,35 @@ class SweepTracker:
 
     def end_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def get_run(self, run_id: str) -> Any | None:
+        """The run, if it is one of this experiment's; else None."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # MLflow raises its own kinds for an unknown id
+            return None
+        return run if run.info.experiment_id == self.experiment_id else None
+
+    def child_runs(self, parent_run_id: str) -> dict[str, Any]:
+        """Trial id -> run, for the trial runs nested under a sweep run."""
+        runs = self.client.search_runs([self.experiment_id],
+                                       f"tags.mlflow.parentRunId = '{parent_run_id}'")
+        return {r.data.tags["trial_id"]: r for r in runs if "trial_id" in r.data.tags}
+
+    def reopen_run(self, run_id: str, note: str | None = None) -> None:
+        """A run that goes on (a resumed sweep or trial) is RUNNING again; ``note`` replaces
+        its description (which said how it ended)."""
+        self.client.update_run(run_id, status="RUNNING")
+        if note is not None:
+            self.set_tags(run_id, {"mlflow.note.content": note, "interrupted": "resumed"})
+
+    def metric_rows(self, run_id: str) -> list[dict[str, float]]:
+        """A run's logged metrics as one dict per step (epoch), in step order."""
+        by_step: dict[int, dict[str, float]] = {}
+        for key in self.client.get_run(run_id).data.metrics:
+            for point in self.client.get_metric_history(run_id, key):
+                by_step.setdefault(point.step, {})[key] = point.value
+        return [by_step[step] for step in sorted(by_step)]
 
     @contextlib.contextmanager
     def ending(self, run_id: str) -> Iterator[None]:
@@ -408,7 +439,8 @@ class MLflowSweepCallback(Callback):
     """
 
     def __init__(self, tracker: SweepTracker, log_checkpoint: bool = True,
-                 varied: Iterable[str] = (), phase: str = "search") -> None:
+                 varied: Iterable[str] = (), phase: str = "search",
+                 resumed: Mapping[str, Any] | None = None) -> None:
         self.tracker = tracker
         self.log_checkpoint = log_checkpoint
         self.varied = tuple(varied)
@@ -417,9 +449,25 @@ class MLflowSweepCallback(Callback):
         self.histories: dict[str, list[dict[str, Any]]] = {}
         self.statuses: dict[str, str] = {}
         self._checkpoint_paths: dict[str, str] = {}
+        # A resumed sweep: its trial runs so far (trial id -> MLflow run), reused; the
+        # ones that ended keep their status unless Tune resumes their trial.
+        self._resumed = dict(resumed or {})
+        for trial_id, run in self._resumed.items():
+            self.run_ids[trial_id] = run.info.run_id
+            if run.info.status != "RUNNING":
+                self.statuses[trial_id] = run.info.status
 
     # -- Tune hooks -----------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self._resumed:  # a resumed sweep goes on with this trial
+            run_id = self.run_ids[trial.trial_id]
+            self.statuses.pop(trial.trial_id, None)
+            self.histories[trial.trial_id] = self.tracker.metric_rows(run_id)
+            epochs = _epochs(self.histories[trial.trial_id])
+            self.tracker.reopen_run(run_id, f"Resumed with its sweep after epoch {epochs}, "
+                                    "from its last checkpoint.")
+            del self._resumed[trial.trial_id]
+            return
         if trial.trial_id in self.run_ids:  # restarted after a failure: same run
             return
         config = dict(trial.config)
@@ -438,6 +486,9 @@ class MLflowSweepCallback(Callback):
             self.tracker.set_tags(run_id, {"device": result.get("device", "unknown"),
                                            "worker_hostname": result.get("hostname", "")})
         metrics = trial_metrics(result)
+        # A trial resumed from its checkpoint re-reports the epochs after it: replace.
+        while history and history[-1].get("epoch", -1) >= metrics.get("epoch", math.inf):
+            history.pop()
         history.append(metrics)
         self.tracker.log_metrics(run_id, metrics, step=int(result.get("epoch", len(history))))
         if result.get("checkpoint_path"):  # a Ray Train (DDP) trial's own checkpoint
@@ -454,7 +505,7 @@ class MLflowSweepCallback(Callback):
         """The trial's ending by the one rule (:func:`sweeps.outcome.trial_status`)."""
         if trial.trial_id in self.statuses:
             return self.statuses[trial.trial_id]
-        return trial_status(len(self.histories.get(trial.trial_id, [])),
+        return trial_status(_epochs(self.histories.get(trial.trial_id, [])),
                             int(trial.config.get("train.epochs", 0)), errored,
                             self.diverged(trial))
 
@@ -462,11 +513,52 @@ class MLflowSweepCallback(Callback):
         return diverged(self.histories.get(trial.trial_id, []))
 
     # -- endings --------------------------------------------------------------------------
+    def end_interrupted(self, why: str) -> None:
+        """Ctrl-C: every trial run still open ends KILLED, saying so and how to go on."""
+        for trial_id, run_id in self.run_ids.items():
+            if trial_id in self.statuses or trial_id in self._resumed:
+                continue
+            epochs = _epochs(self.histories.get(trial_id, []))
+            self.statuses[trial_id] = "KILLED"
+            self.tracker.set_tags(run_id, {
+                "ended_as": "KILLED", "interrupted": "true",
+                "mlflow.note.content": f"Interrupted after epoch {epochs}: {why}."})
+            self.tracker.end_run(run_id, "KILLED")
+
+    def settle(self, results: Any) -> None:
+        """Runs a killed driver left RUNNING that this session did not touch: a trial Tune
+        had finished ends with its true status; a run whose trial is not in Tune's saved
+        state (the driver died between the two) ends KILLED, saying so."""
+        seen = set()
+        for result in results:
+            trial_id = (result.metrics or {}).get("trial_id")
+            seen.add(trial_id)
+            if trial_id not in self._resumed or trial_id in self.statuses:
+                continue
+            history = [] if result.metrics_dataframe is None else \
+                result.metrics_dataframe.to_dict("records")
+            status = trial_status(_epochs(history), int(result.config.get("train.epochs", 0)),
+                                  result.error is not None, diverged(history))
+            self._settle(trial_id, status, "Its trial ended while the sweep's driver was "
+                         "down; status set when the sweep resumed.")
+        for trial_id in set(self._resumed) - seen:
+            if trial_id not in self.statuses:
+                self._settle(trial_id, "KILLED", "Its trial is not in the Tune state the "
+                             "sweep resumed from (the driver died first); not re-run.")
+
+    def _settle(self, trial_id: str, status: str, note: str) -> None:
+        run_id = self.run_ids[trial_id]
+        self.statuses[trial_id] = status
+        self.tracker.set_tags(run_id, {"ended_as": status, "mlflow.note.content": note})
+        self.tracker.end_run(run_id, status)
+
     def _finish(self, trial: Any, status: str) -> None:
         run_id = self.run_ids.get(trial.trial_id)
-        if run_id is None or trial.trial_id in self.statuses:
+        if trial.trial_id in self.statuses:
             return
         self.statuses[trial.trial_id] = status
+        if run_id is None:  # it failed before it started: no run to end
+            return
         try:
             self._log_trial_artifacts(trial, run_id, status)
         finally:  # whatever happened to the artifacts, the run must not stay RUNNING
@@ -528,6 +620,13 @@ class MLflowSweepCallback(Callback):
         if path is None and getattr(trial, "checkpoint", None) is not None:
             path = trial.checkpoint.path
         return path if path and Path(path).is_dir() else None
+
+
+def _epochs(history: list[Mapping[str, Any]]) -> int:
+    """Epochs a trial reported: its last ``epoch`` (a resumed trial's history may start
+    later), else the number of reports."""
+    epochs = [int(h["epoch"]) for h in history if _is_number(h.get("epoch"))]
+    return max(epochs) if epochs else len(history)
 
 
 def diverged_description(history: list[Mapping[str, Any]], planned: int) -> str:
