@@ -239,6 +239,10 @@ def _init_ray(address: str | None) -> None:
     # Short trials checkpoint every few seconds, and Tune then warns at every snapshot of
     # the experiment state; the snapshots are cheap here (small state, local disk).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # What --resume restores after a killed driver: Tune's default saves it every 10 s or
+    # more, so trials that ended in those seconds would run again (from their last
+    # checkpoint; an ASHA-stopped one would train on). Every second costs milliseconds.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     # With no address, ray.init joins a cluster already running on this node (as under
     # `ray submit`) and otherwise starts an embedded one.
     ray.init(address=address, configure_logging=True,
