@@ -97,6 +97,9 @@ class Sweep:
     title: str = ""
     # best_* metrics on the sweep run: only where "best" means something (one cell).
     log_best: bool = True
+    # Copy each trial's final checkpoint into its MLflow run. A study's search trials
+    # skip it (their picked configs are re-run with seeds; Tune keeps best + last).
+    log_checkpoints: bool = True
     # Resume this sweep run (an interrupted or killed one, see find_resumable): its Tune
     # folder is restored (finished trials are not re-run, the searcher keeps its
     # history) and its MLflow runs are reused.
@@ -272,7 +275,11 @@ def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_n
             name=run_name,
             storage_path=str(Path(sweep.storage_path).resolve()),
             callbacks=callbacks,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            # Bounded disk: per trial the best checkpoint by the sweep's metric and the
+            # latest (Tune never deletes the latest: restarts and --resume need it).
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=sweep.metric,
+                checkpoint_score_order=sweep.mode),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
             verbose=0,  # ConsoleProgress prints the progress
         ),
@@ -405,7 +412,8 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
                    if k not in searched}},
         tags={"sweep": sweep.name, "kind": sweep.kind or ("points" if sweep.points else "search"),
               "phase": sweep.phase, "tune_folder": run_name, **sweep.tags, **nested})
-    callback = MLflowSweepCallback(tracker, varied=searched, phase=sweep.phase)
+    callback = MLflowSweepCallback(tracker, varied=searched, phase=sweep.phase,
+                                   log_checkpoint=sweep.log_checkpoints)
     with tracker.ending(parent):
         _init_ray(sweep.address)
         results = _fit(_tuner(sweep, base, callback, run_name, searched), callback, parent)
@@ -429,7 +437,7 @@ def _resume(sweep: Sweep, base: TrialConfig, tracker: SweepTracker, searched: li
     tracker.reopen_run(parent)
     tracker.parent_run_id = parent  # new trials nest under it
     callback = MLflowSweepCallback(tracker, varied=searched, phase=sweep.phase,
-                                   resumed=children)
+                                   log_checkpoint=sweep.log_checkpoints, resumed=children)
     with tracker.ending(parent):
         _init_ray(sweep.address)
         tuner = tune.Tuner.restore(str(path), trainable(), resume_unfinished=True,

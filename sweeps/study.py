@@ -288,7 +288,7 @@ def _search_cells(study: Study, tracker: SweepTracker, parent: str, stamp: str
                 study, base=cell.base, points=points, metric=study.search_metric,
                 kind="search", tags={"cell": cell.label}, parent_run_id=parent,
                 run_name=folder, title=f"search {cell.label}",
-                params=_design_params(study, cell),
+                params=_design_params(study, cell), log_checkpoints=False,
                 resume_run_id=earlier.info.run_id if earlier is not None else None))
         except RuntimeError as exc:  # every trial failed: record it, go on with the rest
             print(f"cell {cell.label} failed: {exc}", flush=True)

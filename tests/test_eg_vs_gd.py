@@ -88,6 +88,11 @@ def test_smoke_study_records_the_table_and_plots(tmp_path: Path, tiny_root: Path
         assert rounded <= set(trial.data.metrics)
         assert "weight_rounding.json" in {f.path for f in client.list_artifacts(
             trial.info.run_id)}
+    # The picked configs' seed re-runs carry their checkpoint; search trials do not.
+    for trial in trials:
+        final = trial.data.tags["mlflow.parentRunId"] == seeds.info.run_id
+        assert ("checkpoint" in {f.path for f in client.list_artifacts(
+            trial.info.run_id)}) == final
     metrics = study[0].data.metrics
     assert "mnist.mlp.eg.test_acc_mean" in metrics and "mnist.mlp.gd.test_acc_std" in metrics
     searches = [r for r in children if r.data.tags["kind"] == "search"]

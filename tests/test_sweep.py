@@ -4,6 +4,8 @@ failures, and data-parallel (2-worker TorchTrainer) trials."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -121,6 +123,11 @@ def test_a_diverged_trial_is_stopped_marked_and_the_sweep_goes_on(tiny_root: Pat
     rows = {r["mlflow_run_id"]: r for r in outcome.rows}
     assert rows[eg.info.run_id]["status"] == "FAILED" and rows[eg.info.run_id]["diverged"]
     assert outcome.best["mlflow_run_id"] == sgd.info.run_id
+    # Bounded disk: of sgd's 3 epoch checkpoints Tune keeps the best and the latest.
+    sgd_folder = next(p for p in (tmp_path / "ray").glob("t-diverge-*/trial_*")
+                      if (p / "checkpoint_000002").exists())
+    kept = sorted(c.name for c in sgd_folder.glob("checkpoint_*"))
+    assert 1 <= len(kept) <= 2 and kept[-1] == "checkpoint_000002"
 
 
 def test_missing_data_fails_before_any_ray_work(tiny_root: Path, tmp_path: Path) -> None:
@@ -177,19 +184,23 @@ def test_two_worker_ddp_trial_equals_one_worker_with_the_global_batch(
 
 
 class _CrashOnce:
-    """A TuneSession that dies after its first report, once (a marker file remembers)."""
+    """A TuneSession that dies after its first report, once (a marker file remembers):
+    by raising, or by a SIGKILL of the trial's own process (what the OOM killer or a
+    preempted node does: no Python cleanup runs)."""
 
-    def __init__(self, marker: str) -> None:
+    def __init__(self, marker: str, how: str) -> None:
         from trainables.sessions import TuneSession
 
-        self.inner, self.marker = TuneSession(), Path(marker)
+        self.inner, self.marker, self.how = TuneSession(), Path(marker), how
         self.world_rank = self.local_rank = 0
         self.world_size = 1
 
     def report(self, metrics, checkpoint_dir) -> None:
         self.inner.report(metrics, checkpoint_dir)
         if not self.marker.exists():
-            self.marker.write_text("crashed")
+            self.marker.write_text(f"crashed in process {os.getpid()}")
+            if self.how == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError("simulated worker crash")
 
     def load_state(self):
@@ -199,12 +210,14 @@ class _CrashOnce:
 def _crashing_trial(config: dict) -> None:
     from trainables.loop import run_trial
 
-    cfg = TrialConfig.from_flat({k: v for k, v in config.items() if k != "marker"})
-    run_trial(cfg, _CrashOnce(config["marker"]))
+    cfg = TrialConfig.from_flat({k: v for k, v in config.items()
+                                 if k not in ("marker", "how")})
+    run_trial(cfg, _CrashOnce(config["marker"], config["how"]))
 
 
-def test_tune_restarts_a_crashed_trial_from_its_checkpoint(tiny_root: Path,
-                                                           tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["raise", "sigkill"])
+def test_tune_restarts_a_crashed_trial_from_its_checkpoint(tiny_root: Path, tmp_path: Path,
+                                                           how: str) -> None:
     from ray import tune
 
     from trainables.loop import run_trial
@@ -214,11 +227,12 @@ def test_tune_restarts_a_crashed_trial_from_its_checkpoint(tiny_root: Path,
                f"data.cache_dir={tmp_path / 'cache'}")
     tuner = tune.Tuner(
         _crashing_trial,
-        param_space={**cfg.to_flat(), "marker": str(tmp_path / "crashed")},
+        param_space={**cfg.to_flat(), "marker": str(tmp_path / "crashed"), "how": how},
         run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="crash",
                                   failure_config=tune.FailureConfig(max_failures=1)))
     (result,) = list(tuner.fit())
     assert result.error is None and (tmp_path / "crashed").exists()
+    assert f"process {os.getpid()}" not in (tmp_path / "crashed").read_text()
     history = result.metrics_dataframe.sort_values("training_iteration")
     uninterrupted = run_trial(cfg, LocalSession())
     assert list(history["epoch"]) == [1, 2, 3]
