@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from sweeps.tracking import default_tracking_uri
+from sweeps.tracking import default_tracking_uri, existing_store
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import DataNotFoundError
 
@@ -60,10 +60,10 @@ def resume_run_id(args: argparse.Namespace, experiment: str, kind: str) -> str |
     ``experiment`` with tag ``kind`` (an error naming the flag where there is none)."""
     from sweeps.runner import find_resumable
 
-    if args.resume in (None, "last"):
-        return None if args.resume is None else \
-            find_resumable(tracking_uri(args), experiment, kind)
-    return args.resume
+    if args.resume is None:
+        return None
+    uri = existing_store(tracking_uri(args))  # nothing to resume in a store not there
+    return find_resumable(uri, experiment, kind) if args.resume == "last" else args.resume
 
 
 def resume_command(run_id: str) -> str:

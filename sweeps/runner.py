@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ray.tune import Callback
+from ray.tune.logger import TBXLoggerCallback
 
 from sweeps.outcome import diverged
 from sweeps.tracking import (
@@ -289,7 +291,25 @@ def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_n
 def _callbacks(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback,
                searched: list[str]) -> list[Any]:
     return [callback, ConsoleProgress(callback, searched, sweep.metric, base.train.epochs),
-            *sweep.callbacks]
+            *_finite_tensorboard_logger(), *sweep.callbacks]
+
+
+class _FiniteTBXLogger(TBXLoggerCallback):
+    """Tune's TensorBoard logger, minus non-finite values: a diverged epoch reports +inf
+    losses, and tensorboardX prints "NaN or Inf found in input tensor" for each. (Given
+    one, Tune adds no default TensorBoard logger of its own.)"""
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        finite = {k: v for k, v in result.items()
+                  if not (isinstance(v, float) and not math.isfinite(v))}
+        super().log_trial_result(iteration, trial, finite)
+
+
+def _finite_tensorboard_logger() -> list[Any]:
+    try:
+        return [_FiniteTBXLogger()]
+    except ImportError:  # no tensorboardX: Tune logs CSV and JSON only
+        return []
 
 
 def _search(sweep: Sweep, base: TrialConfig) -> tuple[Any, Any, int]:

@@ -110,3 +110,27 @@ def test_a_gpu_trial_without_any_gpu_stops_at_once(tmp_path: Path, tiny_root: Pa
     out = run(["--smoke-test", "--gpus-per-trial", "1"], tmp_path, tiny_root, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "--gpus-per-trial 1.0 is invalid here: this machine has no GPU" in out.stderr
+
+
+def test_resume_of_nothing_is_a_one_line_error_that_changes_nothing(
+        tmp_path: Path, tiny_root: Path) -> None:
+    from sweeps.tracking import SweepTracker
+
+    out = run(["--smoke-test", "--resume"], tmp_path, tiny_root, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "no MLflow store at" in out.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # no empty store made for it
+
+    tracker = SweepTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "baseline")
+    done = tracker.start_sweep("baseline-done", tags={"kind": "search", "tune_folder": "x"})
+    tracker.end_run(done, "FINISHED")
+    cases = [([], "experiment 'baseline' has no unfinished sweep run to resume"),
+             (["0123abcd"], "--resume 0123abcd is invalid: allowed the run id of a sweep run"),
+             ([done], f"--resume {done} is invalid: that sweep finished")]
+    for args, fragment in cases:
+        out = run(["--smoke-test", "--resume", *args], tmp_path, tiny_root, timeout=60)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert fragment in out.stderr, out.stderr
+    assert tracker.client.get_run(done).info.status == "FINISHED"
+    assert len(tracker.client.search_runs([tracker.experiment_id])) == 1
+    assert not (tmp_path / "ray_results").exists()
