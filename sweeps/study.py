@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -225,7 +226,25 @@ def run_study(study: Study) -> StudyOutcome:
             _rerun_seeds(study, tracker, cells, parent, stamp)
         except SweepInterrupted:
             raise SweepInterrupted(parent) from None  # resume the study, not the cell
-        return _report(study, tracker, parent, cells)
+        outcome = _report(study, tracker, parent, cells)
+    _prune_search_checkpoints(study, stamp)
+    return outcome
+
+
+def _prune_search_checkpoints(study: Study, stamp: str) -> None:
+    """A finished study's search trials were picked from and re-run with seeds: their
+    checkpoints (best + latest each) only take disk. Their metrics stay (--report-from
+    reads them); the seed re-runs keep theirs."""
+    freed = 0
+    for cell in study.cells:
+        folder = Path(study.storage_path).resolve() / \
+            f"{study.name}-{stamp}-search-{'-'.join(cell.key)}"
+        for checkpoint in folder.glob("trial_*/checkpoint_*"):
+            freed += sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
+            shutil.rmtree(checkpoint)
+    if freed:
+        print(f"removed the search trials' checkpoints: {freed / 2**20:.1f} MiB freed",
+              flush=True)
 
 
 def _reopen_study(study: Study, tracker: SweepTracker) -> tuple[str, str]:

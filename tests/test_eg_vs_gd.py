@@ -88,6 +88,10 @@ def test_smoke_study_records_the_table_and_plots(tmp_path: Path, tiny_root: Path
         assert rounded <= set(trial.data.metrics)
         assert "weight_rounding.json" in {f.path for f in client.list_artifacts(
             trial.info.run_id)}
+    # Disk: the search trials' checkpoints are gone once the study ended; the seeds' stay.
+    storage = tmp_path / "ray_results"
+    assert not list(storage.glob("*-search-*/trial_*/checkpoint_*"))
+    assert len({p.parent for p in storage.glob("*-seeds/trial_*/checkpoint_*")}) == 4
     # The picked configs' seed re-runs carry their checkpoint; search trials do not.
     for trial in trials:
         final = trial.data.tags["mlflow.parentRunId"] == seeds.info.run_id

@@ -72,9 +72,8 @@ def _runs(cwd: Path) -> tuple[object, list]:
 
 def _searcher_trials(cwd: Path) -> list[str]:
     """The Optuna trial states in the sweep's newest saved searcher state."""
-    from sweeps.baseline import space
-
     import __main__
+    from sweeps.baseline import space
     __main__.space = space  # the script's space, pickled by reference to __main__
     newest = sorted(glob.glob(str(cwd / "ray_results" / "baseline-*" / "searcher-state-*")))
     with open(newest[-1], "rb") as f:
