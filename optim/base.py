@@ -7,10 +7,10 @@ same in every precision). No weight and no state changes (moments, step counts,
 momentum buffers, EG+- parts, LNS exponents); ``optimizer.skipped_steps`` counts the
 skipped steps and the training loop reports them per epoch as ``skipped_steps``. Never a
 finite but wrong weight (EG's ``exp(-inf) = 0``, LNS-Madam's NaN cast to an integer
-exponent), never a state poisoned for good (Madam's NaN second moment). A trial whose
-*loss* turns non-finite is marked diverged by the sweep (it is not stopped early); a
-skipped step alone is not divergence, but a trial whose every step is skipped shows it in
-``skipped_steps``.
+exponent), never a state poisoned for good (Madam's NaN second moment). A skipped step
+alone is not divergence; the training loop stops a trial as diverged when its weights
+hold inf/NaN or ``train.nonfinite_streak`` losses in a row were non-finite (every step
+skipped), and ``skipped_steps`` shows the skips either way.
 
 Example::
 

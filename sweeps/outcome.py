@@ -37,10 +37,12 @@ def trial_status(reported_epochs: int, planned_epochs: int, errored: bool = Fals
 
 
 def diverged(history: Iterable[Mapping[str, Any]]) -> bool:
-    """A training loss that is NaN or infinite at any reported epoch."""
+    """The loop's ``diverged`` flag, or a training loss that is NaN or infinite, at any
+    reported epoch (runs from before the flag have only the loss)."""
     for row in history:
         loss = row.get("train_loss")
-        if isinstance(loss, (int, float)) and not math.isfinite(loss):
+        if row.get("diverged") == 1 or (isinstance(loss, (int, float))
+                                        and not math.isfinite(loss)):
             return True
     return False
 

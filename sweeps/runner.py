@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 from ray.tune import Callback
 from ray.tune.logger import TBXLoggerCallback
+from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.outcome import diverged
 from sweeps.tracking import (
@@ -312,13 +313,37 @@ def _finite_tensorboard_logger() -> list[Any]:
         return []
 
 
+class DivergenceAwareOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch, told the worst value for a diverged trial's non-finite
+    objective (-inf to maximize, +inf to minimize): Optuna learns from it, where a NaN
+    is refused ("The value nan is not acceptable") and the trial is lost to TPE/NSGA-II.
+    A diverged trial's quantized or rounded metrics are NaN (its weights are)."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if result and result.get("diverged") == 1:
+            result = worst_where_nonfinite(result, self._metric, self._mode)
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def worst_where_nonfinite(result: Mapping[str, Any], metric: str | list[str],
+                          mode: str | list[str]) -> dict[str, Any]:
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    modes = [mode] * len(metrics) if isinstance(mode, str) else list(mode)
+    out = dict(result)
+    for key, direction in zip(metrics, modes, strict=True):
+        value = out.get(key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            out[key] = -math.inf if direction == "max" else math.inf
+    return out
+
+
 def _search(sweep: Sweep, base: TrialConfig) -> tuple[Any, Any, int]:
     """(searcher, scheduler, num_samples): Optuna TPE + ASHA for a space; the points in
     order, each run to the end, for explicit points."""
     import optuna
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
-    from ray.tune.search.optuna import OptunaSearch
 
     if sweep.points:
         points = [_absolute_paths(base.replace(p)).to_flat() for p in sweep.points]
@@ -326,15 +351,16 @@ def _search(sweep: Sweep, base: TrialConfig) -> tuple[Any, Any, int]:
                 len(points))
     if sweep.objectives:
         metrics, modes = zip(*sweep.objectives, strict=True)
-        searcher = OptunaSearch(space=sweep.space, metric=list(metrics), mode=list(modes),
-                                # Optuna's default population (50) would leave a sweep
-                                # of tens of trials in its random first generation.
-                                sampler=optuna.samplers.NSGAIISampler(
-                                    seed=sweep.seed,
-                                    population_size=max(2, min(50, sweep.num_samples // 4))))
+        searcher = DivergenceAwareOptunaSearch(
+            space=sweep.space, metric=list(metrics), mode=list(modes),
+            # Optuna's default population (50) would leave a sweep of tens of trials in
+            # its random first generation.
+            sampler=optuna.samplers.NSGAIISampler(
+                seed=sweep.seed, population_size=max(2, min(50, sweep.num_samples // 4))))
         return searcher, FIFOScheduler(), sweep.num_samples
-    searcher = OptunaSearch(space=sweep.space, metric=sweep.metric, mode=sweep.mode,
-                            sampler=optuna.samplers.TPESampler(seed=sweep.seed))
+    searcher = DivergenceAwareOptunaSearch(
+        space=sweep.space, metric=sweep.metric, mode=sweep.mode,
+        sampler=optuna.samplers.TPESampler(seed=sweep.seed))
     if not sweep.early_stopping:
         return searcher, FIFOScheduler(), sweep.num_samples
     scheduler = ASHAScheduler(time_attr="training_iteration", metric=sweep.metric,
@@ -466,8 +492,12 @@ def _resume(sweep: Sweep, base: TrialConfig, tracker: SweepTracker, searched: li
         # as it was then): use fresh ones that know this sweep's runs.
         tuner._local_tuner._run_config.callbacks = _callbacks(sweep, base, callback,
                                                               searched)
+        saved = tuner._local_tuner._experiment_analysis
+        done_before = {t.trial_id for t in (saved.trials if saved else [])
+                       if t.status in ("TERMINATED", "ERROR")}
         results = _fit(tuner, callback, parent)
-        return _finish_sweep(sweep, results, callback, tracker, parent, searched)
+        return _finish_sweep(sweep, results, callback, tracker, parent, searched,
+                             done_before)
 
 
 def _fit(tuner: Any, callback: MLflowSweepCallback, parent: str) -> Any:
@@ -518,12 +548,17 @@ def find_resumable(tracking_uri: str, experiment: str, kind: str | None = None) 
 
 
 def _finish_sweep(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
-                  tracker: SweepTracker, parent: str, searched: list[str]) -> SweepOutcome:
+                  tracker: SweepTracker, parent: str, searched: list[str],
+                  done_before: set[str] | frozenset[str] = frozenset()) -> SweepOutcome:
     """Tune returned: after Ctrl-C (not every trial ended), end the runs KILLED and say how
     to resume; else settle runs a killed driver left RUNNING, and summarize."""
-    # Tune stops, and marks TERMINATED, the trials still pending at a Ctrl-C; the ones
-    # that really ended went through the callback's completion hooks.
-    if len(callback.statuses) < (len(sweep.points) or sweep.num_samples):
+    # At a Ctrl-C Tune stops the running and pending trials and marks them TERMINATED
+    # without the completion hooks: a trial really ended if its hooks ran this session,
+    # or if it had ended in the state a resume restored.
+    trials = results._experiment_analysis.trials
+    ended = done_before | callback.ended_now
+    if len(trials) < (len(sweep.points) or sweep.num_samples) or \
+            any(t.trial_id not in ended for t in trials):
         callback.end_interrupted(f"the sweep was interrupted; resume it with --resume {parent}")
         raise SweepInterrupted(parent)
     callback.settle(results)

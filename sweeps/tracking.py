@@ -33,7 +33,7 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
@@ -254,9 +254,12 @@ def adopt_moved_store(tracking_uri: str) -> int:
     with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         locations = [row[0] or "" for row in conn.execute(
             "SELECT artifact_location FROM experiments")]
-        old_roots = {loc[:loc.index("/mlartifacts/") + len("/mlartifacts/")]
-                     for loc in locations if loc.startswith("file://")
-                     and "/mlartifacts/" in loc} - {new}
+        # An experiment this project made lives at <folder>/mlartifacts/<name>; it moved
+        # with this store if its last part is here now (another live root is left alone).
+        old_roots = {loc.rsplit("/", 1)[0] + "/" for loc in locations
+                     if loc.startswith("file://")
+                     and loc.rsplit("/", 1)[0].endswith("/mlartifacts")
+                     and (here / unquote(loc.rsplit("/", 1)[1])).is_dir()} - {new}
         changed = 0
         for old in old_roots:
             for table, column in (("experiments", "artifact_location"),
@@ -452,6 +455,7 @@ class MLflowSweepCallback(Callback):
         # A resumed sweep: its trial runs so far (trial id -> MLflow run), reused; the
         # ones that ended keep their status unless Tune resumes their trial.
         self._resumed = dict(resumed or {})
+        self.ended_now: set[str] = set()  # trials whose end this session's hooks saw
         for trial_id, run in self._resumed.items():
             self.run_ids[trial_id] = run.info.run_id
             if run.info.status != "RUNNING":
@@ -514,9 +518,10 @@ class MLflowSweepCallback(Callback):
 
     # -- endings --------------------------------------------------------------------------
     def end_interrupted(self, why: str) -> None:
-        """Ctrl-C: every trial run still open ends KILLED, saying so and how to go on."""
+        """Ctrl-C: every trial run still open ends KILLED, saying so and how to go on
+        (also runs an earlier killed driver left RUNNING: the next resume reopens them)."""
         for trial_id, run_id in self.run_ids.items():
-            if trial_id in self.statuses or trial_id in self._resumed:
+            if trial_id in self.statuses:
                 continue
             epochs = _epochs(self.histories.get(trial_id, []))
             self.statuses[trial_id] = "KILLED"
@@ -531,7 +536,7 @@ class MLflowSweepCallback(Callback):
         state (the driver died between the two) ends KILLED, saying so."""
         seen = set()
         for result in results:
-            trial_id = (result.metrics or {}).get("trial_id")
+            trial_id = result_trial_id(result)
             seen.add(trial_id)
             if trial_id not in self._resumed or trial_id in self.statuses:
                 continue
@@ -557,6 +562,7 @@ class MLflowSweepCallback(Callback):
         if trial.trial_id in self.statuses:
             return
         self.statuses[trial.trial_id] = status
+        self.ended_now.add(trial.trial_id)
         if run_id is None:  # it failed before it started: no run to end
             return
         try:
@@ -620,6 +626,13 @@ class MLflowSweepCallback(Callback):
         if path is None and getattr(trial, "checkpoint", None) is not None:
             path = trial.checkpoint.path
         return path if path and Path(path).is_dir() else None
+
+
+def result_trial_id(result: Any) -> str:
+    """A Tune result's trial id, also for a trial that failed before its first report:
+    from its folder (``trial_<id>``, sweeps.runner names them so)."""
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix(
+        "trial_")
 
 
 def _epochs(history: list[Mapping[str, Any]]) -> int:

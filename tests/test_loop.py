@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -164,20 +165,17 @@ def test_schedules_against_hand_computed_values() -> None:
     assert cosine == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])
 
 
-def test_a_diverged_trial_stops_within_the_epoch(tiny_root: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """The training forward turns NaN from its 3rd batch on: the trial stops at that check,
-    reports that epoch as its last (flagged, losses +inf for a searcher), trains no more."""
+def _nan_forwards(monkeypatch: pytest.MonkeyPatch, bad: Callable[[int], bool]) -> list:
+    """From now on the trainer's training forwards (1, 2, ...) return NaN where ``bad``."""
     import trainables.loop as loop_module
 
-    monkeypatch.setattr(loop_module, "DIVERGENCE_CHECK_EVERY", 1)
-    forwards = []
+    forwards: list[int] = []
 
     def blow_up(module, inputs, output):  # type: ignore[no-untyped-def]
         if not module.training:
             return output
         forwards.append(1)
-        return output * math.nan if len(forwards) >= 3 else output
+        return output * math.nan if bad(len(forwards)) else output
 
     original = loop_module._Trainer.__init__
 
@@ -186,22 +184,51 @@ def test_a_diverged_trial_stops_within_the_epoch(tiny_root: Path,
         self.model.register_forward_hook(blow_up)
 
     monkeypatch.setattr(loop_module._Trainer, "__init__", patched)
+    return forwards
+
+
+def test_a_diverged_trial_stops_within_the_epoch(tiny_root: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training forward turns NaN from its 3rd batch on (the weights stay finite: the
+    steps are skipped): at the 2nd non-finite loss in a row the trial stops, reports that
+    epoch as its last (flagged, losses +inf for a searcher) and trains no more."""
+    import trainables.loop as loop_module
+
+    monkeypatch.setattr(loop_module, "DIVERGENCE_CHECK_EVERY", 1)
+    forwards = _nan_forwards(monkeypatch, lambda i: i >= 3)
     session = LocalSession()
-    history = run_trial(tiny(tiny_root, "train.epochs=3"), session)
-    assert len(history) == 1 and session.reports == history and len(forwards) == 3
+    history = run_trial(tiny(tiny_root, "train.epochs=3", "train.nonfinite_streak=2"),
+                        session)
+    assert len(history) == 1 and session.reports == history and len(forwards) == 4
     last = history[0]
     assert (last["diverged"], last["diverged_epoch"], last["diverged_batch"],
-            last["diverged_step"]) == (1.0, 1, 3, 3)
+            last["diverged_step"]) == (1.0, 1, 4, 4)
     assert last["train_loss"] == math.inf  # the worst value, not NaN (Optuna fails on NaN)
-    # The 3rd step's NaN gradients were skipped: the weights still score.
-    assert math.isfinite(last["test_loss"]) and last["skipped_steps"] == 1
+    # The NaN steps were skipped: the weights still score.
+    assert math.isfinite(last["test_loss"]) and last["skipped_steps"] == 2
+
+
+def test_one_overflowing_batch_is_not_divergence(tiny_root: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """One NaN loss (as an fp16 overflow gives): its step is skipped, training goes on, the
+    epoch's loss is the mean of its finite batches."""
+    import trainables.loop as loop_module
+
+    monkeypatch.setattr(loop_module, "DIVERGENCE_CHECK_EVERY", 1)
+    _nan_forwards(monkeypatch, lambda i: i == 3)
+    history = run_trial(tiny(tiny_root, "train.epochs=3"), LocalSession())
+    assert len(history) == 3 and "diverged" not in history[-1]
+    assert [m["skipped_steps"] for m in history] == [1, 0, 0]
+    assert all(math.isfinite(m["train_loss"]) for m in history)
 
 
 def test_a_loss_that_turns_non_finite_between_checks_stops_after_the_epoch(
         tiny_root: Path) -> None:
-    """Fewer batches than the check interval: the epoch's loss says it, the trial stops."""
+    """Fewer batches than the check interval (2 per epoch here): the end-of-epoch check
+    sees EG at lr 1e4 stuck (its losses non-finite in a row) and the trial stops."""
     cfg = tiny(tiny_root, "optim.name=eg", "optim.lr=1e4", "optim.weight_decay=0",
-               "train.epochs=3")
+               "train.epochs=3", "train.nonfinite_streak=2")
     history = run_trial(cfg, LocalSession())
-    assert len(history) == 1 and history[0]["diverged"] == 1.0
-    assert history[0]["train_loss"] == math.inf and history[0]["diverged_epoch"] == 1
+    assert len(history) <= 2 and history[-1]["diverged"] == 1.0
+    assert history[-1]["train_loss"] == math.inf
+    assert history[-1]["diverged_epoch"] == len(history)

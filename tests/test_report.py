@@ -237,5 +237,12 @@ def test_a_moved_store_finds_its_artifacts_again(tmp_path, capsys):
     assert client.get_run(parent).info.artifact_uri.startswith(
         (tmp_path / "laptop" / "mlartifacts").as_uri())
     assert adopt_moved_store(moved) == 0  # in place now: nothing to do
-    # A server or a store without artifacts beside it is left alone.
+    # A server or a store without artifacts beside it is left alone, and so is one that
+    # merely sits under a folder named mlartifacts (it was rewritten, level by level).
     assert adopt_moved_store("http://127.0.0.1:5000") == 0
+    nested_uri, nested = _store(tmp_path / "mlartifacts" / "proj")
+    run = nested.start_sweep("x")
+    nested.log_text(run, "hi", "a.md")
+    before = nested.client.get_run(run).info.artifact_uri
+    assert [adopt_moved_store(nested_uri) for _ in range(2)] == [0, 0]
+    assert nested.client.get_run(run).info.artifact_uri == before

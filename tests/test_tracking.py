@@ -155,3 +155,27 @@ def test_optuna_learns_from_a_diverged_trial_but_not_from_a_nan() -> None:
     assert states == ["COMPLETE", "COMPLETE", "RUNNING"]
     assert searcher._ot_study.trials[1].value == math.inf
     assert trial_status(1, 3, diverged=True) == "FAILED"
+
+
+def test_the_sweeps_searcher_learns_the_worst_value_from_a_diverged_trial() -> None:
+    """A diverged quant trial reports val_acc_q = NaN (its weights are): the sweep's
+    searcher turns it into -inf for a maximized objective, +inf for a minimized one."""
+    import optuna
+
+    from sweeps.runner import DivergenceAwareOptunaSearch
+
+    def space(trial):
+        trial.suggest_float("optim.lr", 0.1, 1.0)
+
+    searcher = DivergenceAwareOptunaSearch(
+        space=space, metric=["val_acc_q", "packed_bytes"], mode=["max", "min"],
+        sampler=optuna.samplers.RandomSampler(seed=0))
+    searcher.suggest("a")
+    searcher.on_trial_complete("a", {"val_acc_q": math.nan, "packed_bytes": math.nan,
+                                     "diverged": 1.0, "training_iteration": 1})
+    searcher.suggest("b")  # not diverged: a NaN stays what it is (Optuna refuses it)
+    searcher.on_trial_complete("b", {"val_acc_q": 0.5, "packed_bytes": 100.0,
+                                     "training_iteration": 1})
+    first, second = searcher._ot_study.trials
+    assert first.state.name == "COMPLETE" and first.values == [-math.inf, math.inf]
+    assert second.values == [0.5, 100.0]

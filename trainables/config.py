@@ -348,9 +348,13 @@ class TrainConfig(_Section):
     threads: int = 0  # torch intra-op threads per worker; 0: round(cpus_per_worker)
     device: str = "auto"  # auto: cuda when use_gpu and available, else cpu
     checkpoint: bool = True  # a checkpoint every epoch (model, optimizer, schedule, RNG)
+    # Diverged: weights inf/NaN, or this many non-finite batch losses in a row (every
+    # step skipped); the trial then stops within its epoch (trainables/loop.py).
+    nonfinite_streak: int = 20
 
     def _validate(self) -> None:
         self._range("epochs", 1, 100_000)
+        self._range("nonfinite_streak", 1, 10**9)
         self._range("seed", 0, 2**31 - 1)
         self._range("num_workers", 1, 4096)
         self._range("cpus_per_worker", 0.0, 1024, lo_open=True)

@@ -52,8 +52,11 @@ from trainables.stages import Stage, StageContext, build_stages
 __all__ = ["run_trial", "build_schedule", "pick_device", "train_loop_per_worker"]
 
 _AMP_DTYPES = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
-# How often (in batches) training checks for a non-finite loss: a diverged trial stops
-# within the epoch; each check costs one host sync.
+# Divergence: the weights hold inf/NaN, or the loss was non-finite on
+# ``train.nonfinite_streak`` batches in a row (every step skipped: training is stuck). One
+# overflowing batch (AMP fp16) is not divergence: the optimizers and GradScaler skip that
+# step. Checked every DIVERGENCE_CHECK_EVERY batches and at the epoch's end (one host
+# sync each): a diverged trial stops within the epoch.
 DIVERGENCE_CHECK_EVERY = 25
 
 
@@ -96,31 +99,41 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: i
 
 @dataclass
 class _Counts:
-    """Running sums kept on the device: one host sync per epoch, not per batch."""
+    """Running sums kept on the device: one host sync per epoch, not per batch. The loss
+    is averaged over the batches whose loss is finite; ``streak`` counts the batches in a
+    row whose loss was not (carried over epochs)."""
 
     loss: torch.Tensor
     correct: torch.Tensor
+    finite_n: torch.Tensor
+    streak: torch.Tensor
     n: int = 0
 
     @classmethod
-    def zeros(cls, device: torch.device) -> "_Counts":
+    def zeros(cls, device: torch.device, streak: torch.Tensor | None = None) -> "_Counts":
         z = torch.zeros((), dtype=torch.float64, device=device)
-        return cls(z.clone(), z.clone())
+        return cls(z.clone(), z.clone(), z.clone(), z.clone() if streak is None else streak)
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        self.loss += loss.detach().double() * len(y)
+        loss = loss.detach().double()
+        finite = torch.isfinite(loss)
+        self.loss += torch.where(finite, loss, 0.0) * len(y)
+        self.finite_n += finite * len(y)
+        self.streak = (self.streak + 1) * ~finite
         self.correct += (logits.argmax(dim=1) == y).sum()
         self.n += len(y)
 
     def reduce(self) -> tuple[float, float, int]:
-        """(mean loss, accuracy, examples) summed over all DDP ranks."""
-        t = torch.stack([self.loss, self.correct,
+        """(mean loss over finite batches, +inf if none; accuracy; examples), summed
+        over all DDP ranks."""
+        t = torch.stack([self.loss, self.correct, self.finite_n,
                          torch.tensor(float(self.n), dtype=torch.float64,
                                       device=self.loss.device)])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(t)
-        loss, correct, n = t.tolist()
-        return loss / max(n, 1), correct / max(n, 1), int(n)
+        loss, correct, finite_n, n = t.tolist()
+        mean = loss / finite_n if finite_n else (math.inf if n else 0.0)
+        return mean, correct / max(n, 1), int(n)
 
 
 class _Trainer:
@@ -161,6 +174,7 @@ class _Trainer:
         self.epoch = 0
         self.step = 0  # optimizer steps so far, over all epochs
         self.diverged_at: tuple[int, int] | None = None  # (epoch, batch) it was seen
+        self.streak = torch.zeros((), dtype=torch.float64, device=self.device)
         self.history: list[dict[str, Any]] = []
 
     def _loader(self, split: str, batch_size: int) -> BatchLoader:
@@ -181,7 +195,7 @@ class _Trainer:
 
     def train_epoch(self) -> tuple[float, float, int, float]:
         self.ddp_model.train()
-        counts = _Counts.zeros(self.device)
+        counts = _Counts.zeros(self.device, self.streak)
         start = time.perf_counter()
         for batch, (x, y) in enumerate(self.train_loader, start=1):
             with self._autocast():
@@ -200,15 +214,22 @@ class _Trainer:
             if batch % DIVERGENCE_CHECK_EVERY == 0 and self._diverged(counts):
                 self.diverged_at = (self.epoch + 1, batch)
                 break
+        else:
+            if self._diverged(counts):
+                self.diverged_at = (self.epoch + 1, len(self.train_loader))
+        self.streak = counts.streak
         loss, acc, n = counts.reduce()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return loss, acc, n, time.perf_counter() - start
 
     def _diverged(self, counts: "_Counts") -> bool:
-        """A non-finite training loss on any rank so far this epoch (every rank agrees,
-        so DDP ranks stop together). One host sync per DIVERGENCE_CHECK_EVERY batches."""
-        bad = (~torch.isfinite(counts.loss)).to(torch.float32).reshape(1)
+        """Weights non-finite, or ``train.nonfinite_streak`` non-finite losses in a row, on
+        any rank (every rank agrees, so DDP ranks stop together)."""
+        stuck = counts.streak >= self.cfg.train.nonfinite_streak
+        broken = torch.stack([torch.isfinite(p.detach()).all().logical_not()
+                              for p in self.model.parameters()]).any()
+        bad = (stuck | broken).to(torch.float32).reshape(1)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bool(bad.item())
@@ -241,8 +262,6 @@ class _Trainer:
         train_loss, train_acc, n, train_seconds = self.train_epoch()
         metrics: dict[str, Any] = {"epoch": self.epoch + 1, "train_loss": train_loss,
                                    "train_acc": train_acc, "lr": lr}
-        if self.diverged_at is None and not math.isfinite(train_loss):
-            self.diverged_at = (self.epoch + 1, len(self.train_loader))  # its last batches
         # Steps the optimizer skipped for an inf/NaN gradient this epoch (optim.base).
         metrics["skipped_steps"] = getattr(self.optimizer, "skipped_steps", 0) - skipped
         for split, loader in self.eval_loaders.items():
@@ -323,7 +342,7 @@ def _mark_diverged(metrics: dict[str, Any], at: tuple[int, int], step: int) -> N
     the worst value, so a searcher minimizing a loss learns from it (Optuna takes inf; a
     NaN would mark the trial failed); accuracies stay what the weights score (chance)."""
     metrics.update(diverged=1.0, diverged_epoch=at[0], diverged_batch=at[1],
-                   diverged_step=step)
+                   diverged_step=step, train_loss=math.inf)
     for key, value in metrics.items():
         if key.endswith("_loss") and isinstance(value, float) and not math.isfinite(value):
             metrics[key] = math.inf
