@@ -172,3 +172,6 @@ def main_guard(main: Callable[[], int]) -> None:
               f"MLflow; finished trials are kept. Resume with:\n  "
               f"{resume_command(exc.run_id)}", file=sys.stderr)
         sys.exit(130)
+    except KeyboardInterrupt:  # before any sweep run existed, or after the last ended
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -18,14 +18,16 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from ray.tune import Callback
 from ray.tune.logger import TBXLoggerCallback
@@ -460,10 +462,40 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
               "phase": sweep.phase, "tune_folder": run_name, **sweep.tags, **nested})
     callback = MLflowSweepCallback(tracker, varied=searched, phase=sweep.phase,
                                    log_checkpoint=sweep.log_checkpoints)
-    with tracker.ending(parent):
+    lock = driver_lock(Path(sweep.storage_path).resolve() / run_name / ".driver.lock",
+                       f"sweep run {parent}")
+    with lock, tracker.ending(parent):
         _init_ray(sweep.address)
         results = _fit(_tuner(sweep, base, callback, run_name, searched), callback, parent)
         return _finish_sweep(sweep, results, callback, tracker, parent, searched)
+
+
+@contextlib.contextmanager
+def driver_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold ``path`` locked while this driver runs ``what``: a second driver (a --resume
+    of a sweep still running) stops with a clear error. The kernel drops the lock when
+    this process dies, however it dies (SIGKILL included), so a resume after a crash
+    is never refused."""
+    import fcntl
+    import socket
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ConfigError(f"{what} is running now ({holder}): wait for it, or stop it "
+                              "first (Ctrl-C), then --resume") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _resume(sweep: Sweep, base: TrialConfig, tracker: SweepTracker, searched: list[str]
@@ -471,12 +503,18 @@ def _resume(sweep: Sweep, base: TrialConfig, tracker: SweepTracker, searched: li
     """Go on with an interrupted sweep: its Tune folder restored (finished trials stay
     finished; unfinished ones resume from their last checkpoint; the searcher's state is
     Tune's saved copy), its MLflow run and trial runs reused."""
+    parent = sweep.resume_run_id
+    _, path = _resumable_folder(tracker, parent, sweep)
+    with driver_lock(path / ".driver.lock", f"sweep run {parent}"):
+        return _resume_locked(sweep, base, tracker, searched, parent, path)
+
+
+def _resume_locked(sweep: Sweep, base: TrialConfig, tracker: SweepTracker,
+                   searched: list[str], parent: str, path: Path) -> SweepOutcome:
     from ray import tune
 
     from trainables.tune_trial import trainable
 
-    parent = sweep.resume_run_id
-    run_name, path = _resumable_folder(tracker, parent, sweep.storage_path)
     children = tracker.child_runs(parent)
     print(f"resuming sweep run {parent} ({len(children)} trial runs so far) from {path}",
           flush=True)
@@ -502,17 +540,20 @@ def _resume(sweep: Sweep, base: TrialConfig, tracker: SweepTracker, searched: li
 
 def _fit(tuner: Any, callback: MLflowSweepCallback, parent: str) -> Any:
     """``tuner.fit()``; a Ctrl-C Tune does not catch itself (a second one, or one outside
-    its loop) still ends the open trial runs KILLED and says how to resume."""
+    its loop) still ends the open trial runs KILLED and says how to resume. Tune installs
+    its SIGINT handler for the run and leaves it installed after: restored here, else a
+    Ctrl-C after this sweep (between a study's sweeps) would only stop a finished run."""
+    handler = signal.getsignal(signal.SIGINT)
     try:
         return tuner.fit()
     except KeyboardInterrupt:
         callback.end_interrupted(f"the sweep was interrupted; resume it with --resume {parent}")
         raise SweepInterrupted(parent) from None
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
-def _resumable_folder(tracker: SweepTracker, run_id: str, storage_path: str
-                      ) -> tuple[str, Path]:
-    from ray import tune
+def _resumable_folder(tracker: SweepTracker, run_id: str, sweep: Sweep) -> tuple[str, Path]:
 
     run = tracker.get_run(run_id)
     if run is None or "tune_folder" not in run.data.tags:
@@ -521,23 +562,44 @@ def _resumable_folder(tracker: SweepTracker, run_id: str, storage_path: str
     if run.info.status == "FINISHED":
         raise ConfigError(f"--resume {run_id} is invalid: that sweep finished; allowed an "
                           "interrupted, killed or failed one")
+    was = run.data.params.get("sweep.metric")
+    if was is not None and was != sweep.metric:
+        raise ConfigError(f"--resume {run_id} is invalid here: that sweep searched on "
+                          f"{was}, this command on {sweep.metric} (allowed: the command it "
+                          "was started with)")
     folder = run.data.tags["tune_folder"]
-    path = Path(storage_path).resolve() / folder
-    if not tune.Tuner.can_restore(str(path)):
-        raise ConfigError(f"--resume {run_id}: its Tune state {path} is missing or "
-                          "incomplete (was --storage-path different?); start the sweep "
-                          "again without --resume")
+    path = Path(sweep.storage_path).resolve() / folder
+    if not restorable(path):
+        raise ConfigError(f"--resume {run_id}: its Tune state {path} is missing, or holds "
+                          "no trial yet (was --storage-path different? was it stopped "
+                          "before its first trial?); start the sweep again without --resume")
     return folder, path
+
+
+def restorable(path: Path) -> bool:
+    """Tune can go on from ``path``: its state was saved with at least one trial in it.
+    (A state saved before any trial existed does not restore: Tune's variant generator
+    then fails on the dotted config keys with a KeyError.)"""
+    import json
+
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(path)):
+        return False
+    states = sorted(path.glob("experiment_state-*.json"))
+    try:
+        return bool(states) and bool(json.loads(states[-1].read_text())["trial_data"])
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def find_resumable(tracking_uri: str, experiment: str, kind: str | None = None) -> str:
     """The newest top-level run of ``experiment`` (of tag ``kind``, if given) that did not
     finish: what ``--resume`` with no run id resumes."""
     tracker = SweepTracker(tracking_uri, experiment)
-    for run in tracker.client.search_runs([tracker.experiment_id],
-                                          order_by=["attributes.start_time DESC"]):
-        tags = run.data.tags
-        if "mlflow.parentRunId" in tags or (kind and tags.get("kind") != kind):
+    kind_filter = f"tags.kind = '{kind}'" if kind else ""
+    for run in tracker.search_all(kind_filter, order_by=["attributes.start_time DESC"]):
+        if "mlflow.parentRunId" in run.data.tags:
             continue
         if run.info.status != "FINISHED":
             return run.info.run_id

@@ -61,7 +61,15 @@ from sweeps.compare import (
     weight_vector,
 )
 from sweeps.outcome import FAILED, FINISHED, diverged, trial_status
-from sweeps.runner import Sweep, SweepInterrupted, rows_to_markdown, run_sweep, validate_points
+from sweeps.runner import (
+    Sweep,
+    SweepInterrupted,
+    driver_lock,
+    restorable,
+    rows_to_markdown,
+    run_sweep,
+    validate_points,
+)
 from sweeps.tracking import SweepTracker, default_tracking_uri
 from trainables.config import ConfigError, DataConfig, TrialConfig
 from trainables.data import load_splits, prepare_data
@@ -218,13 +226,15 @@ def run_study(study: Study) -> StudyOutcome:
                     "study.backoff_key": study.backoff_key, "study.design": "sobol+fifo",
                     "study.cells": len(study.cells), **study.params},
             tags={"sweep": study.name, "kind": "study", "stamp": stamp})
-    with tracker.ending(parent):
+    lock = driver_lock(Path(study.storage_path).resolve() / f"{study.name}-{stamp}.lock",
+                       f"study run {parent}")
+    with lock, tracker.ending(parent):
         try:
             cells = _search_cells(study, tracker, parent, stamp)
             if not cells:
                 raise RuntimeError("no cell produced a result; see the FAILED runs in MLflow")
             _rerun_seeds(study, tracker, cells, parent, stamp)
-        except SweepInterrupted:
+        except KeyboardInterrupt:  # SweepInterrupted of a cell, or Ctrl-C between cells
             raise SweepInterrupted(parent) from None  # resume the study, not the cell
         outcome = _report(study, tracker, parent, cells)
     _prune_search_checkpoints(study, stamp)
@@ -270,8 +280,27 @@ def _earlier_run(study: Study, tracker: SweepTracker, parent: str, folder: str
         return None
     runs = tracker.client.search_runs(
         [tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent}' and "
-                                 f"tags.tune_folder = '{folder}'")
+                                 f"tags.tune_folder = '{folder}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
+
+
+def _resume_id(study: Study, tracker: SweepTracker, earlier: Any | None, folder: str
+               ) -> str | None:
+    """The unfinished sweep run to resume for ``folder``; None to run it afresh (none
+    yet, or interrupted before Tune saved a state with a trial: that run ends KILLED,
+    saying so, and its folder, which nothing can restore, is cleared)."""
+    if earlier is None:
+        return None
+    path = Path(study.storage_path).resolve() / folder
+    if restorable(path):
+        return earlier.info.run_id
+    tracker.set_tags(earlier.info.run_id, {"mlflow.note.content": "Interrupted before Tune "
+                     "saved a state with a trial in it; the resumed study ran this sweep "
+                     "again as a new run."})
+    tracker.end_run(earlier.info.run_id, "KILLED")
+    shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def _read_back(study: Study, folder: str) -> Any:
@@ -308,7 +337,7 @@ def _search_cells(study: Study, tracker: SweepTracker, parent: str, stamp: str
                 kind="search", tags={"cell": cell.label}, parent_run_id=parent,
                 run_name=folder, title=f"search {cell.label}",
                 params=_design_params(study, cell), log_checkpoints=False,
-                resume_run_id=earlier.info.run_id if earlier is not None else None))
+                resume_run_id=_resume_id(study, tracker, earlier, folder)))
         except RuntimeError as exc:  # every trial failed: record it, go on with the rest
             print(f"cell {cell.label} failed: {exc}", flush=True)
             continue
@@ -383,7 +412,7 @@ def _rerun_seeds(study: Study, tracker: SweepTracker, cells: list[CellResult], p
         study, base=TrialConfig.from_flat(cells[0].best_config), points=points,
         metric=study.metric, parent_run_id=parent, run_name=folder,
         title=f"seeds {seeds[0]}..{seeds[-1]} x {len(cells)} picked configs", log_best=False,
-        resume_run_id=earlier.info.run_id if earlier is not None else None))
+        resume_run_id=_resume_id(study, tracker, earlier, folder)))
     _add_seed_results(study, cells, outcome.results)
 
 
@@ -501,6 +530,9 @@ def report_from(study: Study, run_id: str) -> StudyOutcome:
     cells.sort(key=lambda c: order["/".join(c.key)])
     if seeds is not None:
         _add_seed_results(study, cells, seeds)
+    if tracker.client.get_run(run_id).info.status != "FINISHED":
+        # An unfinished study keeps its status (it can still be resumed).
+        return _report(study, tracker, run_id, cells)
     with tracker.ending(run_id):
         return _report(study, tracker, run_id, cells)
 

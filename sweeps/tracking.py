@@ -167,9 +167,21 @@ class SweepTracker:
 
     def child_runs(self, parent_run_id: str) -> dict[str, Any]:
         """Trial id -> run, for the trial runs nested under a sweep run."""
-        runs = self.client.search_runs([self.experiment_id],
-                                       f"tags.mlflow.parentRunId = '{parent_run_id}'")
+        runs = self.search_all(f"tags.mlflow.parentRunId = '{parent_run_id}'")
         return {r.data.tags["trial_id"]: r for r in runs if "trial_id" in r.data.tags}
+
+    def search_all(self, filter_string: str, order_by: list[str] | None = None
+                   ) -> Iterator[Any]:
+        """Every run of this experiment that matches, page by page (MLflow returns at
+        most 1000 per call)."""
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string,
+                                           order_by=order_by, page_token=token)
+            yield from page
+            token = page.token
+            if not token:
+                return
 
     def reopen_run(self, run_id: str, note: str | None = None) -> None:
         """A run that goes on (a resumed sweep or trial) is RUNNING again; ``note`` replaces

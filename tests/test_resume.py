@@ -144,3 +144,47 @@ def test_ctrl_c_ends_the_runs_killed_and_says_how_to_resume(tmp_path: Path,
         if trial.data.tags.get("interrupted"):
             assert trial.data.tags["interrupted"] == "resumed"
             assert trial.info.status in ("FINISHED", "KILLED")
+
+
+STUDY = ROOT / "sweeps" / "eg_vs_gd.py"
+
+
+def test_an_interrupted_study_resumes_at_its_cell(tmp_path: Path, tiny_root: Path) -> None:
+    """Ctrl-C during the second cell's search: the resumed study reads the first cell
+    back (its trials are not run again), goes on with the second, then the seeds."""
+    args = [sys.executable, str(STUDY), "--smoke-test", "--optimizers", "gd", "eg",
+            "--address", "local"]
+    log = tmp_path / "study.log"
+    proc = subprocess.Popen(args, cwd=tmp_path, env=_env(tmp_path, tiny_root),
+                            stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while "=== search mnist/mlp/eg ===" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    finally:
+        _kill_group(proc)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("eg_vs_gd").experiment_id
+    (study,) = client.search_runs([exp], "tags.kind = 'study'")
+    assert study.info.status == "KILLED"
+    gd_trials = {r.info.run_id: r.info.end_time for r in client.search_runs([exp])
+                 if r.data.tags.get("optimizer") == "gd"}
+    assert len(gd_trials) == 2  # the first cell's search finished
+
+    out = subprocess.run([*args, "--resume"], cwd=tmp_path, env=_env(tmp_path, tiny_root),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert f"resuming study run {study.info.run_id}" in out.stdout
+    assert "finished before the interrupt: read back" in out.stdout
+    runs = client.search_runs([exp])
+    assert client.get_run(study.info.run_id).info.status == "FINISHED"
+    assert "RUNNING" not in {r.info.status for r in runs}
+    trials = [r for r in runs if "trial_id" in r.data.tags]
+    assert len(trials) == 2 * 2 + 2 * 2  # 2 cells x 2 searched, 2 cells x 2 seeds
+    for run_id, end_time in gd_trials.items():  # gd's search was not run again
+        assert client.get_run(run_id).info.end_time == end_time
+    assert "| mnist | mlp | eg - gd | 2 |" in out.stdout
