@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -251,7 +252,9 @@ def _figure(rows: int, cols: int, width: float = 4.5, height: float = 3.4):
 
 
 def _save(plt: Any, fig: Any, path: str | Path, title: str) -> Path:
-    fig.suptitle(title)
+    # Wrapped to the figure's width: a one-panel figure cut a long title at both ends.
+    chars = max(30, int(fig.get_figwidth() * 9))
+    fig.suptitle(textwrap.fill(title, chars))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
