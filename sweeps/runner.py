@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -254,7 +255,24 @@ def _init_ray(address: str | None) -> None:
     # With no address, ray.init joins a cluster already running on this node (as under
     # `ray submit`) and otherwise starts an embedded one.
     ray.init(address=address, configure_logging=True,
-             logging_level="WARNING", log_to_driver=True)
+             logging_level="WARNING", log_to_driver=True, **_own_cluster_api(address))
+
+
+def _own_cluster_api(address: str | None) -> dict[str, Any]:
+    """An embedded cluster's dashboard port, told to every process it starts: Ray's state
+    API (Train V2's PlacementGroupCleaner uses it) otherwise looks for "the" local Ray
+    and, with a second sweep's embedded cluster on this machine, fails with "Found
+    multiple active Ray instances". Nothing where ray.init joins a running cluster."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if os.environ.get("RAY_API_SERVER_ADDRESS") or \
+            canonicalize_bootstrap_address(address) is not None:
+        return {}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return {"dashboard_port": port}
 
 
 def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_name: str,
