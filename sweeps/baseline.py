@@ -5,7 +5,7 @@ is reported beside it), every trial tracked in MLflow.
     python sweeps/baseline.py                  # ~10 minutes on 2 cores, full MNIST
     python sweeps/baseline.py --smoke-test     # a small subset, under 3 minutes
     python sweeps/baseline.py --num-samples 32 --epochs 5 --max-concurrent 4
-    ray submit cluster/gpu.yaml sweeps/baseline.py -- --gpus-per-trial 0.25
+    ray submit cluster/gpu.yaml sweeps/baseline.py   # --gpus-per-trial auto (default)
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def main() -> int:
                   max_concurrent=args.max_concurrent, metric=METRIC, mode=MODE,
                   seed=args.seed, tracking_uri=tracking_uri(args),
                   storage_path=args.storage_path, address=args.address,
-                  resume_run_id=resume_run_id(args, "baseline", "search"))
+                  resume_run_id=resume_run_id(args, "baseline", "search"),
+                  auto_gpus=args.gpus_per_trial == "auto")
     print_summary(run_sweep(sweep))
     return 0
 

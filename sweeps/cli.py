@@ -6,8 +6,6 @@ import argparse
 import os
 import shlex
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from sweeps.tracking import default_tracking_uri, existing_store
@@ -44,8 +42,10 @@ def common_parser(description: str, num_samples: int, max_concurrent: int,
     p.add_argument("--num-workers", type=int, default=1,
                    help="data-parallel workers per trial (>1: Ray Train DDP)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0,
-                   help="GPUs per worker (fractional shares a GPU between trials); 0: CPU")
+    p.add_argument("--gpus-per-trial", type=_gpus, default="auto",
+                   help="GPUs per worker (fractional shares a GPU between trials); 0: CPU; "
+                        "auto: the cluster's GPUs shared by --max-concurrent trials (0 "
+                        "where it has none)")
     p.add_argument("--config", default=None, help="YAML file of config overrides")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="config override, e.g. --set optim.momentum=0.8")
@@ -94,7 +94,7 @@ def base_config(args: argparse.Namespace, defaults: Sequence[str],
              f"train.cpus_per_worker={args.cpus_per_worker}"]
     if args.smoke_test:
         flags = flags[1:]  # the smoke test keeps its own (short) epochs
-    if args.gpus_per_trial > 0:
+    if args.gpus_per_trial != "auto" and args.gpus_per_trial > 0:
         _check_gpus_reachable(args)
         flags += ["train.use_gpu=true", f"train.gpus_per_worker={args.gpus_per_trial}"]
     if args.data_root:
@@ -102,13 +102,28 @@ def base_config(args: argparse.Namespace, defaults: Sequence[str],
     return cfg.with_overrides(flags).with_overrides(args.overrides)
 
 
+def _gpus(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed auto or a number of "
+                                         "GPUs per worker from 0 to 64")
+    return value
+
+
 def _check_gpus_reachable(args: argparse.Namespace) -> None:
+    from sweeps.runner import ray_start_cluster_answers
+
     """An embedded Ray cluster (no --address, none running here) on a machine without a
     GPU can never place a GPU trial: Ray would wait forever. Say so before starting."""
     import torch
 
     running = args.address not in (None, "local") or os.environ.get("RAY_ADDRESS") or \
-        Path(tempfile.gettempdir(), "ray", "ray_current_cluster").exists()
+        ray_start_cluster_answers()
     if not running and torch.cuda.device_count() == 0:
         raise ConfigError(f"--gpus-per-trial {args.gpus_per_trial} is invalid here: this "
                           "machine has no GPU and no Ray cluster is running to provide one; "

@@ -17,7 +17,7 @@ parameter, biases included, as the research code (seed 000) did.
     python sweeps/eg_vs_gd.py --smoke-test            # MNIST + MLP, tiny subset, minutes
     python sweeps/eg_vs_gd.py                         # everything, full data (1.5 h, 2 cores)
     python sweeps/eg_vs_gd.py --datasets mnist --optimizers gd eg --models cnn
-    ray submit cluster/gpu.yaml sweeps/eg_vs_gd.py -- --gpus-per-trial 0.25 --max-concurrent 16
+    ray submit cluster/gpu.yaml sweeps/eg_vs_gd.py -- --max-concurrent 16  # GPUs: auto
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ def study(args: argparse.Namespace) -> Study:
         max_concurrent=args.max_concurrent,
         tracking_uri=tracking_uri(args), storage_path=args.storage_path, address=args.address,
         resume_run_id=resume_run_id(args, STUDY, "study"),
+        auto_gpus=args.gpus_per_trial == "auto",
         params={"study.epochs": args.epochs, "study.smoke_test": args.smoke_test,
                 "study.datasets": ",".join(args.datasets), "study.models": ",".join(args.models),
                 "study.optimizers": ",".join(args.optimizers),

@@ -103,6 +103,9 @@ class Sweep:
     title: str = ""
     # best_* metrics on the sweep run: only where "best" means something (one cell).
     log_best: bool = True
+    # Size GPU use from the cluster once Ray is up: each worker gets an equal share of its
+    # GPUs (--gpus-per-trial auto; nothing where the base config already asks for GPUs).
+    auto_gpus: bool = False
     # Copy each trial's final checkpoint into its MLflow run. A study's search trials
     # skip it (their picked configs are re-run with seeds; Tune keeps best + last).
     log_checkpoints: bool = True
@@ -253,9 +256,39 @@ def _init_ray(address: str | None) -> None:
     # checkpoint; an ASHA-stopped one would train on). Every second costs milliseconds.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     # With no address, ray.init joins a cluster already running on this node (as under
-    # `ray submit`) and otherwise starts an embedded one.
+    # `ray submit`) and otherwise starts an embedded one; but it would also try, and fail,
+    # to join a dead one whose address file a crash left behind.
+    if address is None and not os.environ.get("RAY_ADDRESS") and \
+            not ray_start_cluster_answers():
+        address = "local"
     ray.init(address=address, configure_logging=True,
              logging_level="WARNING", log_to_driver=True, **_own_cluster_api(address))
+
+
+def gpu_share(total_gpus: float, max_concurrent: int, num_workers: int) -> float:
+    """GPUs per worker when ``max_concurrent`` trials of ``num_workers`` workers share
+    ``total_gpus``: a whole GPU each where there are enough (DDP wants whole ones), else
+    the largest 1/k that fits; 0 without GPUs."""
+    if total_gpus < 1:
+        return 0.0
+    share = total_gpus / (max_concurrent * num_workers)
+    return 1.0 if share >= 1 else 1.0 / math.ceil(1 / share)
+
+
+def _with_cluster_gpus(sweep: Sweep, base: TrialConfig, tracker: SweepTracker,
+                       parent: str) -> TrialConfig:
+    import ray
+
+    if not sweep.auto_gpus or base.train.use_gpu:
+        return base
+    total = ray.cluster_resources().get("GPU", 0.0)
+    share = gpu_share(total, sweep.max_concurrent, base.train.num_workers)
+    tracker.log_params(parent, {"sweep.cluster_gpus": total, "sweep.gpus_per_worker": share})
+    if share == 0:
+        return base
+    print(f"--gpus-per-trial auto: {share:g} GPU per worker ({total:g} GPUs in the cluster, "
+          f"{sweep.max_concurrent} trials at once)", flush=True)
+    return base.replace({"train.use_gpu": True, "train.gpus_per_worker": share})
 
 
 def _own_cluster_api(address: str | None) -> dict[str, Any]:
@@ -273,6 +306,18 @@ def _own_cluster_api(address: str | None) -> dict[str, Any]:
         port = probe.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     return {"dashboard_port": port}
+
+
+def ray_start_cluster_answers() -> bool:
+    """A `ray start` cluster on this node that answers (the file it leaves behind stays
+    after a crash or a killed node: its address must be checked, not just the file)."""
+    path = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    try:
+        host, port = path.read_text().strip().rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=2).close()
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_name: str,
@@ -484,6 +529,7 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
                        f"sweep run {parent}")
     with lock, tracker.ending(parent):
         _init_ray(sweep.address)
+        base = _with_cluster_gpus(sweep, base, tracker, parent)
         results = _fit(_tuner(sweep, base, callback, run_name, searched), callback, parent)
         return _finish_sweep(sweep, results, callback, tracker, parent, searched)
 

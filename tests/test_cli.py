@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -134,3 +135,52 @@ def test_resume_of_nothing_is_a_one_line_error_that_changes_nothing(
     assert tracker.client.get_run(done).info.status == "FINISHED"
     assert len(tracker.client.search_runs([tracker.experiment_id])) == 1
     assert not (tmp_path / "ray_results").exists()
+
+
+def test_gpus_per_trial_auto_shares_the_clusters_gpus() -> None:
+    from sweeps.cli import base_config, common_parser
+    from sweeps.runner import gpu_share
+
+    parser = common_parser("t", 4, 2, 3)
+    assert parser.parse_args([]).gpus_per_trial == "auto"  # the default: ray submit uses GPUs
+    assert parser.parse_args(["--gpus-per-trial", "0.5"]).gpus_per_trial == 0.5
+    cfg = base_config(parser.parse_args([]), [], [])
+    assert not cfg.train.use_gpu  # auto is sized once Ray is up, not here
+    # (total GPUs, trials at once, workers per trial) -> GPUs per worker
+    assert gpu_share(0, 2, 1) == 0.0  # no GPU: CPU trials
+    assert gpu_share(1, 4, 1) == 0.25 and gpu_share(1, 3, 1) == pytest.approx(1 / 3)
+    assert gpu_share(2, 3, 1) == 0.5  # 2/3 does not divide a GPU: the largest 1/k that fits
+    assert gpu_share(8, 4, 2) == 1.0 and gpu_share(4, 2, 1) == 1.0  # whole GPUs, not more
+
+
+@pytest.mark.parametrize("value", ["many", "-1", "100"])
+def test_gpus_per_trial_bad_values_name_the_flag(tmp_path: Path, value: str) -> None:
+    out = run(["--gpus-per-trial", value], tmp_path, timeout=60)
+    assert out.returncode == 2 and "--gpus-per-trial" in out.stderr
+    assert "allowed auto or a number of GPUs per worker from 0 to 64" in out.stderr
+
+
+@pytest.mark.ray
+def test_a_dead_clusters_address_file_does_not_stop_a_sweep(tmp_path: Path,
+                                                            tiny_root: Path) -> None:
+    """`ray start` leaves /tmp/ray/ray_current_cluster; after a crash it names a dead
+    cluster, which ray.init would try (and fail) to join: the sweep starts its own."""
+    import tempfile
+
+    current = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    if current.exists():
+        pytest.skip(f"{current} exists: a Ray cluster may be running here")
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    current.parent.mkdir(parents=True, exist_ok=True)
+    current.write_text(f"127.0.0.1:{dead}")
+    try:
+        out = run(["--smoke-test", "--num-samples", "1"], tmp_path, tiny_root, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "=== sweep finished ===" in out.stdout
+        gpu = run(["--smoke-test", "--gpus-per-trial", "1"], tmp_path, tiny_root, timeout=60)
+        if not __import__("torch").cuda.device_count():
+            assert gpu.returncode == 2 and "this machine has no GPU" in gpu.stderr
+    finally:
+        current.unlink()

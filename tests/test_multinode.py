@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def test_ddp_across_two_nodes_equals_one_node(tmp_path: Path, tiny_root: Path) -
         _sweep(tmp_path, tiny_root, head, tmp_path / "shared")
     finally:
         _stop_sessions(sessions)
+        current = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
+        if current.exists() and current.read_text().strip().endswith(head.split(":")[1]):
+            current.unlink()  # what `ray stop` removes: later sweeps must not join it
     assert not _alive(sessions), "the two nodes left processes running"
     _sweep(tmp_path, tiny_root, "local", tmp_path / "one-node")
 
