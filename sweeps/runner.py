@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,6 +272,8 @@ def gpu_share(total_gpus: float, max_concurrent: int, num_workers: int) -> float
     the largest 1/k that fits; 0 without GPUs."""
     if total_gpus < 1:
         return 0.0
+    if num_workers > 1:  # NCCL refuses two ranks on one GPU: whole GPUs, else CPU (gloo)
+        return 1.0 if total_gpus >= num_workers else 0.0
     share = total_gpus / (max_concurrent * num_workers)
     return 1.0 if share >= 1 else 1.0 / math.ceil(1 / share)
 
@@ -298,14 +301,16 @@ def _own_cluster_api(address: str | None) -> dict[str, Any]:
     multiple active Ray instances". Nothing where ray.init joins a running cluster."""
     from ray._private.services import canonicalize_bootstrap_address
 
-    if os.environ.get("RAY_API_SERVER_ADDRESS") or \
+    if address and "://" in address or os.environ.get("RAY_ADDRESS") or \
             canonicalize_bootstrap_address(address) is not None:
         return {}
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    return {"dashboard_port": port}
+    # Through the job's runtime env (its actors, the cleaner among them), not os.environ:
+    # nothing outlives this cluster.
+    return {"dashboard_port": port, "runtime_env": {"env_vars": {
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
 
 
 def ray_start_cluster_answers() -> bool:
@@ -507,6 +512,15 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
         return _resume(sweep, base, tracker, searched)
     # The MLflow parent run and the Tune run folder share this name.
     run_name = sweep.run_name or f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Locked before the MLflow run exists: a second driver on this folder stops with an
+    # error and leaves no run behind.
+    with driver_lock(Path(sweep.storage_path).resolve() / run_name / ".driver.lock",
+                     f"sweep {run_name}"):
+        return _run_new(sweep, base, tracker, searched, design, run_name)
+
+
+def _run_new(sweep: Sweep, base: TrialConfig, tracker: SweepTracker, searched: list[str],
+             design: dict[str, str], run_name: str) -> SweepOutcome:
     nested = {"mlflow.parentRunId": sweep.parent_run_id} if sweep.parent_run_id else {}
     searcher, scheduler = _describe_search(sweep)
     parent = tracker.start_sweep(
@@ -525,9 +539,7 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
               "phase": sweep.phase, "tune_folder": run_name, **sweep.tags, **nested})
     callback = MLflowSweepCallback(tracker, varied=searched, phase=sweep.phase,
                                    log_checkpoint=sweep.log_checkpoints)
-    lock = driver_lock(Path(sweep.storage_path).resolve() / run_name / ".driver.lock",
-                       f"sweep run {parent}")
-    with lock, tracker.ending(parent):
+    with tracker.ending(parent):
         _init_ray(sweep.address)
         base = _with_cluster_gpus(sweep, base, tracker, parent)
         results = _fit(_tuner(sweep, base, callback, run_name, searched), callback, parent)
@@ -614,7 +626,8 @@ def _fit(tuner: Any, callback: MLflowSweepCallback, parent: str) -> Any:
         callback.end_interrupted(f"the sweep was interrupted; resume it with --resume {parent}")
         raise SweepInterrupted(parent) from None
     finally:
-        signal.signal(signal.SIGINT, handler)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
 
 
 def _resumable_folder(tracker: SweepTracker, run_id: str, sweep: Sweep) -> tuple[str, Path]:

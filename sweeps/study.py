@@ -250,7 +250,9 @@ def _prune_search_checkpoints(study: Study, stamp: str) -> None:
     for cell in study.cells:
         folder = Path(study.storage_path).resolve() / \
             f"{study.name}-{stamp}-search-{'-'.join(cell.key)}"
-        for checkpoint in folder.glob("trial_*/checkpoint_*"):
+        # In-process trials keep trial_*/checkpoint_*, DDP ones trial_*/train-*/checkpoint_*.
+        for checkpoint in [*folder.glob("trial_*/checkpoint_*"),
+                           *folder.glob("trial_*/train-*/checkpoint_*")]:
             freed += sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
             shutil.rmtree(checkpoint)
     if freed:
@@ -294,6 +296,9 @@ def _resume_id(study: Study, tracker: SweepTracker, earlier: Any | None, folder:
     if earlier is None:
         return None
     path = Path(study.storage_path).resolve() / folder
+    if not path.exists():
+        raise ConfigError(f"--resume: the study's Tune folder {path} is missing (was "
+                          "--storage-path different?); allowed the --storage-path it ran with")
     if restorable(path):
         return earlier.info.run_id
     tracker.set_tags(earlier.info.run_id, {"mlflow.note.content": "Interrupted before Tune "

@@ -151,6 +151,8 @@ def test_gpus_per_trial_auto_shares_the_clusters_gpus() -> None:
     assert gpu_share(1, 4, 1) == 0.25 and gpu_share(1, 3, 1) == pytest.approx(1 / 3)
     assert gpu_share(2, 3, 1) == 0.5  # 2/3 does not divide a GPU: the largest 1/k that fits
     assert gpu_share(8, 4, 2) == 1.0 and gpu_share(4, 2, 1) == 1.0  # whole GPUs, not more
+    # A DDP trial's ranks need a GPU each (NCCL refuses two on one): whole GPUs or CPU.
+    assert gpu_share(1, 2, 2) == 0.0 and gpu_share(2, 4, 2) == 1.0
 
 
 @pytest.mark.parametrize("value", ["many", "-1", "100"])

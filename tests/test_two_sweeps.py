@@ -27,7 +27,7 @@ pytestmark = pytest.mark.ray
 
 def test_a_ddp_sweep_beside_another_embedded_cluster(tmp_path: Path, tiny_root: Path) -> None:
     log = tmp_path / "first.log"
-    first = subprocess.Popen([sys.executable, "-c", HOLDER, "300"], cwd=tmp_path,
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, "1800"], cwd=tmp_path,
                              stdout=log.open("w"), stderr=subprocess.STDOUT,
                              start_new_session=True)
     try:

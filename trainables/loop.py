@@ -107,19 +107,24 @@ class _Counts:
     correct: torch.Tensor
     finite_n: torch.Tensor
     streak: torch.Tensor
+    worst_streak: torch.Tensor
+    finite_only: bool = False  # training: skip non-finite batches; evaluation: keep them
     n: int = 0
 
     @classmethod
-    def zeros(cls, device: torch.device, streak: torch.Tensor | None = None) -> "_Counts":
+    def zeros(cls, device: torch.device, streak: torch.Tensor | None = None,
+              finite_only: bool = False) -> "_Counts":
         z = torch.zeros((), dtype=torch.float64, device=device)
-        return cls(z.clone(), z.clone(), z.clone(), z.clone() if streak is None else streak)
+        streak = z.clone() if streak is None else streak
+        return cls(z.clone(), z.clone(), z.clone(), streak, streak.clone(), finite_only)
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         loss = loss.detach().double()
-        finite = torch.isfinite(loss)
+        finite = torch.isfinite(loss) | (not self.finite_only)
         self.loss += torch.where(finite, loss, 0.0) * len(y)
         self.finite_n += finite * len(y)
-        self.streak = (self.streak + 1) * ~finite
+        self.streak = (self.streak + 1) * ~torch.isfinite(loss)
+        self.worst_streak = torch.maximum(self.worst_streak, self.streak)
         self.correct += (logits.argmax(dim=1) == y).sum()
         self.n += len(y)
 
@@ -195,7 +200,7 @@ class _Trainer:
 
     def train_epoch(self) -> tuple[float, float, int, float]:
         self.ddp_model.train()
-        counts = _Counts.zeros(self.device, self.streak)
+        counts = _Counts.zeros(self.device, self.streak, finite_only=True)
         start = time.perf_counter()
         for batch, (x, y) in enumerate(self.train_loader, start=1):
             with self._autocast():
@@ -226,7 +231,7 @@ class _Trainer:
     def _diverged(self, counts: "_Counts") -> bool:
         """Weights non-finite, or ``train.nonfinite_streak`` non-finite losses in a row, on
         any rank (every rank agrees, so DDP ranks stop together)."""
-        stuck = counts.streak >= self.cfg.train.nonfinite_streak
+        stuck = counts.worst_streak >= self.cfg.train.nonfinite_streak
         broken = torch.stack([torch.isfinite(p.detach()).all().logical_not()
                               for p in self.model.parameters()]).any()
         bad = (stuck | broken).to(torch.float32).reshape(1)
