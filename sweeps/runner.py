@@ -278,13 +278,32 @@ def gpu_share(total_gpus: float, max_concurrent: int, num_workers: int) -> float
     return 1.0 if share >= 1 else 1.0 / math.ceil(1 / share)
 
 
+def autoscaler_gpus(config_path: Path) -> float:
+    """The GPUs an autoscaling cluster can add: from the launcher's config (the head keeps
+    it as ~/ray_bootstrap_config.yaml), each node type's declared GPUs x its max_workers,
+    at most the cluster's max_workers nodes of the largest. 0 without such a file."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(config_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return 0.0
+    types = list((config.get("available_node_types") or {}).values())
+    per_node = [float((t.get("resources") or {}).get("GPU", 0)) for t in types]
+    total = sum(g * int(t.get("max_workers", 0)) for g, t in zip(per_node, types, strict=True))
+    cap = int(config.get("max_workers", 0)) * max(per_node, default=0.0)
+    return min(total, cap) if cap else total
+
+
 def _with_cluster_gpus(sweep: Sweep, base: TrialConfig, tracker: SweepTracker,
                        parent: str) -> TrialConfig:
     import ray
 
     if not sweep.auto_gpus or base.train.use_gpu:
         return base
-    total = ray.cluster_resources().get("GPU", 0.0)
+    # An autoscaling cluster (ray submit cluster/gpu.yaml) may have no GPU node yet.
+    total = ray.cluster_resources().get("GPU", 0.0) or \
+        autoscaler_gpus(Path.home() / "ray_bootstrap_config.yaml")
     share = gpu_share(total, sweep.max_concurrent, base.train.num_workers)
     tracker.log_params(parent, {"sweep.cluster_gpus": total, "sweep.gpus_per_worker": share})
     if share == 0:

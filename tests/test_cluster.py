@@ -59,3 +59,18 @@ def test_no_credentials(config: dict) -> None:
         assert secret not in text
     assert not re.search(r"akia[0-9a-z]{16}", text)  # an AWS access key id
     assert "ssh_private_key" not in config.get("auth", {})
+
+
+def test_gpus_per_trial_auto_sees_the_gpus_the_autoscaler_can_add(tmp_path: Path) -> None:
+    """ray submit cluster/gpu.yaml: no GPU node runs yet when the driver starts; auto reads
+    the launcher's config (the head's ~/ray_bootstrap_config.yaml) instead."""
+    from sweeps.runner import autoscaler_gpus, gpu_share
+
+    # 8 x T4 (1 GPU) + 2 x g5.12xlarge (4 GPUs), at most 8 workers of 4 GPUs
+    assert autoscaler_gpus(CONFIG) == 16.0
+    assert gpu_share(autoscaler_gpus(CONFIG), 16, 1) == 1.0
+    assert gpu_share(autoscaler_gpus(CONFIG), 64, 1) == 0.25
+    assert autoscaler_gpus(tmp_path / "missing.yaml") == 0.0
+    (tmp_path / "cpu.yaml").write_text("max_workers: 2\navailable_node_types:\n"
+                                       "  cpu: {resources: {CPU: 8}, max_workers: 2}\n")
+    assert autoscaler_gpus(tmp_path / "cpu.yaml") == 0.0
