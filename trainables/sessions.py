@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -108,6 +109,22 @@ class TuneSession:
             return load_state_file(directory)
 
 
+FAULT_ENV = "QSWEEP_FAULT_KILL_WORKER"
+
+
+def _injected_worker_kill(rank: int, epoch: int) -> None:
+    """Fault injection for the failure tests (as Ray's own RAY_testing_* variables):
+    ``QSWEEP_FAULT_KILL_WORKER=RANK:EPOCH:MARKER`` SIGKILLs that DDP rank's process after
+    it reported that epoch, once (the marker file remembers). Unset: nothing."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    want_rank, want_epoch, marker = spec.split(":", 2)
+    if (rank, epoch) == (int(want_rank), int(want_epoch)) and not os.path.exists(marker):
+        Path(marker).write_text(f"killed rank {rank} after epoch {epoch}")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class RayTrainSession:
     """Inside a Ray Train worker (Train V2): ``ray.train.report`` on every rank."""
 
@@ -124,6 +141,7 @@ class RayTrainSession:
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
+        _injected_worker_kill(self.world_rank, int(metrics.get("epoch", 0)))
 
     def load_state(self) -> dict[str, Any] | None:
         import ray.train
