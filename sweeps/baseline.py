@@ -49,7 +49,7 @@ def main() -> int:
                   seed=args.seed, tracking_uri=tracking_uri(args),
                   storage_path=args.storage_path, address=args.address,
                   resume_run_id=resume_run_id(args, "baseline", "search"),
-                  auto_gpus=args.gpus_per_trial == "auto")
+                  auto_gpus=args.gpus_per_trial == "auto", max_failures=args.max_failures)
     print_summary(run_sweep(sweep))
     return 0
 

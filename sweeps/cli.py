@@ -49,6 +49,9 @@ def common_parser(description: str, num_samples: int, max_concurrent: int,
     p.add_argument("--config", default=None, help="YAML file of config overrides")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="config override, e.g. --set optim.momentum=0.8")
+    p.add_argument("--max-failures", type=int, default=1,
+                   help="restarts of a failed trial (a killed worker, a preempted node) from "
+                        "its last checkpoint before it counts as FAILED")
     p.add_argument("--resume", nargs="?", const="last", default=None, metavar="RUN_ID",
                    help="go on with an interrupted or killed run of this script (default: "
                         "the newest unfinished one; or the given run id), same flags")

@@ -126,7 +126,7 @@ def study(args: argparse.Namespace) -> Study:
         max_concurrent=args.max_concurrent,
         tracking_uri=tracking_uri(args), storage_path=args.storage_path, address=args.address,
         resume_run_id=resume_run_id(args, STUDY, "study"),
-        auto_gpus=args.gpus_per_trial == "auto",
+        auto_gpus=args.gpus_per_trial == "auto", max_failures=args.max_failures,
         params={"study.epochs": args.epochs, "study.smoke_test": args.smoke_test,
                 "study.datasets": ",".join(args.datasets), "study.models": ",".join(args.models),
                 "study.optimizers": ",".join(args.optimizers),

@@ -171,14 +171,16 @@ def main(argv: list[str] | None = None) -> int:
                       max_concurrent=args.max_concurrent, metric="budget_score", mode="max",
                       seed=args.seed, tracking_uri=tracking_uri(args),
                       storage_path=args.storage_path, address=args.address,
-                      resume_run_id=resume, auto_gpus=args.gpus_per_trial == "auto")
+                      resume_run_id=resume, auto_gpus=args.gpus_per_trial == "auto",
+                      max_failures=args.max_failures)
     else:
         sweep = Sweep(name=NAME, base=base, space=space, num_samples=args.num_samples,
                       max_concurrent=args.max_concurrent, metric="val_acc_q", mode="max",
                       objectives=(("val_acc_q", "max"), ("packed_bytes", "min")),
                       seed=args.seed, tracking_uri=tracking_uri(args),
                       storage_path=args.storage_path, address=args.address,
-                      resume_run_id=resume, auto_gpus=args.gpus_per_trial == "auto")
+                      resume_run_id=resume, auto_gpus=args.gpus_per_trial == "auto",
+                      max_failures=args.max_failures)
     outcome = run_sweep(sweep)
     print_summary(outcome)
     front = pareto_front(outcome.rows)

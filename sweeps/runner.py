@@ -82,7 +82,7 @@ class Sweep:
     tracking_uri: str = field(default_factory=default_tracking_uri)
     storage_path: str = "ray_results"
     address: str | None = None
-    max_failures: int = 0
+    max_failures: int = 0  # Tune restarts of a failed trial, from its last checkpoint
     # Decode (or download) the dataset on the driver first: a missing dataset fails before
     # any trial starts, and concurrent trials then share one cache instead of racing to
     # decode. Turn off where the data exists only on worker nodes.
@@ -124,7 +124,8 @@ class Sweep:
         if (self.space is None) == (not self.points):
             raise ConfigError("a Sweep needs exactly one of space (a define-by-run search) "
                               "or points (explicit configs)")
-        for name, low in (("num_samples", 1), ("max_concurrent", 1), ("grace_period", 1)):
+        for name, low in (("num_samples", 1), ("max_concurrent", 1), ("grace_period", 1),
+                          ("max_failures", -1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: allowed >= {low}")
         if self.mode not in ("max", "min"):

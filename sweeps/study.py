@@ -147,6 +147,7 @@ class Study:
     address: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)  # logged on the study run
     auto_gpus: bool = False  # see Sweep.auto_gpus
+    max_failures: int = 0  # see Sweep.max_failures
     # Go on with this interrupted study run: finished cells are read back (not re-run),
     # the interrupted one resumes, the rest run.
     resume_run_id: str | None = None
@@ -318,7 +319,7 @@ def _read_back(study: Study, folder: str) -> Any:
 
 def _sweep(study: Study, **kwargs: Any) -> Sweep:
     return Sweep(name=study.name, max_concurrent=study.max_concurrent,
-                 auto_gpus=study.auto_gpus,
+                 auto_gpus=study.auto_gpus, max_failures=study.max_failures,
                  tracking_uri=study.tracking_uri, storage_path=study.storage_path,
                  address=study.address, seed=study.seed, prepare_data=False, **kwargs)
 

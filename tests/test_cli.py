@@ -37,6 +37,7 @@ def test_help(tmp_path: Path) -> None:
     (["--set", "model.name=vgg"], ["model.name", "lenet"]),
     (["--num-samples", "0"], ["num_samples", ">= 1"]),
     (["--epochs", "0"], ["train.epochs", ">= 1"]),
+    (["--max-failures", "-2"], ["max_failures=-2", ">= -1"]),
 ])
 def test_bad_input_fails_fast_with_the_field(tmp_path: Path, tiny_root: Path, args: list[str],
                                              fragments: list[str]) -> None:
