@@ -70,3 +70,28 @@ def test_a_study_validates_every_cell_before_ray(tiny_root):
         study.validate()
     with pytest.raises(ConfigError, match="seeds=0"):
         Study(name="s", cells=(bad,), key_names=("a",), seeds=0)
+
+
+def test_the_study_description_fits_mlflows_tag_limit_in_whole_lines():
+    """The study run's Overview: the compact table per cell and the verdicts; 32 cells of
+    the default study do not fit 8000 characters: the cut keeps whole rows and says so."""
+    from types import SimpleNamespace
+
+    from sweeps.study import _DESCRIPTION_LIMIT, _description
+
+    study = SimpleNamespace(metric="test_acc", key_names=("dataset", "model", "optimizer"))
+    rows = [{"dataset": "fashion_mnist", "model": "cnn", "optimizer": f"opt{i}",
+             "result": "87.39 +- 0.05", "ci95": "87.27..87.52", "seeds_ok": 3,
+             "seeds_diverged": 0, "seeds_failed": 0, "best_lr": 0.305,
+             "weight_kurtosis": 12.0} for i in range(200)]
+    pairs = [{"dataset": "mnist", "model": "mlp", "pair": "eg - gd", "n_pairs": 3,
+              "first_wins": 1, "diff_points": "-0.15", "ci95": "-0.61..0.30",
+              "verdict": "not resolved", "mean_diff": -0.0015}]
+    text = _description(study, rows, pairs)
+    assert len(text) <= _DESCRIPTION_LIMIT
+    assert text.endswith("(cut here: the rest is in comparison.md and pairs.md)")
+    table_lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert all(line.endswith("|") for line in table_lines)  # no row cut in half
+    assert "weight_kurtosis" not in text  # compact: only the columns compared first
+    short = _description(study, rows[:2], pairs)
+    assert "Matched pairs" in short and "| mnist | mlp | eg - gd | 3 | 1 | -0.15 |" in short
