@@ -600,7 +600,7 @@ def _resume(sweep: Sweep, base: TrialConfig, tracker: SweepTracker, searched: li
     finished; unfinished ones resume from their last checkpoint; the searcher's state is
     Tune's saved copy), its MLflow run and trial runs reused."""
     parent = sweep.resume_run_id
-    _, path = _resumable_folder(tracker, parent, sweep)
+    path = _resumable_folder(tracker, parent, sweep)
     with driver_lock(path / ".driver.lock", f"sweep run {parent}"):
         return _resume_locked(sweep, base, tracker, searched, parent, path)
 
@@ -650,8 +650,9 @@ def _fit(tuner: Any, callback: MLflowSweepCallback, parent: str) -> Any:
             signal.signal(signal.SIGINT, handler)
 
 
-def _resumable_folder(tracker: SweepTracker, run_id: str, sweep: Sweep) -> tuple[str, Path]:
-
+def _resumable_folder(tracker: SweepTracker, run_id: str, sweep: Sweep) -> Path:
+    """The Tune folder of the sweep run ``run_id``, checked before any Ray work: a sweep
+    run of this experiment, unfinished, of this metric, with a restorable state."""
     run = tracker.get_run(run_id)
     if run is None or "tune_folder" not in run.data.tags:
         raise ConfigError(f"--resume {run_id} is invalid: allowed the run id of a sweep run "
@@ -664,13 +665,12 @@ def _resumable_folder(tracker: SweepTracker, run_id: str, sweep: Sweep) -> tuple
         raise ConfigError(f"--resume {run_id} is invalid here: that sweep searched on "
                           f"{was}, this command on {sweep.metric} (allowed: the command it "
                           "was started with)")
-    folder = run.data.tags["tune_folder"]
-    path = Path(sweep.storage_path).resolve() / folder
+    path = Path(sweep.storage_path).resolve() / run.data.tags["tune_folder"]
     if not restorable(path):
         raise ConfigError(f"--resume {run_id}: its Tune state {path} is missing, or holds "
                           "no trial yet (was --storage-path different? was it stopped "
                           "before its first trial?); start the sweep again without --resume")
-    return folder, path
+    return path
 
 
 def restorable(path: Path) -> bool:

@@ -70,7 +70,7 @@ from sweeps.runner import (
     run_sweep,
     validate_points,
 )
-from sweeps.tracking import SweepTracker, default_tracking_uri
+from sweeps.tracking import SweepTracker, default_tracking_uri, result_history
 from trainables.config import ConfigError, DataConfig, TrialConfig
 from trainables.data import load_splits, prepare_data
 from trainables.sessions import load_state_file
@@ -439,8 +439,7 @@ def _add_seed_results(study: Study, cells: list[CellResult], results: Any) -> No
             print(f"a seed re-run (seed {result.config.get('train.seed')}) matches no cell's "
                   "picked config: left out of the table", flush=True)
             continue
-        history = [] if result.metrics_dataframe is None else \
-            result.metrics_dataframe.to_dict("records")
+        history = result_history(result)
         if result.error or not history:
             cell.add_failed_seed(result.config["train.seed"])  # counted, not dropped
             continue
@@ -550,7 +549,7 @@ def _restored_rows(grid: Any, study: Study) -> list[dict[str, Any]]:
     for result in grid:
         if not result.metrics or study.search_metric not in result.metrics:
             continue
-        history = result.metrics_dataframe.to_dict("records")
+        history = result_history(result)
         m = result.metrics
         status = trial_status(len(history), int(result.config["train.epochs"]),
                               errored=result.error is not None, diverged=diverged(history))

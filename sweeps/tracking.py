@@ -532,15 +532,12 @@ class MLflowSweepCallback(Callback):
     def end_interrupted(self, why: str) -> None:
         """Ctrl-C: every trial run still open ends KILLED, saying so and how to go on
         (also runs an earlier killed driver left RUNNING: the next resume reopens them)."""
-        for trial_id, run_id in self.run_ids.items():
+        for trial_id in list(self.run_ids):
             if trial_id in self.statuses:
                 continue
             epochs = _epochs(self.histories.get(trial_id, []))
-            self.statuses[trial_id] = "KILLED"
-            self.tracker.set_tags(run_id, {
-                "ended_as": "KILLED", "interrupted": "true",
-                "mlflow.note.content": f"Interrupted after epoch {epochs}: {why}."})
-            self.tracker.end_run(run_id, "KILLED")
+            self._settle(trial_id, "KILLED", f"Interrupted after epoch {epochs}: {why}.",
+                         interrupted="true")
 
     def settle(self, results: Any) -> None:
         """Runs a killed driver left RUNNING that this session did not touch: a trial Tune
@@ -552,8 +549,7 @@ class MLflowSweepCallback(Callback):
             seen.add(trial_id)
             if trial_id not in self._resumed or trial_id in self.statuses:
                 continue
-            history = [] if result.metrics_dataframe is None else \
-                result.metrics_dataframe.to_dict("records")
+            history = result_history(result)
             status = trial_status(_epochs(history), int(result.config.get("train.epochs", 0)),
                                   result.error is not None, diverged(history))
             self._settle(trial_id, status, "Its trial ended while the sweep's driver was "
@@ -563,10 +559,12 @@ class MLflowSweepCallback(Callback):
                 self._settle(trial_id, "KILLED", "Its trial is not in the Tune state the "
                              "sweep resumed from (the driver died first); not re-run.")
 
-    def _settle(self, trial_id: str, status: str, note: str) -> None:
+    def _settle(self, trial_id: str, status: str, note: str, **tags: str) -> None:
+        """End a trial's run outside Tune's hooks: status, why (its description), tags."""
         run_id = self.run_ids[trial_id]
         self.statuses[trial_id] = status
-        self.tracker.set_tags(run_id, {"ended_as": status, "mlflow.note.content": note})
+        self.tracker.set_tags(run_id, {"ended_as": status, "mlflow.note.content": note,
+                                       **tags})
         self.tracker.end_run(run_id, status)
 
     def _finish(self, trial: Any, status: str) -> None:
@@ -645,6 +643,12 @@ def result_trial_id(result: Any) -> str:
     from its folder (``trial_<id>``, sweeps.runner names them so)."""
     return (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix(
         "trial_")
+
+
+def result_history(result: Any) -> list[dict[str, Any]]:
+    """A Tune result's per-epoch reports (none for a trial that never reported)."""
+    frame = result.metrics_dataframe
+    return [] if frame is None else frame.to_dict("records")
 
 
 def _epochs(history: list[Mapping[str, Any]]) -> int:
