@@ -335,8 +335,11 @@ def _own_cluster_api(address: str | None) -> dict[str, Any]:
 
 def ray_start_cluster_answers() -> bool:
     """A `ray start` cluster on this node that answers (the file it leaves behind stays
-    after a crash or a killed node: its address must be checked, not just the file)."""
-    path = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    after a crash or a killed node: its address must be checked, not just the file).
+    Where Ray keeps the file: /tmp/ray, or $RAY_TMPDIR/ray (or $TMPDIR/ray) when set."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
     try:
         host, port = path.read_text().strip().rsplit(":", 1)
         socket.create_connection((host, int(port)), timeout=2).close()

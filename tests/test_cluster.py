@@ -74,3 +74,78 @@ def test_gpus_per_trial_auto_sees_the_gpus_the_autoscaler_can_add(tmp_path: Path
     (tmp_path / "cpu.yaml").write_text("max_workers: 2\navailable_node_types:\n"
                                        "  cpu: {resources: {CPU: 8}, max_workers: 2}\n")
     assert autoscaler_gpus(tmp_path / "cpu.yaml") == 0.0
+
+
+# ------------------------------------------------------------------ python -m sweeps.cluster_check
+LOCAL = CONFIG.parent / "local.yaml"
+REPO = CONFIG.parent.parent
+
+
+def test_local_yaml_carries_and_installs_the_project() -> None:
+    from sweeps.cluster_check import check_cluster_config
+
+    local = yaml.safe_load(LOCAL.read_text())
+    assert local["provider"]["type"] == "local"
+    assert local["file_mounts"] == {"~/qsweep": "."}
+    assert "ssh_private_key" in local["auth"]  # a path to the user's key, not a key
+    assert "BEGIN" not in LOCAL.read_text()
+    summary = check_cluster_config(LOCAL, cwd=REPO)
+    assert summary.startswith("local provider, head ")
+    assert "~/qsweep" in check_cluster_config(CONFIG, cwd=REPO)
+
+
+def _broken(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    return path
+
+
+def _edited(edit) -> str:
+    config = yaml.safe_load(LOCAL.read_text())
+    edit(config)
+    return yaml.safe_dump(config)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("cluster_name: x\nprovider: [\n", "not valid YAML (line 3, column 1)"),
+    ("- a list\n", "not a mapping of launcher fields"),
+    (_edited(lambda c: c.update(max_workers="two")), "max_workers: 'two' is not of type"),
+    (_edited(lambda c: c.update(setup_comands=c.pop("setup_commands"))),
+     "'setup_comands' was unexpected"),
+    (_edited(lambda c: c["provider"].pop("head_ip")), "Ray refuses it: Please supply a "
+                                                      "`head_ip`"),
+    (_edited(lambda c: c["provider"].update(type="lokal")),
+     "Ray refuses it: Unsupported node provider: lokal"),
+    (_edited(lambda c: c.update(file_mounts={"~/qsweep": "no/such/folder"})),
+     "file_mounts.~/qsweep: no/such/folder does not exist here"),
+    (_edited(lambda c: c.update(file_mounts={"~/code": "sweeps"})),
+     "file_mounts: nothing carries the qsweep repository"),
+    (_edited(lambda c: c.update(setup_commands=["echo hi"])),
+     "setup_commands: none installs the carried repository (e.g. pip install -e ~/qsweep)"),
+])
+def test_a_broken_cluster_yaml_gets_one_line_naming_the_field(tmp_path: Path, text: str,
+                                                               says: str) -> None:
+    """The README's row "invalid cluster YAML": exit 2, one line on stderr, no traceback
+    (ray up itself gives a TypeError traceback for max_workers: two)."""
+    import subprocess
+    import sys
+
+    path = _broken(tmp_path, text)
+    out = subprocess.run([sys.executable, "-m", "sweeps.cluster_check", str(path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{path}: "), out.stderr
+    assert says in lines[0], lines[0]
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_cluster_check_of_a_missing_file_and_of_good_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from sweeps.cluster_check import main
+
+    assert main([str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err == f"{tmp_path / 'nope.yaml'}: no such file\n"
+    monkeypatch.chdir(REPO)  # file_mounts "." is the folder ray up runs in
+    assert main(["cluster/local.yaml", "cluster/gpu.yaml"]) == 0
+    assert capsys.readouterr().out.count(": ok: ") == 2

@@ -1,0 +1,159 @@
+"""Check a Ray cluster launcher YAML before ``ray up``: one line naming what is wrong.
+
+    python -m sweeps.cluster_check cluster/local.yaml
+
+``ray up`` validates too, but some mistakes reach it as tracebacks (``max_workers: two``
+on a local cluster: ``TypeError: '>' not supported``), and it cannot know what a qsweep
+sweep needs on the head: the repository carried by ``file_mounts`` and installed by the
+setup commands, else ``ray submit ... sweeps/eg_vs_gd.py`` fails there with
+``ModuleNotFoundError``. This runs Ray's own checks (its JSON schema, then the provider's
+preparation and the schema again, as ``ray up`` does) and the project's, and starts no
+node. Exit 0 and a summary when the file is fine, 2 and ``FILE: problem`` when not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ClusterConfigError", "check_cluster_config", "main"]
+
+
+class ClusterConfigError(ValueError):
+    """A cluster YAML that ``ray up`` would refuse, or that could not run a sweep."""
+
+
+def check_cluster_config(path: str | Path, cwd: str | Path | None = None) -> str:
+    """What ``ray up PATH`` (run in ``cwd``) would start; raises ClusterConfigError."""
+    path = Path(path)
+    raw = _load(path)
+    _schema_errors(raw)
+    prepared = _prepare(raw)
+    cwd = Path(cwd or os.getcwd())
+    _project_errors(prepared, cwd)
+    provider = prepared["provider"]
+    where = (f"head {provider['head_ip']}, {len(provider.get('worker_ips', []))} worker "
+             "machines" if provider["type"] == "local" else
+             f"{len(prepared['available_node_types'])} node types, at most "
+             f"{prepared['max_workers']} workers")
+    return f"{provider['type']} provider, {where}; the project goes to " + \
+        ", ".join(_project_mounts(prepared, cwd)) + " and is installed by setup_commands"
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ClusterConfigError("no such file")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ClusterConfigError(f"not valid YAML{where}: "
+                                 f"{getattr(err, 'problem', None) or err}") from None
+    if not isinstance(config, dict):
+        raise ClusterConfigError("not a mapping of launcher fields (cluster_name, provider, "
+                                 "...)")
+    return config
+
+
+def _schema_errors(config: dict[str, Any]) -> None:
+    """Ray's schema on the fields as written (the defaults ray up adds come later, so a
+    field left out is not an error here)."""
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    errors = [e for e in jsonschema.Draft7Validator(schema).iter_errors(config)
+              if e.validator != "required"]
+    if errors:
+        first = min(errors, key=lambda e: [str(p) for p in e.absolute_path])
+        raise ClusterConfigError(_describe(first))
+
+
+def _describe(error: Any) -> str:
+    field = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    return f"{field}: {error.message}"
+
+
+def _prepare(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray's preparation and validation, as in ``ray up``, with Ray's own printing kept
+    out (its abort prints a PANIC line before raising)."""
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    quiet = io.StringIO()
+    logger = logging.getLogger("ray.autoscaler")
+    level, logger.level = logger.level, logging.CRITICAL
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            prepared = prepare_config(copy.deepcopy(config))
+            validate_config(prepared)
+        return prepared
+    except jsonschema.ValidationError as err:
+        raise ClusterConfigError(_describe(err)) from None
+    except Exception as err:  # noqa: BLE001  Ray raises Click, Type, Value, Runtime errors
+        message = getattr(err, "message", None) or str(err)
+        raise ClusterConfigError(f"Ray refuses it: {message}") from None
+    finally:
+        logger.level = level
+
+
+def _project_mounts(config: dict[str, Any], cwd: Path) -> list[str]:
+    """The remote folders that receive the repository (a local folder holding
+    pyproject.toml and sweeps/)."""
+    return [remote for remote, local in config.get("file_mounts", {}).items()
+            if (_local(local, cwd) / "pyproject.toml").is_file()
+            and (_local(local, cwd) / "sweeps").is_dir()]
+
+
+def _local(source: str, cwd: Path) -> Path:
+    folder = Path(os.path.expanduser(source))
+    return folder if folder.is_absolute() else cwd / folder
+
+
+def _project_errors(config: dict[str, Any], cwd: Path) -> None:
+    for remote, local in config.get("file_mounts", {}).items():
+        if not _local(local, cwd).exists():
+            raise ClusterConfigError(f"file_mounts.{remote}: {local} does not exist here "
+                                     f"(relative paths are from where ray up runs: {cwd})")
+    carried = _project_mounts(config, cwd)
+    if not carried:
+        raise ClusterConfigError(
+            "file_mounts: nothing carries the qsweep repository (e.g. \"~/qsweep\": \".\" "
+            "with ray up run from the repository root); the sweep script on the head "
+            "would not find the packages")
+    setup = " ".join(config.get("setup_commands", []) + config.get("head_setup_commands", []))
+    if not any(f"pip install -e {remote}" in setup or f"pip install {remote}" in setup
+               for remote in carried):
+        raise ClusterConfigError(
+            f"setup_commands: none installs the carried repository (e.g. pip install -e "
+            f"{carried[0]}); the sweep script on the head would not find the packages")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sweeps.cluster_check",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", nargs="+", help="cluster launcher YAML(s)")
+    args = parser.parse_args(argv)
+    status = 0
+    for path in args.config:
+        try:
+            print(f"{path}: ok: {check_cluster_config(path)}")
+        except ClusterConfigError as err:
+            print(f"{path}: {err}", file=sys.stderr)
+            status = 2
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
