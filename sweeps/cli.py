@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
 import sys
@@ -174,9 +175,14 @@ def print_summary(outcome: Any) -> None:
     print(f"See the results:  {mlflow_ui_command(outcome.tracking_uri)}")
 
 
+def _shutdown_ray() -> None:
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
 def main_guard(main: Callable[[], int]) -> None:
-    """Exit 2 with the message (no traceback) for bad input or missing data; anything else
-    propagates."""
+    """Exit 2 with the message (no traceback) for bad input or missing data, 1 for a full
+    disk, 130 for Ctrl-C (with the command that resumes); anything else propagates."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from sweeps.runner import SweepInterrupted
 
@@ -186,10 +192,23 @@ def main_guard(main: Callable[[], int]) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except SweepInterrupted as exc:
-        print(f"\ninterrupted: run {exc.run_id} and its unfinished trials are KILLED in "
-              f"MLflow; finished trials are kept. Resume with:\n  "
-              f"{resume_command(exc.run_id)}", file=sys.stderr)
+        _shutdown_ray()  # what Ray prints at exit (trials' unfetched errors) comes first
+        kept = (f"run {exc.run_id} and its unfinished trials are KILLED in MLflow; finished "
+                "trials are kept.")
+        if exc.cause:  # stopped by a condition (a full disk), not by the user
+            print(f"error: {exc.cause}. The sweep stopped: {kept} Free space there, then "
+                  f"resume with:\n  {resume_command(exc.run_id)}", file=sys.stderr)
+            sys.exit(1)
+        print(f"\ninterrupted: {kept} Resume with:\n  {resume_command(exc.run_id)}",
+              file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:  # before any sweep run existed, or after the last ended
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:  # a full disk outside a trial (its folders, the lock, MLflow)
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(f"error: no space left on device writing {exc.filename or 'a file'}: free "
+              "space there (or point --storage-path, the MLflow store or QSWEEP_CACHE "
+              "elsewhere); any sweep run this started ended FAILED", file=sys.stderr)
+        sys.exit(1)

@@ -41,6 +41,7 @@ from sweeps.tracking import (
     SweepTracker,
     default_tracking_uri,
     format_value,
+    last_error_line,
     plot_sweep,
     rows_to_csv,
     rows_to_markdown,
@@ -146,11 +147,45 @@ class Sweep:
 
 
 class SweepInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) stopped the sweep: Tune saved its state, the runs ended KILLED."""
+    """The sweep stopped before its end and can be resumed: Ctrl-C (SIGINT), or, with
+    ``cause`` set, a condition no trial gets past (a full disk). Tune's saved state is
+    kept, the unfinished runs ended KILLED. A KeyboardInterrupt, so that every level that
+    ends runs on Ctrl-C (a study, its cell) does the same here."""
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, cause: str | None = None) -> None:
         super().__init__(run_id)
         self.run_id = run_id
+        self.cause = cause
+
+
+class NoSpaceLeft(Exception):
+    """A trial failed writing (its checkpoint, its results) because the disk is full."""
+
+
+class DiskFullWatch(Callback):
+    """Stops the sweep at the first trial failure that is a full disk (errno 28 in its
+    error): every later checkpoint would fail the same way, and Tune would go on starting
+    and retrying trials, each failing (measured: all 4 trials of a smoke sweep, then a
+    traceback from Tune reading a truncated error file). Raised from a callback, the
+    error leaves ``tuner.fit()`` (wrapped in a TuneError: ``full`` says what it was);
+    Tune's last saved state stays resumable. Called before the MLflow callback, and on
+    the failure Tune would retry too (on_trial_recover): the trial is then unfinished,
+    and --resume goes on with it from its last checkpoint."""
+
+    def __init__(self) -> None:
+        self.full: str | None = None  # the trial's error line, once the disk was full
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._check(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._check(trial)
+
+    def _check(self, trial: Any) -> None:
+        line = last_error_line(trial)
+        if "[Errno 28]" in line or "No space left on device" in line:
+            self.full = line
+            raise NoSpaceLeft(line)
 
 
 @dataclass
@@ -384,7 +419,8 @@ def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_n
 
 def _callbacks(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback,
                searched: list[str]) -> list[Any]:
-    return [callback, ConsoleProgress(callback, searched, sweep.metric, base.train.epochs),
+    return [DiskFullWatch(), callback,
+            ConsoleProgress(callback, searched, sweep.metric, base.train.epochs),
             *_finite_tensorboard_logger(), *sweep.callbacks]
 
 
@@ -565,7 +601,8 @@ def _run_new(sweep: Sweep, base: TrialConfig, tracker: SweepTracker, searched: l
     with tracker.ending(parent):
         _init_ray(sweep.address)
         base = _with_cluster_gpus(sweep, base, tracker, parent)
-        results = _fit(_tuner(sweep, base, callback, run_name, searched), callback, parent)
+        results = _fit(_tuner(sweep, base, callback, run_name, searched), callback, parent,
+                       sweep.storage_path)
         return _finish_sweep(sweep, results, callback, tracker, parent, searched)
 
 
@@ -579,18 +616,21 @@ def driver_lock(path: Path, what: str) -> Iterator[None]:
     import socket
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as handle:
+    with path.open("a+b", buffering=0) as handle:  # unbuffered: a full disk fails here
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = handle.read().decode(errors="replace").strip() or "another process"
             raise ConfigError(f"{what} is running now ({holder}): wait for it, or stop it "
                               "first (Ctrl-C), then --resume") from None
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        handle.flush()
+        try:
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        except OSError as err:  # ENOSPC names no file: say which
+            err.filename = err.filename or str(path)
+            raise
         try:
             yield
         finally:
@@ -632,22 +672,34 @@ def _resume_locked(sweep: Sweep, base: TrialConfig, tracker: SweepTracker,
         saved = tuner._local_tuner._experiment_analysis
         done_before = {t.trial_id for t in (saved.trials if saved else [])
                        if t.status in ("TERMINATED", "ERROR")}
-        results = _fit(tuner, callback, parent)
+        results = _fit(tuner, callback, parent, sweep.storage_path)
         return _finish_sweep(sweep, results, callback, tracker, parent, searched,
                              done_before)
 
 
-def _fit(tuner: Any, callback: MLflowSweepCallback, parent: str) -> Any:
+def _fit(tuner: Any, callback: MLflowSweepCallback, parent: str, storage: str) -> Any:
     """``tuner.fit()``; a Ctrl-C Tune does not catch itself (a second one, or one outside
-    its loop) still ends the open trial runs KILLED and says how to resume. Tune installs
-    its SIGINT handler for the run and leaves it installed after: restored here, else a
-    Ctrl-C after this sweep (between a study's sweeps) would only stop a finished run."""
+    its loop) still ends the open trial runs KILLED and says how to resume; so does a
+    full disk. Tune installs its SIGINT handler for the run and leaves it installed after:
+    restored here, else a Ctrl-C after this sweep (between a study's sweeps) would only
+    stop a finished run."""
     handler = signal.getsignal(signal.SIGINT)
+    watch = next(c for c in tuner._local_tuner._run_config.callbacks
+                 if isinstance(c, DiskFullWatch))
     try:
         return tuner.fit()
     except KeyboardInterrupt:
         callback.end_interrupted(f"the sweep was interrupted; resume it with --resume {parent}")
         raise SweepInterrupted(parent) from None
+    except Exception:
+        if watch.full is None:
+            raise
+        where = Path(storage).resolve()
+        callback.end_interrupted(f"the disk under {where} is full ({watch.full}); free "
+                                 f"space there, then resume it with --resume {parent}")
+        raise SweepInterrupted(parent, cause=f"no space left on device under {where} "
+                               f"(--storage-path) while a trial wrote its checkpoint "
+                               f"({watch.full})") from None
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, handler)

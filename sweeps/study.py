@@ -236,8 +236,9 @@ def run_study(study: Study) -> StudyOutcome:
             if not cells:
                 raise RuntimeError("no cell produced a result; see the FAILED runs in MLflow")
             _rerun_seeds(study, tracker, cells, parent, stamp)
-        except KeyboardInterrupt:  # SweepInterrupted of a cell, or Ctrl-C between cells
-            raise SweepInterrupted(parent) from None  # resume the study, not the cell
+        except KeyboardInterrupt as stop:  # SweepInterrupted of a cell, or between cells
+            # Resume the study, not the cell; a cause (a full disk) is kept.
+            raise SweepInterrupted(parent, getattr(stop, "cause", None)) from None
         outcome = _report(study, tracker, parent, cells)
     _prune_search_checkpoints(study, stamp)
     return outcome

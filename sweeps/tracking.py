@@ -598,7 +598,7 @@ class MLflowSweepCallback(Callback):
                 self.histories[trial.trial_id], planned)}
         if status == "FAILED":
             return {"mlflow.note.content": f"Failed after {epochs} of {planned} epochs: "
-                    f"{_last_error_line(trial)} (full traceback: artifact error/)"}
+                    f"{last_error_line(trial)} (full traceback: artifact error/)"}
         return {}
 
     def _log_trial_artifacts(self, trial: Any, run_id: str, status: str) -> None:
@@ -671,7 +671,8 @@ def diverged_description(history: list[Mapping[str, Any]], planned: int) -> str:
             "), which is what the searcher learned from. Not a crash: a config to avoid.")
 
 
-def _last_error_line(trial: Any) -> str:
+def last_error_line(trial: Any) -> str:
+    """The last line of a failed trial's error file (the exception), or 'no error file'."""
     path = getattr(trial, "error_file", None)
     if path and Path(path).exists():
         lines = [line for line in Path(path).read_text(errors="replace").splitlines()
