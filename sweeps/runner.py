@@ -399,7 +399,8 @@ def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_n
         param_space=base.to_flat(),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                     num_samples=num_samples,
-                                    max_concurrent_trials=sweep.max_concurrent,
+                                    max_concurrent_trials=None if sweep.points
+                                    else sweep.max_concurrent,
                                     trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
@@ -476,8 +477,11 @@ def _search(sweep: Sweep, base: TrialConfig) -> tuple[Any, Any, int]:
 
     if sweep.points:
         points = [_absolute_paths(base.replace(p)).to_flat() for p in sweep.points]
-        return (BasicVariantGenerator(points_to_evaluate=points), FIFOScheduler(),
-                len(points))
+        # Its own limit: Tune ignores max_concurrent_trials for this search algorithm
+        # ("max_concurrent_trials will be ignored") and would start every point at once.
+        return (BasicVariantGenerator(points_to_evaluate=points,
+                                      max_concurrent=sweep.max_concurrent),
+                FIFOScheduler(), len(points))
     if sweep.objectives:
         metrics, modes = zip(*sweep.objectives, strict=True)
         searcher = DivergenceAwareOptunaSearch(

@@ -111,7 +111,7 @@ def test_a_diverged_trial_is_stopped_marked_and_the_sweep_goes_on(tiny_root: Pat
     points = ({"optim.name": "eg", "optim.lr": 1e4, "optim.weight_decay": 0.0},
               {"optim.name": "sgd", "optim.lr": 0.05})
     outcome = run_sweep(Sweep(name="t-diverge", base=base, points=points, tracking_uri=uri,
-                              storage_path=str(tmp_path / "ray")))
+                              storage_path=str(tmp_path / "ray"), max_concurrent=1))
     by_name = {r.data.tags["optimizer"]: r for r in runs_of(uri, "t-diverge")
                if "optimizer" in r.data.tags}
     eg, sgd = by_name["eg"], by_name["sgd"]
@@ -123,6 +123,12 @@ def test_a_diverged_trial_is_stopped_marked_and_the_sweep_goes_on(tiny_root: Pat
     rows = {r["mlflow_run_id"]: r for r in outcome.rows}
     assert rows[eg.info.run_id]["status"] == "FAILED" and rows[eg.info.run_id]["diverged"]
     assert outcome.best["mlflow_run_id"] == sgd.info.run_id
+    # --max-concurrent 1 holds for points too (Tune ignored it there: both ran at once).
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(uri).get_metric_history
+    assert max(m.timestamp for m in history(eg.info.run_id, "epoch")) < \
+        min(m.timestamp for m in history(sgd.info.run_id, "epoch"))
     # Bounded disk: of sgd's 3 epoch checkpoints Tune keeps the best and the latest.
     sgd_folder = next(p for p in (tmp_path / "ray").glob("t-diverge-*/trial_*")
                       if (p / "checkpoint_000002").exists())
