@@ -37,6 +37,12 @@ QAT = {"int4": ["quant.format=int", "quant.bits=4", "quant.per_channel=true"],
                                   "quant.first_last_bits=8"],
        "int4 w, int8 a": ["quant.format=int", "quant.bits=4", "quant.per_channel=true",
                           "quant.activation_bits=8"]}
+# All in LNS (LNS-Madam's setting): LNS-8 weights, layer inputs and gradients.
+ALL_LNS8 = ["quant.format=lns", "quant.bits=8", "quant.lns_frac_bits=3",
+            "quant.activation_bits=8", "quant.activation_format=lns", "quant.gradient_bits=8"]
+QAT["lns8 w+a+g"] = ALL_LNS8
+QAT["lns8 w+a+g, lns_madam"] = [*ALL_LNS8, "optim.name=lns_madam", "optim.lr=0.03125",
+                                "optim.schedule=constant"]
 
 
 @torch.no_grad()
@@ -56,6 +62,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-qat", action="store_true")
+    parser.add_argument("--skip-ptq", action="store_true")
+    parser.add_argument("--qat", nargs="+", choices=tuple(QAT), default=tuple(QAT),
+                        metavar="ROW", help=f"QAT rows to run (default all: {', '.join(QAT)})")
     args = parser.parse_args()
     env = _util.header(f"quant_accuracy[{args.dataset}/{args.model}]")
 
@@ -88,7 +97,7 @@ def main() -> None:
         fp32_bytes = quant.state_dict_bytes(trained, tmp / "fp32.pt")
         results["fp32"] = {"acc": fp32_acc, "bytes": fp32_bytes, "ratio": 1.0}
         _util.row("fp32", acc=fp32_acc, bytes=fp32_bytes)
-        for name, fmt_code in PTQ.items():
+        for name, fmt_code in ({} if args.skip_ptq else PTQ).items():
             model = quant.quantize_(copy.deepcopy(trained),
                                     quant.QuantConfig(weights=eval(fmt_code)))
             nbytes = quant.save_packed(model, tmp / f"{name}.qsw")
@@ -97,7 +106,8 @@ def main() -> None:
             _util.row(f"ptq {name}", acc=acc, delta_points=100 * (acc - fp32_acc), bytes=nbytes,
                       ratio=fp32_bytes / nbytes)
         if not args.skip_qat:
-            for name, overrides in QAT.items():
+            for name in args.qat:
+                overrides = QAT[name]
                 final = run_trial(cfg.with_overrides(["quant.mode=qat", *overrides]),
                                   LocalSession())[-1]
                 acc, nbytes = final["test_acc_q"], final["packed_bytes"]

@@ -13,6 +13,8 @@ dequantize, same shape and dtype) and ``quantize(x) -> Encoded`` / ``dequantize(
 Transforms (weights): ``quantize_`` (PTQ), ``prepare_qat_`` / ``convert_`` (QAT with a
 straight-through estimator), per-layer formats by name pattern (:class:`QuantConfig`);
 ``save_packed`` / ``load_packed``: the quantized model as bit-packed codes on disk.
+Training "all in LNS" (LNS-Madam): ``QuantConfig(activations=LNSFormat(...),
+gradients=LNSFormat(...))`` also rounds layer inputs forward and gradients backward.
 
 Example::
 
@@ -25,6 +27,7 @@ from quant.activations import OBSERVERS, ActivationQuant
 from quant.codebook import CodebookFormat
 from quant.codes import Encoded, pack_bits, packed_size, unpack_bits
 from quant.floatfmt import FloatFormat
+from quant.gradients import gradient_rounded, round_gradient
 from quant.intfmt import IntFormat
 from quant.lns import LNSFormat
 from quant.packed import load_packed, save_packed, state_dict_bytes
@@ -36,9 +39,11 @@ from quant.transforms import (
     prepare_qat_,
     quantize_,
     quantized_layers,
+    strip_qat_,
 )
 
 __all__ = ["OBSERVERS", "ActivationQuant", "CodebookFormat", "Encoded", "FloatFormat",
            "IntFormat", "LNSFormat", "QuantConfig", "calibrate_", "convert_", "input_quantizers",
            "load_packed", "pack_bits", "packed_size", "prepare_qat_", "quantize_",
-           "quantized_layers", "save_packed", "state_dict_bytes", "unpack_bits"]
+           "quantized_layers", "save_packed", "state_dict_bytes", "unpack_bits",
+           "gradient_rounded", "round_gradient", "strip_qat_"]

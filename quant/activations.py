@@ -1,4 +1,6 @@
-"""Activation quantization: a layer's input observed and fake-quantized (per tensor).
+"""Activation quantization: a layer's input observed and fake-quantized (per tensor), in
+an INT format (the range's scale and zero point) or an LNS one (signed magnitudes on the
+log grid, the largest being max(|low|, |high|) of the range).
 
 An :class:`ActivationQuant` module sits on a quantized layer (``layer.input_quant``) and a
 forward pre-hook passes the layer's input through it. It keeps the observed range in
@@ -32,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from quant.intfmt import IntFormat
+from quant.lns import LNSFormat
 
 __all__ = ["ActivationQuant", "OBSERVERS", "attach_input_quant"]
 
@@ -42,10 +45,11 @@ _MSE_FACTORS = torch.linspace(0.3, 1.0, 35)
 
 
 class ActivationQuant(nn.Module):
-    def __init__(self, fmt: IntFormat, observer: str = "moving_average") -> None:
+    def __init__(self, fmt: IntFormat | LNSFormat, observer: str = "moving_average") -> None:
         super().__init__()
-        if not isinstance(fmt, IntFormat) or fmt.per_channel:
-            raise ValueError(f"activations={fmt!r} is invalid: allowed a per-tensor IntFormat")
+        if not isinstance(fmt, (IntFormat, LNSFormat)) or getattr(fmt, "per_channel", False):
+            raise ValueError(f"activations={fmt!r} is invalid: allowed a per-tensor IntFormat "
+                             "or an LNSFormat")
         if observer not in OBSERVERS:
             raise ValueError(f"observer={observer!r} is invalid: allowed one of "
                              f"{', '.join(OBSERVERS)}")
@@ -58,7 +62,22 @@ class ActivationQuant(nn.Module):
         self.enabled = True  # fake-quantize (once a range exists)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """INT: (scale, zero point) of the observed range."""
         return self.fmt.qparams_from_range(self.low, self.high)
+
+    def _fake(self, x: torch.Tensor, low: torch.Tensor, high: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``x`` fake-quantized with the range low..high, where x lies inside it). LNS:
+        signed magnitudes up to max(|low|, |high|), the largest grid value."""
+        x = x.detach()
+        if isinstance(self.fmt, LNSFormat):
+            scale = torch.maximum(low.abs(), high.abs()).float().clamp_min(
+                torch.finfo(torch.float32).tiny)
+            return self.fmt.fake_quantize(x, scale), x.abs() <= scale
+        scale, zp = self.fmt.qparams_from_range(low, high)
+        level = torch.round(x.float() * torch.reciprocal(scale)) + zp
+        inside = (level >= self.fmt.quant_min) & (level <= self.fmt.quant_max)
+        return self.fmt.fake_quantize(x, scale, zp), inside
 
     @torch.no_grad()
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +99,7 @@ class ActivationQuant(nn.Module):
         low, high = torch.aminmax(x)
         best, best_err = (low, high), None
         for factor in _MSE_FACTORS.tolist():
-            scale, zp = self.fmt.qparams_from_range(low * factor, high * factor)
-            err = (self.fmt.fake_quantize(x, scale, zp) - x).pow(2).mean()
+            err = (self._fake(x, low * factor, high * factor)[0] - x).pow(2).mean()
             if best_err is None or err < best_err:
                 best, best_err = (low * factor, high * factor), err
         return best
@@ -106,14 +124,11 @@ class ActivationQuant(nn.Module):
             self.observe(x)
         if not self.enabled or not bool(self.observed):
             return x
-        scale, zp = self.qparams()
-        q = self.fmt.fake_quantize(x.detach(), scale, zp)
+        q, inside = self._fake(x, self.low, self.high)
         # Straight through inside the range, zero gradient where the input was clipped (as
         # torch's fake-quant ops): a plain STE keeps pushing clipped inputs further out
         # and QAT from scratch collapsed to chance on MNIST. Forward exactly q:
         # x - x.detach() is 0.0 carrying x's gradient.
-        level = torch.round(x.detach().float() * torch.reciprocal(scale)) + zp
-        inside = (level >= self.fmt.quant_min) & (level <= self.fmt.quant_max)
         return q + (x - x.detach()) * inside
 
     def extra_repr(self) -> str:

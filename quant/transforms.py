@@ -39,6 +39,13 @@ from torch.nn.utils import parametrize
 from quant.activations import ActivationQuant, attach_input_quant
 from quant.codebook import CodebookFormat
 from quant.floatfmt import FloatFormat
+from quant.gradients import (
+    attach_gradient_rounding,
+    check_gradient_format,
+    detach_gradient_rounding,
+    gradient_rounded,
+    set_gradient_rounding_enabled,
+)
 from quant.intfmt import IntFormat
 from quant.lns import LNSFormat
 
@@ -55,17 +62,23 @@ FilterFn = Callable[[nn.Module, str], bool]
 class QuantConfig:
     """Weight format per layer: ``weights`` unless an ``overrides`` pattern matches the
     layer's name first (a ``None`` format leaves the layer in float). ``activations``: a
-    per-tensor :class:`IntFormat` for the input of every quantized layer (None: float),
-    its range from ``observer`` (see :mod:`quant.activations`)."""
+    per-tensor :class:`IntFormat` or an :class:`LNSFormat` for the input of every
+    quantized layer (None: float), its range from ``observer`` (see
+    :mod:`quant.activations`). ``gradients`` (QAT): the format the gradients of each
+    quantized layer's output and weight are rounded to in the backward pass (None:
+    float; see :mod:`quant.gradients`)."""
 
     weights: Format
     overrides: tuple[tuple[str, Format | None], ...] = ()
-    activations: IntFormat | None = None
+    activations: IntFormat | LNSFormat | None = None
     observer: str = "moving_average"
+    gradients: IntFormat | LNSFormat | None = None  # rounded in backward: quant.gradients
 
     def __post_init__(self) -> None:
         if self.activations is not None:
             ActivationQuant(self.activations, self.observer)  # validates both
+        if self.gradients is not None:
+            check_gradient_format(self.gradients)
         if not isinstance(self.weights, FORMAT_TYPES):
             raise ValueError(f"weights={self.weights!r} is invalid: allowed an IntFormat, "
                              "FloatFormat, LNSFormat or CodebookFormat")
@@ -99,9 +112,10 @@ class WeightFakeQuant(nn.Module):
     codebook, the codebook is kept (a buffer: checkpoints carry it) and refit every
     ``CODEBOOK_REFIT_EVERY`` training steps."""
 
-    def __init__(self, fmt: Format) -> None:
+    def __init__(self, fmt: Format, gradient_format: Any = None) -> None:
         super().__init__()
         self.fmt = fmt
+        self.gradient_format = gradient_format  # the weight's gradient rounded to it
         self.enabled = True
         if isinstance(fmt, CodebookFormat):
             self.register_buffer("codebook", torch.zeros(fmt.k))
@@ -130,8 +144,9 @@ class WeightFakeQuant(nn.Module):
             if bool(torch.isfinite(w).all()):
                 raise
             return w  # diverged weights (inf/NaN) pass through: the loss says so
-        # Exactly q forward (w - w.detach() is 0.0), identity backward.
-        return q + (w - w.detach())
+        # Exactly q forward (w - w.detach() is 0.0), identity backward (its gradient
+        # rounded, with a gradient format).
+        return q + gradient_rounded(w - w.detach(), self.gradient_format)
 
 
 def _selected(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None
@@ -158,20 +173,24 @@ def prepare_qat_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | No
             raise ValueError(f"{fqn}.weight is tied to {seen[id(module.weight)]}.weight: "
                              "tied weights are not supported; leave one of them out")
         seen[id(module.weight)] = fqn
-        parametrize.register_parametrization(module, "weight", WeightFakeQuant(fmt))
+        parametrize.register_parametrization(module, "weight",
+                                             WeightFakeQuant(fmt, config.gradients))
         if config.activations is not None:
             attach_input_quant(module, config.activations, config.observer)
+        if config.gradients is not None:
+            attach_gradient_rounding(module, config.gradients)
     return model
 
 
 def set_qat_enabled_(model: nn.Module, enabled: bool) -> nn.Module:
-    """Turn a prepared model's fake quantization (weights, and input observing and
-    quantization) off (float training, e.g. a warm-up) or back on."""
+    """Turn a prepared model's fake quantization (weights, input observing and
+    quantization, gradient rounding) off (float training, e.g. a warm-up) or back on."""
     for module in model.modules():
         if isinstance(module, WeightFakeQuant):
             module.enabled = enabled
         elif isinstance(module, ActivationQuant):
             module.observing = module.enabled = enabled
+        set_gradient_rounding_enabled(module, enabled)
     return model
 
 
@@ -205,6 +224,7 @@ def convert_(model: nn.Module) -> nn.Module:
     for q in input_quantizers(model).values():  # the observed ranges are final
         q.observing, q.enabled = False, True
     for module in model.modules():
+        detach_gradient_rounding(module)  # training only
         if parametrize.is_parametrized(module, "weight"):
             (fq,) = [p for p in module.parametrizations["weight"]
                      if isinstance(p, WeightFakeQuant)]
@@ -239,6 +259,7 @@ def strip_qat_(model: nn.Module) -> nn.Module:
     """Back to float, in place: each fake-quantized weight becomes its float original and
     input quantizers are removed (what PTQ of a QAT-trained model starts from)."""
     for module in model.modules():
+        detach_gradient_rounding(module)
         if parametrize.is_parametrized(module, "weight"):
             original = module.parametrizations["weight"].original
             _unparametrize(module)

@@ -183,3 +183,27 @@ def test_a_diverged_trial_reports_nan_instead_of_failing(tiny_root: Path, mode: 
     assert not math.isfinite(last["train_loss"])
     for key in ("test_acc_q", "test_acc_lns8", "test_acc_int4"):
         assert math.isnan(last[key]), key
+
+
+ALL_LNS = ["optim.name=lns_madam", "optim.lr=0.125", "quant.mode=qat", "quant.format=lns",
+           "quant.bits=8", "quant.lns_frac_bits=3", "quant.activation_bits=8",
+           "quant.activation_format=lns", "quant.gradient_bits=8"]
+
+
+def test_all_in_lns_trains_packs_and_resumes_exactly(tiny_root: Path, tmp_path: Path) -> None:
+    """LNS-Madam's setting: LNS-8 weights (its optimizer's own grid), LNS-8 layer inputs
+    forward and LNS-8 gradients backward."""
+    cfg = tiny(tiny_root, *ALL_LNS, "train.epochs=3")
+    full = run_trial(cfg, LocalSession(checkpoint_dir=tmp_path / "full"))
+    weights_only = run_trial(tiny(tiny_root, *ALL_LNS[:-4], "train.epochs=3"), LocalSession())
+    assert full[0]["train_loss"] != weights_only[0]["train_loss"]  # inputs, grads rounded
+    assert full[-1]["train_loss"] < full[0]["train_loss"]
+    assert full[-1]["test_acc_q"] > 0.3
+    packed = tmp_path / "full" / "artifacts" / "model.qsw"
+    assert packed_accuracy(cfg, packed) == full[-1]["test_acc_q"]  # LNS inputs packed too
+    crashed = LocalSession(checkpoint_dir=tmp_path / "ckpt", stop_after=1)
+    with pytest.raises(InterruptedError):
+        run_trial(cfg, crashed)
+    resumed = run_trial(cfg, LocalSession(resume_from=tmp_path / "ckpt"))
+    assert [{k: v for k, v in m.items() if k not in TIMINGS} for m in resumed] == \
+        [{k: v for k, v in m.items() if k not in TIMINGS} for m in full]

@@ -398,7 +398,10 @@ class QuantSection(_Section):
     ``compression_ratio``). ``first_last_bits`` > 0 keeps the first and last layer at that
     many bits (int/lns): the usual mixed-precision recipe. ``activation_bits`` > 0 also
     quantizes every quantized layer's input (per tensor, range by ``observer``; PTQ
-    calibrates it on 8 training batches)."""
+    calibrates it on 8 training batches). ``gradient_bits`` > 0 (QAT) rounds the
+    gradients of every quantized layer's output and weight in the backward pass: with
+    ``format=lns``, ``activation_format=lns`` and ``gradient_format=lns`` the trial trains
+    all in LNS, LNS-Madam's setting."""
 
     section: ClassVar[str] = "quant"
     mode: str = "none"
@@ -411,9 +414,12 @@ class QuantSection(_Section):
     first_last_bits: int = 0
     byte_budget: int = 0  # packed bytes; 0: none (budget_score = the quantized accuracy)
     qat_start_epoch: int = 0  # qat: epochs trained in float first (fake-quant off)
-    activation_bits: int = 0  # inputs of quantized layers, per tensor INT; 0: float
+    activation_bits: int = 0  # inputs of quantized layers, per tensor; 0: float
+    activation_format: str = "int"  # int, lns (lns_frac_bits fractional bits)
     activation_symmetric: bool = False
     observer: str = "moving_average"  # activation range: minmax, moving_average, ...
+    gradient_bits: int = 0  # qat: layer output and weight gradients rounded; 0: float
+    gradient_format: str = "lns"  # lns (lns_frac_bits), int (per tensor, symmetric)
 
     def _validate(self) -> None:
         self._choice("mode", QUANT_MODES)
@@ -422,12 +428,22 @@ class QuantSection(_Section):
         self._range("byte_budget", 0, INF)
         self._range("qat_start_epoch", 0, INF)
         self._choice("observer", ("minmax", "moving_average", "percentile", "mse"))
+        self._choice("activation_format", ("int", "lns"))
+        self._choice("gradient_format", ("lns", "int"))
+        if self.gradient_bits and self.mode != "qat":
+            _fail("quant.gradient_bits", self.gradient_bits,
+                  f"0 with quant.mode={self.mode} (gradients are rounded in QAT training)")
+        if self.gradient_bits:
+            try:
+                self.gradient_quant_format()
+            except ValueError as exc:
+                raise ConfigError(f"quant.gradient_bits is invalid: {exc}") from None
         if self.first_last_bits and self.format not in ("int", "lns"):
             _fail("quant.first_last_bits", self.first_last_bits,
                   f"0 with quant.format={self.format} (bit widths: int and lns only)")
         if self.activation_bits:
             try:
-                self.activation_format()
+                self.activation_quant_format()
             except ValueError as exc:
                 raise ConfigError(f"quant.activation_bits is invalid: {exc}") from None
         # The format classes validate their own arguments (one source of truth); their
@@ -444,13 +460,25 @@ class QuantSection(_Section):
                 raise ConfigError(f"quant.{name} is invalid for quant.format={self.format}: "
                                   f"{exc}") from None
 
-    def activation_format(self) -> Any:
-        """The per-tensor INT format of layer inputs, or None (float)."""
+    def activation_quant_format(self) -> Any:
+        """The per-tensor format of layer inputs (INT or LNS), or None (float)."""
         import quant
 
         if not self.activation_bits:
             return None
+        if self.activation_format == "lns":
+            return quant.LNSFormat(self.activation_bits, self.lns_frac_bits)
         return quant.IntFormat(self.activation_bits, self.activation_symmetric)
+
+    def gradient_quant_format(self) -> Any:
+        """The format gradients are rounded to in QAT's backward pass, or None (float)."""
+        import quant
+
+        if not self.gradient_bits:
+            return None
+        if self.gradient_format == "lns":
+            return quant.LNSFormat(self.gradient_bits, self.lns_frac_bits)
+        return quant.IntFormat(self.gradient_bits, symmetric=True)
 
     def weight_format(self, bits: int | None = None) -> Any:
         """The ``quant`` format object these fields describe (``bits`` overrides)."""

@@ -65,7 +65,8 @@ def quant_config(cfg: TrialConfig, model: nn.Module) -> quant.QuantConfig:
         edge = q.weight_format(q.first_last_bits)
         overrides = tuple((name, edge) for name in dict.fromkeys((layers[0], layers[-1])))
     return quant.QuantConfig(weights=q.weight_format(), overrides=overrides,
-                             activations=q.activation_format(), observer=q.observer)
+                             activations=q.activation_quant_format(), observer=q.observer,
+                             gradients=q.gradient_quant_format())
 
 
 def _float_weights(model: nn.Module) -> dict[str, torch.Tensor]:
