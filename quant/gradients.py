@@ -10,7 +10,8 @@ in every backward pass of each quantized layer,
   weight's fake-quant parametrization,
 
 onto ``fmt``'s grid with a per-tensor scale of max |g| (nothing clips; the smallest
-gradients underflow to zero, as they would in the format). A gradient holding inf/NaN
+gradients underflow to zero, as they would in the format; INT: symmetric levels, step
+max|g| / (2^(bits-1) - 1)). A gradient holding inf/NaN
 passes unchanged: the optimizers' policy skips that step (``optim/base.py``). Under DDP
 each rank rounds its own gradients before they are averaged, as hardware in that format
 would: the average of rounded gradients is not itself on the grid.
@@ -38,10 +39,17 @@ GRADIENT_FORMATS = (LNSFormat, IntFormat)
 
 
 def round_gradient(grad: torch.Tensor, fmt: LNSFormat | IntFormat) -> torch.Tensor:
-    """``grad`` on ``fmt``'s grid, per tensor, scale from max |grad|; unchanged when it
-    holds inf/NaN (the step will be skipped) or is all zero."""
-    if not bool(torch.isfinite(grad).all()):
+    """``grad`` on ``fmt``'s grid, per tensor, its largest magnitude max |grad| (kept
+    exactly); unchanged when it holds inf/NaN (the step will be skipped) or is empty.
+    INT: symmetric levels -q..q with step max|g|/q (not the observer's convention, whose
+    scale floor of float32 eps would zero gradients below ~1e-7)."""
+    if grad.numel() == 0 or not bool(torch.isfinite(grad).all()):
         return grad
+    if isinstance(fmt, IntFormat):
+        top = grad.detach().abs().max().float()
+        step = top.clamp_min(torch.finfo(torch.float32).tiny) / fmt.quant_max
+        levels = torch.clamp(torch.round(grad.float() / step), -fmt.quant_max, fmt.quant_max)
+        return (levels * step).to(grad.dtype)
     return fmt.fake_quantize(grad)
 
 

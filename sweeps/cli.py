@@ -196,8 +196,8 @@ def main_guard(main: Callable[[], int]) -> None:
         kept = (f"run {exc.run_id} and its unfinished trials are KILLED in MLflow; finished "
                 "trials are kept.")
         if exc.cause:  # stopped by a condition (a full disk), not by the user
-            print(f"error: {exc.cause}. The sweep stopped: {kept} Free space there, then "
-                  f"resume with:\n  {resume_command(exc.run_id)}", file=sys.stderr)
+            print(f"error: {exc.cause}. The sweep stopped: {kept} Free space on the full "
+                  f"disk, then resume with:\n  {resume_command(exc.run_id)}", file=sys.stderr)
             sys.exit(1)
         print(f"\ninterrupted: {kept} Resume with:\n  {resume_command(exc.run_id)}",
               file=sys.stderr)

@@ -42,12 +42,13 @@ def check_cluster_config(path: str | Path, cwd: str | Path | None = None) -> str
     cwd = Path(cwd or os.getcwd())
     _project_errors(prepared, cwd)
     provider = prepared["provider"]
-    where = (f"head {provider['head_ip']}, {len(provider.get('worker_ips', []))} worker "
-             "machines" if provider["type"] == "local" else
+    where = (f"head {provider.get('head_ip', provider.get('coordinator_address'))}, "
+             f"{len(provider.get('worker_ips', []))} worker machines"
+             if provider["type"] == "local" else
              f"{len(prepared['available_node_types'])} node types, at most "
              f"{prepared['max_workers']} workers")
     return f"{provider['type']} provider, {where}; the project goes to " + \
-        ", ".join(_project_mounts(prepared, cwd)) + " and is installed by setup_commands"
+        ", ".join(_project_mounts(prepared, cwd)) + " and is installed on every node"
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -55,6 +56,8 @@ def _load(path: Path) -> dict[str, Any]:
         raise ClusterConfigError("no such file")
     try:
         config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ClusterConfigError(f"cannot be read: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -132,12 +135,34 @@ def _project_errors(config: dict[str, Any], cwd: Path) -> None:
             "file_mounts: nothing carries the qsweep repository (e.g. \"~/qsweep\": \".\" "
             "with ray up run from the repository root); the sweep script on the head "
             "would not find the packages")
-    setup = " ".join(config.get("setup_commands", []) + config.get("head_setup_commands", []))
-    if not any(f"pip install -e {remote}" in setup or f"pip install {remote}" in setup
-               for remote in carried):
+    everywhere = _installs(config.get("setup_commands", []), carried) or (
+        _installs(config.get("head_setup_commands", []), carried)
+        and _installs(config.get("worker_setup_commands", []), carried))
+    if not everywhere:
         raise ClusterConfigError(
-            f"setup_commands: none installs the carried repository (e.g. pip install -e "
-            f"{carried[0]}); the sweep script on the head would not find the packages")
+            f"setup_commands: none installs the carried repository on every node (e.g. "
+            f"pip install -e {carried[0]}); the sweep script on the head, or trials on "
+            "the workers, would not find the packages")
+
+
+def _installs(commands: list[str], remotes: list[str]) -> bool:
+    """Some command is a ``pip install`` naming one of ``remotes`` (~ and $HOME alike)."""
+    import shlex
+
+    def same(path: str) -> str:
+        return path.replace("$HOME", "~").replace("${HOME}", "~").rstrip("/")
+
+    wanted = {same(r) for r in remotes}
+    for command in commands:
+        for part in command.replace("&&", ";").split(";"):
+            try:
+                words = shlex.split(part, posix=False)
+            except ValueError:
+                continue
+            if "pip" in {w.rsplit("/", 1)[-1] for w in words} and "install" in words and \
+                    wanted & {same(w.strip("'\"")) for w in words}:
+                return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

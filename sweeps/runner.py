@@ -698,15 +698,28 @@ def _fit(tuner: Any, callback: MLflowSweepCallback, parent: str, storage: str) -
     except Exception:
         if watch.full is None:
             raise
-        where = Path(storage).resolve()
-        callback.end_interrupted(f"the disk under {where} is full ({watch.full}); free "
-                                 f"space there, then resume it with --resume {parent}")
-        raise SweepInterrupted(parent, cause=f"no space left on device under {where} "
-                               f"(--storage-path) while a trial wrote its checkpoint "
-                               f"({watch.full})") from None
+        where = disk_space(Path(storage).resolve(), Path(tempfile.gettempdir()))
+        callback.end_interrupted(f"a disk is full ({watch.full}; {where}); free space, "
+                                 f"then resume it with --resume {parent}")
+        raise SweepInterrupted(parent, cause=f"no space left on device while a trial wrote "
+                               f"its checkpoint ({watch.full}); {where}") from None
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, handler)
+
+
+def disk_space(*folders: Path) -> str:
+    """"free: DIR N MiB, ..." for the folders a trial writes (the storage path, the temp
+    folder checkpoints are staged in), to say which disk is full."""
+    free = []
+    for folder in dict.fromkeys(folders):
+        probe = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+        try:
+            stat = os.statvfs(probe)
+            free.append(f"{folder} {stat.f_bavail * stat.f_frsize / 2**20:.1f} MiB")
+        except OSError:
+            free.append(f"{folder} unknown")
+    return "free: " + ", ".join(free)
 
 
 def _resumable_folder(tracker: SweepTracker, run_id: str, sweep: Sweep) -> Path:

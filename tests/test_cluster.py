@@ -94,9 +94,9 @@ def test_local_yaml_carries_and_installs_the_project() -> None:
     assert "~/qsweep" in check_cluster_config(CONFIG, cwd=REPO)
 
 
-def _broken(tmp_path: Path, text: str) -> Path:
+def _broken(tmp_path: Path, text: str | bytes) -> Path:
     path = tmp_path / "cluster.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return path
 
 
@@ -121,9 +121,16 @@ def _edited(edit) -> str:
     (_edited(lambda c: c.update(file_mounts={"~/code": "sweeps"})),
      "file_mounts: nothing carries the qsweep repository"),
     (_edited(lambda c: c.update(setup_commands=["echo hi"])),
-     "setup_commands: none installs the carried repository (e.g. pip install -e ~/qsweep)"),
+     "setup_commands: none installs the carried repository on every node (e.g. pip "
+     "install -e ~/qsweep)"),
+    (_edited(lambda c: c.update(setup_commands=["pip install -e ~/qsweep2"])),
+     "setup_commands: none installs the carried repository"),
+    (_edited(lambda c: c.update(setup_commands=[], head_setup_commands=[
+        "pip install -e ~/qsweep"])), "setup_commands: none installs"),  # not the workers
+    (b"cluster_name: \xff\xfe\n", "cannot be read:"),
 ])
-def test_a_broken_cluster_yaml_gets_one_line_naming_the_field(tmp_path: Path, text: str,
+def test_a_broken_cluster_yaml_gets_one_line_naming_the_field(tmp_path: Path,
+                                                               text: str | bytes,
                                                                says: str) -> None:
     """The README's row "invalid cluster YAML": exit 2, one line on stderr, no traceback
     (ray up itself gives a TypeError traceback for max_workers: two)."""
@@ -149,3 +156,23 @@ def test_cluster_check_of_a_missing_file_and_of_good_files(
     monkeypatch.chdir(REPO)  # file_mounts "." is the folder ray up runs in
     assert main(["cluster/local.yaml", "cluster/gpu.yaml"]) == 0
     assert capsys.readouterr().out.count(": ok: ") == 2
+
+
+@pytest.mark.parametrize("setup", [["pip install -U -e ~/qsweep"], ["pip install -e $HOME/qsweep"],
+                                   ["cd ~ && ~/venv/bin/pip install -e ~/qsweep/"]])
+def test_every_spelling_of_the_install_passes(tmp_path: Path, setup: list[str]) -> None:
+    from sweeps.cluster_check import check_cluster_config
+
+    path = _broken(tmp_path, _edited(lambda c: c.update(setup_commands=setup)))
+    assert "installed on every node" in check_cluster_config(path, cwd=REPO)
+
+
+def test_a_coordinator_address_cluster_is_summarized(tmp_path: Path) -> None:
+    from sweeps.cluster_check import check_cluster_config
+
+    def coordinated(config: dict) -> None:
+        config["provider"] = {"type": "local", "coordinator_address": "10.0.0.1:1234"}
+        config["max_workers"] = 2
+
+    path = _broken(tmp_path, _edited(coordinated))
+    assert "head 10.0.0.1:1234" in check_cluster_config(path, cwd=REPO)

@@ -157,8 +157,10 @@ class Machine:
         proc = subprocess.Popen([SSHD, "-D", "-f", str(config), "-E", str(self.base / "sshd.log")])
         deadline = time.time() + 20
         while not _listening(self.port):
-            assert proc.poll() is None and time.time() < deadline, \
-                (self.base / "sshd.log").read_text()
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise AssertionError("sshd did not listen: " +
+                                     (self.base / "sshd.log").read_text())
             time.sleep(0.2)
         return proc
 
@@ -195,11 +197,12 @@ def test_ray_up_submit_down_on_a_local_cluster(tiny_root: Path) -> None:
 
     base = Path(tempfile.mkdtemp(prefix="qe2e-"))  # short: Ray's socket paths
     base.chmod(0o755)
-    machine = Machine(base, tiny_root)
     name = f"qsweep-e2e-{os.getpid()}"
-    config = machine.cluster_yaml(name)
+    machine: Machine | None = None
     launched = False
     try:
+        machine = Machine(base, tiny_root)
+        config = machine.cluster_yaml(name)
         launched = True
         up = _ray("up", "-y", "--no-config-cache", str(config), timeout=1800)
         assert "Successfully installed" in up and "qsweep" in up  # setup ran pip install
@@ -235,11 +238,13 @@ def test_ray_up_submit_down_on_a_local_cluster(tiny_root: Path) -> None:
         if launched:
             subprocess.run([RAY, "down", "-y", str(config)], cwd=ROOT, capture_output=True,
                            timeout=300)
-        machine.close()
-        from ray._common.utils import get_default_ray_temp_dir
-
-        for suffix in ("lock", "state"):  # the launcher's record of the cluster, here
-            Path(get_default_ray_temp_dir(), f"cluster-{name}.{suffix}").unlink(
+        if machine is not None:
+            machine.close()
+        _remove_user()
+        # The launcher's record of the cluster, in the Ray temp folder of the `ray`
+        # commands above (run without RAY_* variables).
+        for suffix in ("lock", "state"):
+            Path(os.environ.get("TMPDIR", "/tmp"), "ray", f"cluster-{name}.{suffix}").unlink(
                 missing_ok=True)
         shutil.rmtree(base, ignore_errors=True)
     assert not _user_pids()

@@ -88,6 +88,17 @@ def test_non_finite_gradients_pass_unchanged() -> None:
     assert torch.equal(quant.round_gradient(zeros, FMT), zeros)
 
 
+@pytest.mark.parametrize("top", [3e-8, 1e-3, 5.0])
+def test_int_gradients_are_symmetric_levels_of_max_g_at_any_magnitude(top: float) -> None:
+    g = torch.tensor([top, -top / 3, top / 7, 0.0], dtype=torch.float64)
+    step = top / 127  # by hand: levels -127..127, the largest magnitude exact
+    expected = torch.round(g / step) * step
+    torch.testing.assert_close(quant.round_gradient(g.float(), IntFormat(8, True)),
+                               expected.float(), rtol=1e-6, atol=0)
+    assert quant.round_gradient(torch.zeros(0), IntFormat(8, True)).numel() == 0
+    assert quant.round_gradient(torch.zeros(0), FMT).numel() == 0
+
+
 def test_int_gradients_and_bad_gradient_formats() -> None:
     layer, x, c = _linear(2)
     prepare_qat_(layer, QuantConfig(weights=IntFormat(8), gradients=IntFormat(8)))

@@ -380,7 +380,10 @@ def run_trial(cfg: TrialConfig, session: Session, stages: list[Stage] | None = N
         with tempfile.TemporaryDirectory(prefix="qsweep-ckpt-") as directory:
             if cfg.train.checkpoint and chief:
                 # Saved before finalize: a stage may transform the model at the end.
-                torch.save(trainer.state(), os.path.join(directory, STATE_FILE))
+                # Through a file object: on a full disk torch's own file writer fails
+                # with "unexpected pos", this raises OSError errno 28 (ENOSPC).
+                with open(os.path.join(directory, STATE_FILE), "wb") as handle:
+                    torch.save(trainer.state(), handle)
             if last and trainer.stages:
                 metrics.update(trainer.finalize(Path(directory) / ARTIFACTS_DIR))
             keep = chief and (cfg.train.checkpoint or (last and bool(trainer.stages)))
