@@ -37,6 +37,10 @@ QAT = {"int4": ["quant.format=int", "quant.bits=4", "quant.per_channel=true"],
                                   "quant.first_last_bits=8"],
        "int4 w, int8 a": ["quant.format=int", "quant.bits=4", "quant.per_channel=true",
                           "quant.activation_bits=8"]}
+# LSQ: learned step sizes against min-max steps, at 4 and 2 bits.
+QAT["int4 lsq"] = [*QAT["int4"], "quant.lsq=true"]
+QAT["int2"] = ["quant.format=int", "quant.bits=2", "quant.per_channel=true"]
+QAT["int2 lsq"] = [*QAT["int2"], "quant.lsq=true"]
 # All in LNS (LNS-Madam's setting): LNS-8 weights, layer inputs and gradients.
 ALL_LNS8 = ["quant.format=lns", "quant.bits=8", "quant.lns_frac_bits=3",
             "quant.activation_bits=8", "quant.activation_format=lns", "quant.gradient_bits=8"]

@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Union
 
@@ -66,15 +67,25 @@ class QuantConfig:
     quantized layer (None: float), its range from ``observer`` (see
     :mod:`quant.activations`). ``gradients`` (QAT): the format the gradients of each
     quantized layer's output and weight are rounded to in the backward pass (None:
-    float; see :mod:`quant.gradients`)."""
+    float; see :mod:`quant.gradients`). ``lsq`` (QAT, symmetric INT weights): each
+    weight's step size is a trained parameter (LSQ, Esser et al. 2020), not min-max."""
 
     weights: Format
     overrides: tuple[tuple[str, Format | None], ...] = ()
     activations: IntFormat | LNSFormat | None = None
     observer: str = "moving_average"
     gradients: IntFormat | LNSFormat | None = None  # rounded in backward: quant.gradients
+    lsq: bool = False  # learned step sizes (LSQ) for symmetric INT weights
 
     def __post_init__(self) -> None:
+        if self.lsq not in (True, False):
+            raise ValueError(f"lsq={self.lsq!r} is invalid: allowed True or False")
+        if self.lsq:
+            for fmt in (self.weights, *(f for _, f in self.overrides if f is not None)):
+                if not (isinstance(fmt, IntFormat) and fmt.symmetric):
+                    raise ValueError(f"lsq=True is invalid with weights {fmt!r}: allowed "
+                                     "symmetric IntFormat weights only (a learned step "
+                                     "with zero point 0)")
         if self.activations is not None:
             ActivationQuant(self.activations, self.observer)  # validates both
         if self.gradients is not None:
@@ -112,11 +123,14 @@ class WeightFakeQuant(nn.Module):
     codebook, the codebook is kept (a buffer: checkpoints carry it) and refit every
     ``CODEBOOK_REFIT_EVERY`` training steps."""
 
-    def __init__(self, fmt: Format, gradient_format: Any = None) -> None:
+    def __init__(self, fmt: Format, gradient_format: Any = None,
+                 lsq_weight: torch.Tensor | None = None) -> None:
         super().__init__()
         self.fmt = fmt
         self.gradient_format = gradient_format  # the weight's gradient rounded to it
         self.enabled = True
+        if lsq_weight is not None:  # LSQ: a learned step, initialised as the paper does
+            self.step = nn.Parameter(lsq_initial_step(lsq_weight, fmt))
         if isinstance(fmt, CodebookFormat):
             self.register_buffer("codebook", torch.zeros(fmt.k))
             self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
@@ -124,6 +138,9 @@ class WeightFakeQuant(nn.Module):
     def encode(self, w: torch.Tensor) -> Any:
         """``w`` in the format's codes, as the forward pass quantizes it."""
         w = w.detach()
+        if hasattr(self, "step"):
+            step = _positive(self.step.detach())
+            return self.fmt.quantize(w, step, torch.zeros(step.shape, dtype=torch.int64))
         if not isinstance(self.fmt, CodebookFormat):
             return self.fmt.quantize(w)
         if int(self.steps) % CODEBOOK_REFIT_EVERY == 0 and (self.training or not self.steps):
@@ -138,6 +155,8 @@ class WeightFakeQuant(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
+        if hasattr(self, "step"):
+            return self._lsq(w)
         try:
             q = self.fmt.dequantize(self.encode(w), dtype=w.dtype)
         except ValueError:
@@ -147,6 +166,35 @@ class WeightFakeQuant(nn.Module):
         # Exactly q forward (w - w.detach() is 0.0), identity backward (its gradient
         # rounded, with a gradient format).
         return q + gradient_rounded(w - w.detach(), self.gradient_format)
+
+
+    def _lsq(self, w: torch.Tensor) -> torch.Tensor:
+        """Forward exactly ``fmt.fake_quantize(w, step)`` (what convert_ packs); backward
+        LSQ's: d/dw 1 inside the range and 0 outside, d/dstep (round(v) - v) inside and
+        the clipped level outside (v = w / step), scaled by 1 / sqrt(n * quant_max)."""
+        fmt = self.fmt
+        step = _positive(self.step)
+        exact = fmt.fake_quantize(w.detach(), step.detach(),
+                                  torch.zeros(step.shape, dtype=torch.int64))
+        per_step = w.numel() // max(1, step.numel())
+        g = 1.0 / math.sqrt(per_step * fmt.quant_max)
+        scaled = fmt._broadcast((step - step * g).detach() + step * g, w)
+        v = torch.clamp(w / scaled, fmt.quant_min, fmt.quant_max)
+        trained = ((v.round() - v).detach() + v) * scaled
+        return exact + gradient_rounded(trained - trained.detach(), self.gradient_format)
+
+
+def lsq_initial_step(weight: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    """LSQ's start: 2 mean|w| / sqrt(quant_max), per tensor or per output channel."""
+    w = weight.detach().float().abs()
+    mean = w.reshape(w.shape[0], -1).mean(1) if fmt.per_channel else w.mean()
+    return _positive(2 * mean / math.sqrt(fmt.quant_max))
+
+
+def _positive(step: torch.Tensor) -> torch.Tensor:
+    """A step must stay > 0 (an optimizer may push it to or below 0): at least the
+    smallest normal float32."""
+    return step.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def _selected(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None
@@ -173,8 +221,9 @@ def prepare_qat_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | No
             raise ValueError(f"{fqn}.weight is tied to {seen[id(module.weight)]}.weight: "
                              "tied weights are not supported; leave one of them out")
         seen[id(module.weight)] = fqn
+        lsq_weight = module.weight if config.lsq else None
         parametrize.register_parametrization(module, "weight",
-                                             WeightFakeQuant(fmt, config.gradients))
+                                             WeightFakeQuant(fmt, config.gradients, lsq_weight))
         if config.activations is not None:
             attach_input_quant(module, config.activations, config.observer)
         if config.gradients is not None:

@@ -3,7 +3,9 @@ most accurate model for its packed size?
 
 Optuna proposes, per trial (define-by-run): ``quant.format`` (int: bits 2..8, symmetric
 or affine, per tensor or per channel; lns: bits 2..8, 0..3 fractional exponent bits;
-codebook: k = 2..64, PTQ only), ``quant.mode`` (ptq, qat) and QAT's learning rate. Every trial
+codebook: k = 2..64, PTQ only), ``quant.mode`` (ptq, qat) and QAT's learning rate; with
+``--per-layer``, a bit width per layer instead of one (mixed precision, int or lns), and
+the sweep's run gets which layers the Pareto front gave fewer bits (layer_bits.md). Every trial
 trains (QAT through fake-quantized weights), quantizes, and reports the quantized model's
 validation accuracy (``val_acc_q``) and packed bytes every epoch; the packed model is an
 artifact of its MLflow run.
@@ -21,6 +23,7 @@ Two modes:
     python sweeps/quant_bits.py --smoke-test
     python sweeps/quant_bits.py --num-samples 24 --epochs 2
     python sweeps/quant_bits.py --objective budget --byte-budget 30000
+    python sweeps/quant_bits.py --per-layer --num-samples 24     # mixed precision
     python sweeps/quant_bits.py --set data.name=cifar10_jpeg --set model.name=resnet20
 """
 
@@ -81,16 +84,56 @@ class BitSpace:
         return None
 
 
-def fp32_bytes(cfg: TrialConfig) -> int:
-    """The FP32 state_dict size of the config's model on disk (the budget's reference)."""
-    import quant
+@dataclass(frozen=True)
+class LayerBitSpace:
+    """``--per-layer``: a bit width per quantized layer (2..8, mixed precision), the
+    format (int or lns, the same for every layer), PTQ or QAT (and QAT's lr). Each
+    layer's bits is Optuna's parameter ``space.bits.<layer>``; the config gets them as
+    ``quant.layer_bits``."""
+
+    layers: tuple[str, ...]
+    formats: tuple[str, ...] = ("int", "lns")
+    modes: tuple[str, ...] = ("ptq", "qat")
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        fmt = trial.suggest_categorical("quant.format", list(self.formats))
+        mode = trial.suggest_categorical("quant.mode", list(self.modes))
+        bits = [trial.suggest_int(f"space.bits.{name}", 2, 8) for name in self.layers]
+        if fmt == "int":
+            trial.suggest_categorical("quant.per_channel", [True, False])
+        if mode == "qat":
+            trial.suggest_float("optim.lr", *QAT_LR, log=True)
+        return {"quant.layer_bits": bits}
+
+
+def _model(cfg: TrialConfig) -> torch.nn.Module:
     from trainables.data import load_splits
     from trainables.models import build_model
 
     splits = load_splits(cfg.data, seed=cfg.train.seed)
-    model = build_model(cfg.model, splits.in_channels, splits.image_size, splits.num_classes)
+    return build_model(cfg.model, splits.in_channels, splits.image_size, splits.num_classes)
+
+
+def fp32_bytes(cfg: TrialConfig) -> int:
+    """The FP32 state_dict size of the config's model on disk (the budget's reference)."""
+    import quant
+
     with tempfile.TemporaryDirectory() as tmp:
-        return quant.state_dict_bytes(model, Path(tmp) / "fp32.pt")
+        return quant.state_dict_bytes(_model(cfg), Path(tmp) / "fp32.pt")
+
+
+def layer_bits_table(front: list[dict[str, Any]], configs: dict[str, dict[str, Any]],
+                     layers: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Per layer, the bits the Pareto front's trials gave it (mean, min, max), fewest
+    first: which layers tolerate fewer bits."""
+    bits = [TrialConfig.from_stored(configs[r["trial_id"]]).quant.layer_bits for r in front]
+    rows = []
+    for i, name in enumerate(layers):
+        got = [b[i] for b in bits if len(b) == len(layers)]
+        if got:
+            rows.append({"layer": name, "mean_bits": sum(got) / len(got), "min_bits": min(got),
+                         "max_bits": max(got), "front_trials": len(got)})
+    return sorted(rows, key=lambda r: r["mean_bits"])
 
 
 def pareto_front(rows: list[dict[str, Any]], acc: str = "val_acc_q",
@@ -140,6 +183,9 @@ def describe(config: dict[str, Any]) -> str:
     ``lr`` for QAT (only the fields its format reads)."""
     q = TrialConfig.from_stored(config).quant
     text = f"{q.mode} {q.weight_format().name}"
+    if q.layer_bits:  # the format with its bits per layer instead of one width
+        kind = q.format + ("-pc" if q.format == "int" and q.per_channel else "")
+        text = f"{q.mode} {kind} bits={'/'.join(map(str, q.layer_bits))}"
     return text + (f" lr={config['optim.lr']:.3g}" if q.mode == "qat" else "")
 
 
@@ -148,9 +194,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--objective", choices=("pareto", "budget"), default="pareto")
     parser.add_argument("--byte-budget", type=int, default=0,
                         help="packed bytes for --objective budget (default: FP32 size / 8)")
-    parser.add_argument("--formats", nargs="+", default=list(BitSpace.formats),
-                        choices=BitSpace.formats)
+    parser.add_argument("--formats", nargs="+", default=None, choices=BitSpace.formats,
+                        help="default: int lns codebook (--per-layer: int lns)")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="search each layer's bits (mixed precision; int/lns formats)")
     args = parser.parse_args(argv)
+    if args.formats is None:
+        args.formats = list(LayerBitSpace.formats if args.per_layer else BitSpace.formats)
+    if args.per_layer and "codebook" in args.formats:
+        raise ConfigError(f"--formats {' '.join(args.formats)} is invalid with --per-layer: "
+                          "allowed int and/or lns (bit widths per layer)")
     if args.smoke_test:
         args.num_samples = min(args.num_samples, 4)
     if args.byte_budget < 0:
@@ -162,7 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = base_config(args, DEFAULTS, SMOKE)
     fp32 = fp32_bytes(base)
-    space = BitSpace(formats=tuple(args.formats))
+    layers: tuple[str, ...] = ()
+    if args.per_layer:
+        from trainables.quant_stage import quantizable_layers
+
+        layers = tuple(quantizable_layers(_model(base)))
+        space = LayerBitSpace(layers=layers, formats=tuple(args.formats))
+    else:
+        space = BitSpace(formats=tuple(args.formats))
     resume = resume_run_id(args, NAME, "search")
     if args.objective == "budget":
         budget = args.byte_budget or fp32 // 8
@@ -199,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
                 outcome.rows, front, Path(tmp) / "pareto.png", fp32))
         print(f"\n=== Pareto front (val_acc_q vs packed bytes; FP32 {fp32} bytes) ===")
         print(rows_to_markdown(table))
+        if layers:
+            per_layer = layer_bits_table(front, configs, layers)
+            tracker.log_table(outcome.parent_run_id, per_layer, "layer_bits",
+                              describe="Bits per layer on the Pareto front, fewest first")
+            print("\n=== Bits per layer on the Pareto front (fewest first) ===")
+            print(rows_to_markdown(per_layer))
     return 0
 
 

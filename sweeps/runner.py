@@ -54,6 +54,10 @@ __all__ = ["Sweep", "SweepOutcome", "SweepInterrupted", "run_sweep", "validate_s
            "rows_to_csv", "rows_to_markdown",
            "mlflow_ui_command"]
 
+# A search space's own parameters (``trial.suggest_int("space.bits.fc1", ...)``): the
+# searcher learns from them, the space folds them into a config field it returns.
+SPACE_PREFIX = "space."
+
 SpaceFn = Callable[[Any], "dict[str, Any] | None"]
 
 # The metrics a sweep's table, console summary and parent run show (every metric a trial
@@ -208,6 +212,7 @@ def validate_space(base: TrialConfig, space: SpaceFn, samples: int = 5) -> list[
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     keys: dict[str, None] = {}
+    returned: dict[str, set[str]] = {}
     for _ in range(samples):
         trial = study.ask()
         constants = space(trial)
@@ -216,12 +221,17 @@ def validate_space(base: TrialConfig, space: SpaceFn, samples: int = 5) -> list[
         if not isinstance(constants, dict):
             raise ConfigError(f"the search space function returned {constants!r}: allowed "
                               "None or a dict of constant config keys (define-by-run)")
+        params = {k: v for k, v in trial.params.items() if not k.startswith(SPACE_PREFIX)}
         try:
-            base.replace({**trial.params, **constants})
+            base.replace({**params, **constants})
         except ConfigError as exc:
             raise ConfigError(f"the search space proposes an invalid config: {exc}") from None
         study.tell(trial, 0.0)
-        keys.update(dict.fromkeys(trial.params))
+        keys.update(dict.fromkeys(params))
+        for key, value in constants.items():
+            returned.setdefault(key, set()).add(repr(value))
+    # A returned field that varies is searched too (built from space.* parameters).
+    keys.update(dict.fromkeys(k for k, values in returned.items() if len(values) > 1))
     return list(keys)
 
 
@@ -448,6 +458,16 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
     objective (-inf to maximize, +inf to minimize): Optuna learns from it, where a NaN
     is refused ("The value nan is not acceptable") and the trial is lost to TPE/NSGA-II.
     A diverged trial's quantized or rounded metrics are NaN (its weights are)."""
+
+    def suggest(self, trial_id: str) -> dict | None:
+        """The config Optuna proposes, without the space's own parameters (``space.*``):
+        a space that searches values no config field holds one by one (a bit width per
+        layer) suggests them as ``space.NAME`` and returns the config field they make
+        (``quant.layer_bits``); Optuna keeps learning from them."""
+        config = super().suggest(trial_id)
+        if not isinstance(config, dict):
+            return config
+        return {k: v for k, v in config.items() if not k.startswith(SPACE_PREFIX)}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:

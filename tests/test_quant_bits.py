@@ -31,6 +31,9 @@ def test_pareto_front_by_hand() -> None:
     (["--formats", "posit"], ["--formats", "invalid choice", "codebook"]),
     (["--byte-budget", "-5"], ["--byte-budget=-5", ">= 0"]),
     (["--set", "quant.bits=40"], ["quant.bits", "2..16"]),
+    (["--per-layer", "--formats", "int", "codebook"],
+     ["--formats int codebook is invalid with --per-layer", "int and/or lns"]),
+    (["--set", "quant.layer_bits=[4,1]"], ["quant.layer_bits[1]=1", "2..16"]),
 ])
 def test_bad_input_fails_before_any_ray_work(tmp_path: Path, tiny_root: Path,
                                              args: list[str], fragments: list[str]) -> None:
@@ -81,3 +84,85 @@ def test_smoke_pareto_sweep_records_the_front(tmp_path: Path, tiny_root: Path) -
     sizes = [int(r["packed_bytes"]) for r in front]
     accs = [float(r["val_acc_q"]) for r in front]
     assert sizes == sorted(sizes) and accs == sorted(accs)  # more bytes buy accuracy
+
+
+def test_layer_bits_set_each_layers_format_and_must_match_the_model(tiny_root: Path) -> None:
+    import torch
+
+    import quant
+    from trainables.config import ConfigError, TrialConfig
+    from trainables.models import build_model
+    from trainables.quant_stage import quant_config, quantizable_layers
+
+    cfg = TrialConfig().with_overrides(["model.name=lenet", "model.channels=[4,8]",
+                                        "model.hidden=[32]", "quant.mode=ptq",
+                                        "quant.layer_bits=[8,2,4,3]", "quant.per_channel=true"])
+    model = build_model(cfg.model, 1, 28, 10)
+    layers = quantizable_layers(model)
+    assert len(layers) == 4
+    config = quant_config(cfg, model)
+    assert [config.format_for(n) for n in layers] == [
+        quant.IntFormat(b, True, True) for b in (8, 2, 4, 3)]
+    quant.quantize_(model, config)
+    for name, bits in zip(layers, (8, 2, 4, 3), strict=True):
+        levels = torch.unique(model.get_submodule(name).weight_encoded.codes)
+        assert len(levels) <= 2 ** bits  # the layer's own width
+    with pytest.raises(ConfigError, match=r"quant.layer_bits=\[8, 4\] is invalid for this "
+                                          r"model: allowed 4 bit widths, one per layer"):
+        quant_config(cfg.with_overrides(["quant.layer_bits=[8,4]"]), model)
+    for bad, says in ((["quant.format=codebook"], "quant.layer_bits=[8, 2, 4, 3] is invalid"),
+                      (["quant.first_last_bits=8"], "0 when quant.layer_bits gives")):
+        with pytest.raises(ConfigError, match=says.replace("[", r"\[").replace("]", r"\]")):
+            cfg.with_overrides(bad)
+
+
+def test_the_per_layer_space_folds_its_bits_into_the_config() -> None:
+    """Optuna learns from space.bits.<layer>; the trial's config gets quant.layer_bits."""
+    from sweeps.quant_bits import LayerBitSpace
+    from sweeps.runner import DivergenceAwareOptunaSearch, validate_space
+    from trainables.config import TrialConfig
+
+    space = LayerBitSpace(layers=("conv1", "conv2", "fc1", "out"))
+    base = TrialConfig().with_overrides(["model.name=lenet", "model.channels=[4,8]",
+                                         "model.hidden=[32]", "quant.mode=ptq"])
+    searched = validate_space(base, space)
+    assert "quant.layer_bits" in searched and not any(k.startswith("space.") for k in searched)
+    searcher = DivergenceAwareOptunaSearch(space=space, metric="val_acc_q", mode="max")
+    config = searcher.suggest("t1")
+    assert not any(k.startswith("space.") for k in config)
+    bits = config["quant.layer_bits"]
+    assert len(bits) == 4 and all(2 <= b <= 8 for b in bits)
+    assert searcher._ot_trials["t1"].params["space.bits.fc1"] == bits[2]
+    base.replace(config)  # a valid trial config
+
+
+def test_layer_bits_table_by_hand() -> None:
+    from sweeps.quant_bits import layer_bits_table
+
+    configs = {"a": {"quant.format": "int", "quant.layer_bits": [8, 2, 4]},
+               "b": {"quant.format": "int", "quant.layer_bits": [8, 4, 2]}}
+    rows = layer_bits_table([{"trial_id": "a"}, {"trial_id": "b"}], configs, ("c1", "c2", "o"))
+    assert rows == [
+        {"layer": "c2", "mean_bits": 3.0, "min_bits": 2, "max_bits": 4, "front_trials": 2},
+        {"layer": "o", "mean_bits": 3.0, "min_bits": 2, "max_bits": 4, "front_trials": 2},
+        {"layer": "c1", "mean_bits": 8.0, "min_bits": 8, "max_bits": 8, "front_trials": 2}]
+
+
+@pytest.mark.ray
+def test_smoke_per_layer_sweep_reports_the_bits_of_each_layer(tmp_path: Path,
+                                                              tiny_root: Path) -> None:
+    out = run(["--smoke-test", "--per-layer", "--num-samples", "4", "--address", "local",
+               "--set", "model.channels=[4,8]", "--set", "model.hidden=[32]"],
+              tmp_path, tiny_root, timeout=600, script=SCRIPT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Bits per layer on the Pareto front" in out.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("quant_bits")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
+    widths = {t.data.params["quant.layer_bits"] for t in trials}
+    assert len(widths) > 1  # each trial its own mix
+    assert {"layer_bits.md", "layer_bits.table.csv"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}

@@ -396,12 +396,15 @@ class QuantSection(_Section):
     estimator) from the first step and converts at the end. Both evaluate the quantized
     model (``test_acc_q``) and write it packed (``model.qsw``, ``packed_bytes``,
     ``compression_ratio``). ``first_last_bits`` > 0 keeps the first and last layer at that
-    many bits (int/lns): the usual mixed-precision recipe. ``activation_bits`` > 0 also
+    many bits (int/lns): the usual mixed-precision recipe. ``layer_bits`` gives every
+    quantized layer its own bits (int/lns; one entry per Linear/Conv layer in the model's
+    order: mixed precision as a per-layer search sets it). ``activation_bits`` > 0 also
     quantizes every quantized layer's input (per tensor, range by ``observer``; PTQ
     calibrates it on 8 training batches). ``gradient_bits`` > 0 (QAT) rounds the
     gradients of every quantized layer's output and weight in the backward pass: with
     ``format=lns``, ``activation_format=lns`` and ``gradient_format=lns`` the trial trains
-    all in LNS, LNS-Madam's setting."""
+    all in LNS, LNS-Madam's setting. ``lsq`` (QAT, symmetric int) trains each weight's step
+    size (LSQ) instead of taking it from the weights' min and max."""
 
     section: ClassVar[str] = "quant"
     mode: str = "none"
@@ -412,6 +415,7 @@ class QuantSection(_Section):
     lns_frac_bits: int = 0  # lns: 2**k codes per octave
     k: int = 16  # codebook entries per tensor
     first_last_bits: int = 0
+    layer_bits: tuple[int, ...] = ()  # int/lns: bits of each quantized layer, in order
     byte_budget: int = 0  # packed bytes; 0: none (budget_score = the quantized accuracy)
     qat_start_epoch: int = 0  # qat: epochs trained in float first (fake-quant off)
     activation_bits: int = 0  # inputs of quantized layers, per tensor; 0: float
@@ -420,6 +424,7 @@ class QuantSection(_Section):
     observer: str = "moving_average"  # activation range: minmax, moving_average, ...
     gradient_bits: int = 0  # qat: layer output and weight gradients rounded; 0: float
     gradient_format: str = "lns"  # lns (lns_frac_bits), int (per tensor, symmetric)
+    lsq: bool = False  # qat, int symmetric: learned step sizes (LSQ) instead of min-max
 
     def _validate(self) -> None:
         self._choice("mode", QUANT_MODES)
@@ -430,6 +435,10 @@ class QuantSection(_Section):
         self._choice("observer", ("minmax", "moving_average", "percentile", "mse"))
         self._choice("activation_format", ("int", "lns"))
         self._choice("gradient_format", ("lns", "int"))
+        if self.lsq and (self.mode != "qat" or self.format != "int" or not self.symmetric):
+            _fail("quant.lsq", self.lsq, f"false with quant.mode={self.mode}, quant.format="
+                  f"{self.format}, quant.symmetric={str(self.symmetric).lower()} (LSQ "
+                  "learns the step of symmetric int weights in QAT)")
         if self.gradient_bits and self.mode != "qat":
             _fail("quant.gradient_bits", self.gradient_bits,
                   f"0 with quant.mode={self.mode} (gradients are rounded in QAT training)")
@@ -441,6 +450,18 @@ class QuantSection(_Section):
         if self.first_last_bits and self.format not in ("int", "lns"):
             _fail("quant.first_last_bits", self.first_last_bits,
                   f"0 with quant.format={self.format} (bit widths: int and lns only)")
+        if self.layer_bits and self.format not in ("int", "lns"):
+            _fail("quant.layer_bits", list(self.layer_bits),
+                  f"[] with quant.format={self.format} (bit widths: int and lns only)")
+        if self.layer_bits and self.first_last_bits:
+            _fail("quant.first_last_bits", self.first_last_bits,
+                  "0 when quant.layer_bits gives every layer's bits")
+        for i, bits in enumerate(self.layer_bits):
+            try:
+                self.weight_format(bits)
+            except ValueError as exc:
+                raise ConfigError(f"quant.layer_bits[{i}]={bits!r} is invalid for "
+                                  f"quant.format={self.format}: {exc}") from None
         if self.activation_bits:
             try:
                 self.activation_quant_format()

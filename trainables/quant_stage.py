@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import quant
-from trainables.config import TrialConfig
+from trainables.config import ConfigError, TrialConfig
 from trainables.stages import (
     Stage,
     StageContext,
@@ -50,7 +50,7 @@ from trainables.stages import (
 )
 from trainables.weight_rounding import sqnr_db
 
-__all__ = ["QuantStage", "quant_config"]
+__all__ = ["QuantStage", "quant_config", "quantizable_layers"]
 
 CALIBRATION_BATCHES = 8  # PTQ of activations: training batches that set the input ranges
 
@@ -60,13 +60,25 @@ def quant_config(cfg: TrialConfig, model: nn.Module) -> quant.QuantConfig:
     quantizable layers at ``first_last_bits`` when set."""
     q = cfg.quant
     overrides = ()
+    layers = quantizable_layers(model)
     if q.first_last_bits:
-        layers = [n for n, m in model.named_modules() if quant.transforms.default_filter(m, n)]
         edge = q.weight_format(q.first_last_bits)
         overrides = tuple((name, edge) for name in dict.fromkeys((layers[0], layers[-1])))
+    if q.layer_bits:
+        if len(q.layer_bits) != len(layers):
+            raise ConfigError(f"quant.layer_bits={list(q.layer_bits)} is invalid for this "
+                              f"model: allowed {len(layers)} bit widths, one per layer "
+                              f"({', '.join(layers)})")
+        overrides = tuple((name, q.weight_format(bits))
+                          for name, bits in zip(layers, q.layer_bits, strict=True))
     return quant.QuantConfig(weights=q.weight_format(), overrides=overrides,
                              activations=q.activation_quant_format(), observer=q.observer,
-                             gradients=q.gradient_quant_format())
+                             gradients=q.gradient_quant_format(), lsq=q.lsq)
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """The names of the layers a QuantConfig quantizes (Linear, Conv), in model order."""
+    return [n for n, m in model.named_modules() if quant.transforms.default_filter(m, n)]
 
 
 def _float_weights(model: nn.Module) -> dict[str, torch.Tensor]:
