@@ -78,7 +78,7 @@ class QuantConfig:
     lsq: bool = False  # learned step sizes (LSQ) for symmetric INT weights
 
     def __post_init__(self) -> None:
-        if self.lsq not in (True, False):
+        if not isinstance(self.lsq, bool):
             raise ValueError(f"lsq={self.lsq!r} is invalid: allowed True or False")
         if self.lsq:
             for fmt in (self.weights, *(f for _, f in self.overrides if f is not None)):
@@ -139,8 +139,8 @@ class WeightFakeQuant(nn.Module):
         """``w`` in the format's codes, as the forward pass quantizes it."""
         w = w.detach()
         if hasattr(self, "step"):
-            step = _positive(self.step.detach())
-            return self.fmt.quantize(w, step, torch.zeros(step.shape, dtype=torch.int64))
+            step = _floored(self.step, w, self.fmt).detach()
+            return self.fmt.quantize(w, step, torch.zeros_like(step, dtype=torch.int64))
         if not isinstance(self.fmt, CodebookFormat):
             return self.fmt.quantize(w)
         if int(self.steps) % CODEBOOK_REFIT_EVERY == 0 and (self.training or not self.steps):
@@ -173,9 +173,9 @@ class WeightFakeQuant(nn.Module):
         LSQ's: d/dw 1 inside the range and 0 outside, d/dstep (round(v) - v) inside and
         the clipped level outside (v = w / step), scaled by 1 / sqrt(n * quant_max)."""
         fmt = self.fmt
-        step = _positive(self.step)
+        step = _floored(self.step, w, fmt)
         exact = fmt.fake_quantize(w.detach(), step.detach(),
-                                  torch.zeros(step.shape, dtype=torch.int64))
+                                  torch.zeros_like(step, dtype=torch.int64))
         per_step = w.numel() // max(1, step.numel())
         g = 1.0 / math.sqrt(per_step * fmt.quant_max)
         scaled = fmt._broadcast((step - step * g).detach() + step * g, w)
@@ -192,9 +192,17 @@ def lsq_initial_step(weight: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
 
 
 def _positive(step: torch.Tensor) -> torch.Tensor:
-    """A step must stay > 0 (an optimizer may push it to or below 0): at least the
-    smallest normal float32."""
     return step.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _floored(step: torch.Tensor, w: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    """The step used: at least 2^-16 of the min-max step of ``w`` (an optimizer may push
+    the parameter to or below 0, where every weight would clip and the layer die), with
+    the gradient passing straight through the floor so the parameter can come back."""
+    top = w.detach().float().abs()
+    top = top.reshape(top.shape[0], -1).amax(1) if fmt.per_channel else top.amax()
+    floor = _positive(top / fmt.quant_max * 2.0 ** -16)
+    return step + (torch.maximum(step, floor) - step).detach()
 
 
 def _selected(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None
@@ -327,6 +335,9 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None 
     ``config.activations``, ``calibration`` batches set the input ranges first."""
     if config.activations is not None and calibration is None:
         raise ValueError("PTQ of activations needs calibration batches (calibration=...)")
+    if config.lsq:
+        raise ValueError("lsq=True is invalid for PTQ (quantize_): a learned step needs "
+                         "training; allowed with prepare_qat_")
     with torch.no_grad():
         prepare_qat_(model, config, filter_fn)
         if config.activations is not None:

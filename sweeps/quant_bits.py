@@ -114,12 +114,12 @@ def _model(cfg: TrialConfig) -> torch.nn.Module:
     return build_model(cfg.model, splits.in_channels, splits.image_size, splits.num_classes)
 
 
-def fp32_bytes(cfg: TrialConfig) -> int:
+def fp32_bytes(cfg: TrialConfig, model: torch.nn.Module | None = None) -> int:
     """The FP32 state_dict size of the config's model on disk (the budget's reference)."""
     import quant
 
     with tempfile.TemporaryDirectory() as tmp:
-        return quant.state_dict_bytes(_model(cfg), Path(tmp) / "fp32.pt")
+        return quant.state_dict_bytes(model or _model(cfg), Path(tmp) / "fp32.pt")
 
 
 def layer_bits_table(front: list[dict[str, Any]], configs: dict[str, dict[str, Any]],
@@ -214,12 +214,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = base_config(args, DEFAULTS, SMOKE)
-    fp32 = fp32_bytes(base)
-    layers: tuple[str, ...] = ()
-    if args.per_layer:
-        from trainables.quant_stage import quantizable_layers
+    from trainables.quant_stage import quantizable_layers
 
-        layers = tuple(quantizable_layers(_model(base)))
+    model = _model(base)
+    fp32 = fp32_bytes(base, model)
+    layers: tuple[str, ...] = tuple(quantizable_layers(model))
+    if base.quant.layer_bits and len(base.quant.layer_bits) != len(layers):
+        raise ConfigError(f"quant.layer_bits={list(base.quant.layer_bits)} is invalid for "
+                          f"this model: allowed {len(layers)} bit widths, one per layer "
+                          f"({', '.join(layers)})")
+    if args.per_layer:
         space = LayerBitSpace(layers=layers, formats=tuple(args.formats))
     else:
         space = BitSpace(formats=tuple(args.formats))
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 outcome.rows, front, Path(tmp) / "pareto.png", fp32))
         print(f"\n=== Pareto front (val_acc_q vs packed bytes; FP32 {fp32} bytes) ===")
         print(rows_to_markdown(table))
-        if layers:
+        if args.per_layer:
             per_layer = layer_bits_table(front, configs, layers)
             tracker.log_table(outcome.parent_run_id, per_layer, "layer_bits",
                               describe="Bits per layer on the Pareto front, fewest first")

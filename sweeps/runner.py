@@ -568,7 +568,11 @@ def space_ranges(space: SpaceFn, samples: int = 20) -> dict[str, str]:
         for key, value in constants.items():
             ranges.setdefault(f"search.{key}", {})[f"= {value}"] = None
         study.tell(trial, 0.0)
-    return {key: " | ".join(texts) for key, texts in ranges.items()}
+    # A returned value that varies is built from the space's own parameters (space.*):
+    # their ranges say what is searched, not a list of sampled values.
+    return {key: "built from search.space.*" if len(texts) > 1 and
+            all(t.startswith("= ") for t in texts) else " | ".join(texts)
+            for key, texts in ranges.items()}
 
 
 def _trial_name(trial: Any) -> str:

@@ -395,11 +395,14 @@ _SHORT = {"optim.lr": "lr", "optim.weight_decay": "wd", "optim.bias_lr": "bias_l
 
 
 def quant_label(config: Mapping[str, Any]) -> str:
-    """``int4-qat``, ``lns8-ptq``, ``codebook16-qat``, ``fp16-ptq``; "" when not quantizing."""
+    """``int4-qat``, ``lns8-ptq``, ``codebook16-qat``, ``fp16-ptq``, ``int-mixed-qat``
+    (bits per layer); "" when not quantizing."""
     mode = config.get("quant.mode", "none")
     if mode in (None, "none"):
         return ""
     fmt = config.get("quant.format", "int")
+    if config.get("quant.layer_bits"):  # bits per layer: quant.bits is not used
+        return f"{fmt}-mixed-{mode}"
     size = {"codebook": config.get("quant.k"), "fp16": "", "bf16": ""}.get(
         fmt, config.get("quant.bits"))
     return f"{fmt}{size if size is not None else ''}-{mode}"

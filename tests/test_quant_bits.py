@@ -34,6 +34,8 @@ def test_pareto_front_by_hand() -> None:
     (["--per-layer", "--formats", "int", "codebook"],
      ["--formats int codebook is invalid with --per-layer", "int and/or lns"]),
     (["--set", "quant.layer_bits=[4,1]"], ["quant.layer_bits[1]=1", "2..16"]),
+    (["--set", "quant.layer_bits=[4,4]"], ["quant.layer_bits=[4, 4] is invalid for this "
+                                           "model: allowed 4 bit widths", "features.0"]),
 ])
 def test_bad_input_fails_before_any_ray_work(tmp_path: Path, tiny_root: Path,
                                              args: list[str], fragments: list[str]) -> None:
@@ -166,3 +168,12 @@ def test_smoke_per_layer_sweep_reports_the_bits_of_each_layer(tmp_path: Path,
     assert len(widths) > 1  # each trial its own mix
     assert {"layer_bits.md", "layer_bits.table.csv"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_a_mixed_precision_trial_is_labelled_mixed() -> None:
+    from sweeps.tracking import quant_label
+
+    assert quant_label({"quant.mode": "qat", "quant.format": "int", "quant.bits": 8,
+                        "quant.layer_bits": [2, 4]}) == "int-mixed-qat"
+    assert quant_label({"quant.mode": "qat", "quant.format": "int", "quant.bits": 8,
+                        "quant.layer_bits": []}) == "int8-qat"

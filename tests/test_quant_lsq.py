@@ -129,3 +129,48 @@ def test_a_trial_with_lsq_trains_packs_and_resumes_exactly(tiny_root: Path,
     with pytest.raises(ConfigError, match="quant.lsq=True is invalid: allowed false with "
                                           "quant.mode=ptq"):
         tiny_config(tiny_root, "quant.mode=ptq", "quant.lsq=true")
+
+
+def test_a_step_pushed_to_or_below_zero_is_floored_and_can_come_back() -> None:
+    """An optimizer may overshoot the step below 0: the layer must not die (every weight
+    clipped to ~0 with no gradient), and the step must get a gradient to recover."""
+    torch.manual_seed(3)
+    fmt = IntFormat(4, symmetric=True)
+    layer = nn.Linear(16, 8)
+    prepare_qat_(layer, QuantConfig(weights=fmt, lsq=True))
+    fq = layer.parametrizations.weight[0]
+    with torch.no_grad():
+        fq.step.fill_(-0.5)
+    target = layer.parametrizations.weight.original.detach().clone()
+    w = layer.weight
+    assert bool(torch.isfinite(w).all()) and bool((w != 0).any())  # floored, not 0
+    start = float((w - target).square().mean().detach())
+    opt = torch.optim.SGD([fq.step], lr=5.0)
+    for _ in range(50):  # every weight clips at the floor, yet the step gets a gradient
+        opt.zero_grad()
+        (layer.weight - target).square().mean().backward()
+        opt.step()
+    assert float(fq.step.detach()) > 0
+    assert float((layer.weight - target).square().mean().detach()) < 0.5 * start
+
+
+def test_lsq_on_another_device_keeps_its_parameters_there() -> None:
+    """The zero point follows the step's device (a CPU one broke per-channel CUDA runs);
+    the meta device stands in for a GPU here."""
+    layer = nn.Linear(8, 4, device="meta")
+    prepare_qat_(layer, QuantConfig(weights=IntFormat(4, True, True), lsq=True))
+    assert layer.weight.device.type == "meta"
+    assert layer.parametrizations.weight[0].step.device.type == "meta"
+
+
+def test_lsq_is_refused_where_it_cannot_learn() -> None:
+    from trainables.config import ConfigError, TrialConfig
+
+    with pytest.raises(ValueError, match="lsq=True is invalid for PTQ"):
+        quant.quantize_(nn.Linear(4, 2), QuantConfig(weights=IntFormat(4, True), lsq=True))
+    with pytest.raises(ValueError, match="lsq=1 is invalid: allowed True or False"):
+        QuantConfig(weights=IntFormat(4, True), lsq=1)
+    with pytest.raises(ConfigError, match="quant.lsq=True is invalid: allowed false with "
+                                          "quant.qat_start_epoch=1"):
+        TrialConfig().with_overrides(["quant.mode=qat", "quant.lsq=true",
+                                      "quant.qat_start_epoch=1", "train.epochs=3"])

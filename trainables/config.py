@@ -439,6 +439,10 @@ class QuantSection(_Section):
             _fail("quant.lsq", self.lsq, f"false with quant.mode={self.mode}, quant.format="
                   f"{self.format}, quant.symmetric={str(self.symmetric).lower()} (LSQ "
                   "learns the step of symmetric int weights in QAT)")
+        if self.lsq and self.qat_start_epoch:
+            _fail("quant.lsq", self.lsq, f"false with quant.qat_start_epoch="
+                  f"{self.qat_start_epoch} (the step would start from the untrained weights "
+                  "and sit unused through the float epochs); allowed with qat_start_epoch=0")
         if self.gradient_bits and self.mode != "qat":
             _fail("quant.gradient_bits", self.gradient_bits,
                   f"0 with quant.mode={self.mode} (gradients are rounded in QAT training)")
