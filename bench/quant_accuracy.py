@@ -41,6 +41,9 @@ QAT = {"int4": ["quant.format=int", "quant.bits=4", "quant.per_channel=true"],
 QAT["int4 lsq"] = [*QAT["int4"], "quant.lsq=true"]
 QAT["int2"] = ["quant.format=int", "quant.bits=2", "quant.per_channel=true"]
 QAT["int2 lsq"] = [*QAT["int2"], "quant.lsq=true"]
+# W4A4 with first/last layers at 8 bits (ResNet-20's target row), min-max steps vs LSQ.
+QAT["w4a4 (first/last 8)"] = [*QAT["int4 (first/last int8)"], "quant.activation_bits=4"]
+QAT["w4a4 lsq (first/last 8)"] = [*QAT["w4a4 (first/last 8)"], "quant.lsq=true"]
 # All in LNS (LNS-Madam's setting): LNS-8 weights, layer inputs and gradients.
 ALL_LNS8 = ["quant.format=lns", "quant.bits=8", "quant.lns_frac_bits=3",
             "quant.activation_bits=8", "quant.activation_format=lns", "quant.gradient_bits=8"]
