@@ -46,19 +46,25 @@ def test_bad_input_fails_before_any_ray_work(tmp_path: Path, tiny_root: Path,
     assert not (tmp_path / "ray_results").exists()
 
 
-@pytest.mark.ray
-def test_smoke_pareto_sweep_records_the_front(tmp_path: Path, tiny_root: Path) -> None:
-    out = run(["--smoke-test", "--num-samples", "4", "--address", "local",
+def _smoke_sweep(tmp_path: Path, tiny_root: Path, *extra: str) -> tuple:
+    """A 4-trial smoke sweep of a small LeNet: (output, client, parent run, trial runs),
+    every trial FINISHED."""
+    out = run(["--smoke-test", *extra, "--num-samples", "4", "--address", "local",
                "--set", "model.channels=[4,8]", "--set", "model.hidden=[32]"],
               tmp_path, tiny_root, timeout=600, script=SCRIPT)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "Pareto front" in out.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("quant_bits")
-    runs = client.search_runs([exp.experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("quant_bits").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
+    return out, client, parent, trials
+
+
+@pytest.mark.ray
+def test_smoke_pareto_sweep_records_the_front(tmp_path: Path, tiny_root: Path) -> None:
+    out, client, parent, trials = _smoke_sweep(tmp_path, tiny_root)
+    assert "Pareto front" in out.stdout
     for trial in trials:
         assert {"val_acc_q", "test_acc_q", "packed_bytes", "compression_ratio"} <= \
             set(trial.data.metrics)
@@ -153,17 +159,8 @@ def test_layer_bits_table_by_hand() -> None:
 @pytest.mark.ray
 def test_smoke_per_layer_sweep_reports_the_bits_of_each_layer(tmp_path: Path,
                                                               tiny_root: Path) -> None:
-    out = run(["--smoke-test", "--per-layer", "--num-samples", "4", "--address", "local",
-               "--set", "model.channels=[4,8]", "--set", "model.hidden=[32]"],
-              tmp_path, tiny_root, timeout=600, script=SCRIPT)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out, client, parent, trials = _smoke_sweep(tmp_path, tiny_root, "--per-layer")
     assert "Bits per layer on the Pareto front" in out.stdout
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("quant_bits")
-    runs = client.search_runs([exp.experiment_id])
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
     widths = {t.data.params["quant.layer_bits"] for t in trials}
     assert len(widths) > 1  # each trial its own mix
     assert {"layer_bits.md", "layer_bits.table.csv"} <= {

@@ -106,7 +106,7 @@ def test_lsq_needs_symmetric_int_weights(weights) -> None:
 def test_a_trial_with_lsq_trains_packs_and_resumes_exactly(tiny_root: Path,
                                                            tmp_path: Path) -> None:
     from conftest import tiny_config
-    from test_quant_stage import TIMINGS, packed_accuracy
+    from test_quant_stage import assert_resumes_exactly, packed_accuracy
 
     from trainables.config import ConfigError
     from trainables.loop import run_trial
@@ -120,12 +120,7 @@ def test_a_trial_with_lsq_trains_packs_and_resumes_exactly(tiny_root: Path,
     assert full[-1]["train_loss"] < full[0]["train_loss"]
     packed = tmp_path / "full" / "artifacts" / "model.qsw"
     assert packed_accuracy(cfg, packed) == full[-1]["test_acc_q"]
-    crashed = LocalSession(checkpoint_dir=tmp_path / "ckpt", stop_after=1)
-    with pytest.raises(InterruptedError):
-        run_trial(cfg, crashed)
-    resumed = run_trial(cfg, LocalSession(resume_from=tmp_path / "ckpt"))
-    assert [{k: v for k, v in m.items() if k not in TIMINGS} for m in resumed] == \
-        [{k: v for k, v in m.items() if k not in TIMINGS} for m in full]
+    assert_resumes_exactly(cfg, tmp_path, full)
     with pytest.raises(ConfigError, match="quant.lsq=True is invalid: allowed false with "
                                           "quant.mode=ptq"):
         tiny_config(tiny_root, "quant.mode=ptq", "quant.lsq=true")

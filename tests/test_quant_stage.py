@@ -26,6 +26,17 @@ def tiny(root: Path, *overrides: str) -> TrialConfig:
     return tiny_config(root, "train.epochs=2", *overrides)
 
 
+def assert_resumes_exactly(cfg: TrialConfig, tmp_path: Path, full: list[dict]) -> None:
+    """Stopped after its first epoch and resumed from the checkpoint, the trial reports
+    what the uninterrupted run ``full`` did (timings aside)."""
+    crashed = LocalSession(checkpoint_dir=tmp_path / "ckpt", stop_after=1)
+    with pytest.raises(InterruptedError):
+        run_trial(cfg, crashed)
+    resumed = run_trial(cfg, LocalSession(resume_from=tmp_path / "ckpt"))
+    assert [{k: v for k, v in m.items() if k not in TIMINGS} for m in resumed] == \
+        [{k: v for k, v in m.items() if k not in TIMINGS} for m in full]
+
+
 @torch.no_grad()
 def packed_accuracy(cfg: TrialConfig, path: Path) -> float:
     """Accuracy of the model rebuilt from the config and loaded from the packed file."""
@@ -84,12 +95,7 @@ def test_qat_trains_differently_from_fp32_and_resumes_exactly(tiny_root: Path,
     plain = run_trial(tiny(tiny_root, "train.epochs=3"), LocalSession())
     full = run_trial(cfg, LocalSession())
     assert full[0]["train_loss"] != plain[0]["train_loss"]
-    crashed = LocalSession(checkpoint_dir=tmp_path / "ckpt", stop_after=1)
-    with pytest.raises(InterruptedError):
-        run_trial(cfg, crashed)
-    resumed = run_trial(cfg, LocalSession(resume_from=tmp_path / "ckpt"))
-    strip = [{k: v for k, v in m.items() if k not in TIMINGS} for m in full]
-    assert [{k: v for k, v in m.items() if k not in TIMINGS} for m in resumed] == strip
+    assert_resumes_exactly(cfg, tmp_path, full)
 
 
 @pytest.mark.parametrize("extra", [["optim.name=lns_madam", "optim.lr=0.125",
@@ -158,12 +164,7 @@ def test_qat_after_a_float_warm_up_resumes_exactly(tiny_root: Path, tmp_path: Pa
     assert full[0]["train_loss"] != qat_now[0]["train_loss"]
     assert full[1]["train_loss"] != float_first[1]["train_loss"]
     assert full[-1]["test_acc_q"] == full[-1]["test_acc"]
-    crashed = LocalSession(checkpoint_dir=tmp_path / "ckpt", stop_after=1)
-    with pytest.raises(InterruptedError):
-        run_trial(cfg, crashed)
-    resumed = run_trial(cfg, LocalSession(resume_from=tmp_path / "ckpt"))
-    assert [{k: v for k, v in m.items() if k not in TIMINGS} for m in resumed] == \
-        [{k: v for k, v in m.items() if k not in TIMINGS} for m in full]
+    assert_resumes_exactly(cfg, tmp_path, full)
     with pytest.raises(ConfigError, match="quant.qat_start_epoch=3.*< train.epochs"):
         tiny(tiny_root, "quant.mode=qat", "quant.qat_start_epoch=3")
 
@@ -201,9 +202,4 @@ def test_all_in_lns_trains_packs_and_resumes_exactly(tiny_root: Path, tmp_path: 
     assert full[-1]["test_acc_q"] > 0.3
     packed = tmp_path / "full" / "artifacts" / "model.qsw"
     assert packed_accuracy(cfg, packed) == full[-1]["test_acc_q"]  # LNS inputs packed too
-    crashed = LocalSession(checkpoint_dir=tmp_path / "ckpt", stop_after=1)
-    with pytest.raises(InterruptedError):
-        run_trial(cfg, crashed)
-    resumed = run_trial(cfg, LocalSession(resume_from=tmp_path / "ckpt"))
-    assert [{k: v for k, v in m.items() if k not in TIMINGS} for m in resumed] == \
-        [{k: v for k, v in m.items() if k not in TIMINGS} for m in full]
+    assert_resumes_exactly(cfg, tmp_path, full)
