@@ -157,16 +157,15 @@ class WeightFakeQuant(nn.Module):
             return w
         if hasattr(self, "step"):
             return self._lsq(w)
-        try:
-            q = self.fmt.dequantize(self.encode(w), dtype=w.dtype)
-        except ValueError:
-            if bool(torch.isfinite(w).all()):
-                raise
+        if not bool(torch.isfinite(w).all()):
             return w  # diverged weights (inf/NaN) pass through: the loss says so
+        if isinstance(self.fmt, CodebookFormat):  # its codebook is state: through encode
+            q = self.fmt.dequantize(self.encode(w), dtype=w.dtype)
+        else:  # = dequantize(quantize(w)) bit for bit (tested), without the int64 codes
+            q = self.fmt.fake_quantize(w.detach())
         # Exactly q forward (w - w.detach() is 0.0), identity backward (its gradient
         # rounded, with a gradient format).
         return q + gradient_rounded(w - w.detach(), self.gradient_format)
-
 
     def _lsq(self, w: torch.Tensor) -> torch.Tensor:
         """Forward exactly ``fmt.fake_quantize(w, step)`` (what convert_ packs); backward
