@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from trainables.config import yaml_problem
+
 __all__ = ["ClusterConfigError", "check_cluster_config", "main"]
 
 
@@ -59,10 +61,9 @@ def _load(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise ClusterConfigError(f"cannot be read: {err}") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ClusterConfigError(f"not valid YAML{where}: "
-                                 f"{getattr(err, 'problem', None) or err}") from None
+        where, problem = yaml_problem(err)
+        raise ClusterConfigError(f"not valid YAML{f' ({where})' if where else ''}: "
+                                 f"{problem}") from None
     if not isinstance(config, dict):
         raise ClusterConfigError("not a mapping of launcher fields (cluster_name, provider, "
                                  "...)")

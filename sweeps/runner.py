@@ -641,7 +641,6 @@ def driver_lock(path: Path, what: str) -> Iterator[None]:
     this process dies, however it dies (SIGKILL included), so a resume after a crash
     is never refused."""
     import fcntl
-    import socket
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+b", buffering=0) as handle:  # unbuffered: a full disk fails here

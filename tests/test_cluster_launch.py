@@ -177,10 +177,9 @@ class Machine:
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
 
-    def close(self) -> None:
+    def stop_server(self) -> None:
         self.sshd.terminate()
         self.sshd.wait(timeout=30)
-        _remove_user()
 
 
 def _ray(*args: str, timeout: int) -> str:
@@ -239,8 +238,8 @@ def test_ray_up_submit_down_on_a_local_cluster(tiny_root: Path) -> None:
             subprocess.run([RAY, "down", "-y", str(config)], cwd=ROOT, capture_output=True,
                            timeout=300)
         if machine is not None:
-            machine.close()
-        _remove_user()
+            machine.stop_server()
+        _remove_user()  # also when Machine() failed after useradd
         # The launcher's record of the cluster, in the Ray temp folder of the `ray`
         # commands above (run without RAY_* variables).
         for suffix in ("lock", "state"):

@@ -655,6 +655,13 @@ def dotted_keys(values: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def yaml_problem(exc: Exception) -> tuple[str, str]:
+    """(``"line L, column C"`` or "", the problem) of a YAML parse error."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return where, str(getattr(exc, "problem", None) or exc)
+
+
 def _read_yaml(path: str | Path) -> Mapping[str, Any]:
     try:
         with open(path) as fh:
@@ -663,10 +670,10 @@ def _read_yaml(path: str | Path) -> Mapping[str, Any]:
         raise ConfigError(f"config file {str(path)!r} cannot be read: "
                           f"{exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        where, problem = yaml_problem(exc)
+        at = f" at {where}" if where else ""
         raise ConfigError(f"config file {str(path)!r} is not valid YAML{at}: "
-                          f"{getattr(exc, 'problem', None) or exc}") from None
+                          f"{problem}") from None
     if not isinstance(loaded, Mapping):
         raise ConfigError(f"config file {str(path)!r} is invalid: allowed a YAML mapping of "
                           f"sections ({', '.join(_SECTIONS)}) or dotted keys")
