@@ -10,6 +10,11 @@ with the same recipe and seed.
     QSWEEP_DATA=../shared/data python bench/quant_accuracy.py --dataset fashion_mnist
     QSWEEP_DATA=../shared/data python bench/quant_accuracy.py --dataset cifar10_jpeg \\
         --model resnet20 --epochs 4
+    # QAT as fine-tuning (the usual recipe): each QAT row starts from the FP32 model
+    # (train.init_from) for --fine-tune epochs at --fine-tune-lr; so does an FP32 row, the
+    # matched baseline ("fp32 +N").
+    QSWEEP_DATA=../shared/data python bench/quant_accuracy.py --dataset cifar10_jpeg \\
+        --model resnet20 --epochs 8 --fine-tune 2 --skip-ptq --qat "w4a4 (first/last 8)"
 Targets (issue 9, LeNet MNIST): INT8 PTQ within 0.1 point of FP32, INT4 QAT within 0.3,
 LNS-4 QAT within 0.5, codebook k=4 within 0.3.
 """
@@ -69,6 +74,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-qat", action="store_true")
+    parser.add_argument("--fine-tune", type=int, default=0, metavar="EPOCHS",
+                        help="QAT rows fine-tune the FP32 model for EPOCHS (0: QAT from "
+                             "scratch, as long as FP32)")
+    parser.add_argument("--fine-tune-lr", type=float, default=0.01)
     parser.add_argument("--skip-ptq", action="store_true")
     parser.add_argument("--qat", nargs="+", choices=tuple(QAT), default=tuple(QAT),
                         metavar="ROW", help=f"QAT rows to run (default all: {', '.join(QAT)})")
@@ -112,10 +121,21 @@ def main() -> None:
             results[f"ptq {name}"] = {"acc": acc, "bytes": nbytes, "ratio": fp32_bytes / nbytes}
             _util.row(f"ptq {name}", acc=acc, delta_points=100 * (acc - fp32_acc), bytes=nbytes,
                       ratio=fp32_bytes / nbytes)
+        qat_base = cfg
+        if args.fine_tune:
+            qat_base = cfg.with_overrides([f"train.init_from={tmp / 'fp32'}",
+                                           f"train.epochs={args.fine_tune}",
+                                           f"optim.lr={args.fine_tune_lr}",
+                                           "optim.schedule=cosine"])
+            tuned = run_trial(qat_base, LocalSession())[-1]["test_acc"]
+            results[f"fp32 +{args.fine_tune}"] = {"acc": tuned, "bytes": fp32_bytes,
+                                                  "ratio": 1.0}
+            _util.row(f"fp32 +{args.fine_tune} (fine-tuned as QAT)", acc=tuned,
+                      delta_points=100 * (tuned - fp32_acc), bytes=fp32_bytes)
         if not args.skip_qat:
             for name in args.qat:
                 overrides = QAT[name]
-                final = run_trial(cfg.with_overrides(["quant.mode=qat", *overrides]),
+                final = run_trial(qat_base.with_overrides(["quant.mode=qat", *overrides]),
                                   LocalSession())[-1]
                 acc, nbytes = final["test_acc_q"], final["packed_bytes"]
                 results[f"qat {name}"] = {"acc": acc, "bytes": nbytes,
@@ -123,7 +143,7 @@ def main() -> None:
                 _util.row(f"qat {name}", acc=acc, delta_points=100 * (acc - fp32_acc),
                           bytes=nbytes, ratio=final["compression_ratio"])
     _util.finish(env, {"dataset": args.dataset, "model": args.model, "epochs": args.epochs,
-                       "results": results})
+                       "fine_tune": args.fine_tune, "results": results})
 
 
 if __name__ == "__main__":

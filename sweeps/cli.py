@@ -103,7 +103,9 @@ def base_config(args: argparse.Namespace, defaults: Sequence[str],
         flags += ["train.use_gpu=true", f"train.gpus_per_worker={args.gpus_per_trial}"]
     if args.data_root:
         flags.append(f"data.root={args.data_root}")
-    return cfg.with_overrides(flags).with_overrides(args.overrides)
+    cfg = cfg.with_overrides(flags).with_overrides(args.overrides)
+    check_trial_fits(args, cfg)
+    return cfg
 
 
 def _gpus(text: str) -> float | str:
@@ -119,19 +121,51 @@ def _gpus(text: str) -> float | str:
     return value
 
 
-def _check_gpus_reachable(args: argparse.Namespace) -> None:
+def _embedded_cluster(args: argparse.Namespace) -> bool:
+    """Whether this sweep will start its own Ray on this machine (no --address, no
+    RAY_ADDRESS, no `ray start` cluster here): then this machine's CPUs and GPUs are all
+    it will ever have."""
     from sweeps.runner import ray_start_cluster_answers
 
-    """An embedded Ray cluster (no --address, none running here) on a machine without a
-    GPU can never place a GPU trial: Ray would wait forever. Say so before starting."""
+    return not (args.address not in (None, "local") or os.environ.get("RAY_ADDRESS") or
+                (args.address is None and ray_start_cluster_answers()))
+
+
+def _check_gpus_reachable(args: argparse.Namespace) -> None:
+    """An embedded Ray cluster on a machine without a GPU can never place a GPU trial:
+    Ray would wait forever. Say so before starting."""
     import torch
 
-    running = args.address not in (None, "local") or os.environ.get("RAY_ADDRESS") or \
-        ray_start_cluster_answers()
-    if not running and torch.cuda.device_count() == 0:
+    if _embedded_cluster(args) and torch.cuda.device_count() == 0:
         raise ConfigError(f"--gpus-per-trial {args.gpus_per_trial} is invalid here: this "
                           "machine has no GPU and no Ray cluster is running to provide one; "
                           "allowed 0 (CPU), or --address of a cluster with GPUs")
+
+
+def check_trial_fits(args: argparse.Namespace, cfg: TrialConfig) -> None:
+    """A trial asking for more CPUs or GPUs than an embedded cluster has would wait
+    forever (a DDP trial: its worker group times out, and is retried). Say so before
+    starting. A cluster joined by address may grow (autoscaling): not checked."""
+    if not _embedded_cluster(args):
+        return
+    import torch
+    from ray._private.utils import get_num_cpus  # what an embedded Ray counts
+
+    t = cfg.train
+    cpus, gpus = get_num_cpus(), torch.cuda.device_count()
+    need_cpus = t.num_workers * t.cpus_per_worker
+    if need_cpus > cpus:
+        raise ConfigError(
+            f"train.num_workers={t.num_workers} x train.cpus_per_worker={t.cpus_per_worker:g} "
+            f"needs {need_cpus:g} CPUs per trial; the embedded Ray cluster on this machine has "
+            f"{cpus}: allowed num_workers x cpus_per_worker <= {cpus} (e.g. --cpus-per-worker "
+            f"{cpus / t.num_workers:g}), or --address of a larger cluster")
+    need_gpus = t.num_workers * t.gpus_per_worker if t.use_gpu else 0
+    if need_gpus > gpus:
+        raise ConfigError(
+            f"train.num_workers={t.num_workers} x train.gpus_per_worker={t.gpus_per_worker:g} "
+            f"needs {need_gpus:g} GPUs per trial; this machine has {gpus}: allowed "
+            f"num_workers x gpus_per_worker <= {gpus}, or --address of a cluster with more")
 
 
 def tracking_uri(args: argparse.Namespace) -> str:

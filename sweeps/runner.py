@@ -248,8 +248,28 @@ def validate_points(base: TrialConfig, points: tuple[Mapping[str, Any], ...]) ->
 
 def _absolute_paths(base: TrialConfig) -> TrialConfig:
     # Tune runs trials inside their trial folders: relative paths must be made absolute.
-    return base.replace({"data.root": str(data_root(base.data).resolve()),
-                         "data.cache_dir": str(cache_dir(base.data).resolve())})
+    paths = {"data.root": str(data_root(base.data).resolve()),
+             "data.cache_dir": str(cache_dir(base.data).resolve())}
+    for key, value in (("data.extra_test", base.data.extra_test),
+                       ("train.init_from", base.train.init_from)):
+        if value:  # "" means unset
+            paths[key] = str(Path(value).expanduser().resolve())
+    return base.replace(paths)
+
+
+def check_initial_weights(base: TrialConfig, points: tuple[Mapping[str, Any], ...]) -> None:
+    """Every ``train.init_from`` the trials will load, loaded once into its model here:
+    a missing file or another architecture stops the sweep before Ray starts."""
+    from trainables.data import load_splits
+    from trainables.loop import load_initial_weights
+    from trainables.models import build_model
+
+    configs = {base.replace(p) for p in points} if points else {base}
+    for cfg in {c for c in configs if c.train.init_from}:
+        splits = load_splits(cfg.data, seed=cfg.train.seed)
+        model = build_model(cfg.model, splits.in_channels, splits.image_size,
+                            splits.num_classes)
+        load_initial_weights(model, cfg.train.init_from)
 
 
 class ConsoleProgress(Callback):
@@ -594,6 +614,7 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     if sweep.prepare_data:
         for data in datasets:
             prepare_data(data)
+        check_initial_weights(base, sweep.points)
     tracker = SweepTracker(sweep.tracking_uri, sweep.name)  # fails now if the store is bad
     if sweep.resume_run_id:
         return _resume(sweep, base, tracker, searched)

@@ -38,6 +38,8 @@ def test_help(tmp_path: Path) -> None:
     (["--num-samples", "0"], ["num_samples", ">= 1"]),
     (["--epochs", "0"], ["train.epochs", ">= 1"]),
     (["--max-failures", "-2"], ["max_failures=-2", ">= -1"]),
+    (["--set", "train.init_from=nowhere"],
+     ["train.init_from=", "nowhere' is invalid: allowed a checkpoint folder holding state.pt"]),
 ])
 def test_bad_input_fails_fast_with_the_field(tmp_path: Path, tiny_root: Path, args: list[str],
                                              fragments: list[str]) -> None:
@@ -112,6 +114,31 @@ def test_a_gpu_trial_without_any_gpu_stops_at_once(tmp_path: Path, tiny_root: Pa
     out = run(["--smoke-test", "--gpus-per-trial", "1"], tmp_path, tiny_root, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "--gpus-per-trial 1.0 is invalid here: this machine has no GPU" in out.stderr
+
+
+def test_a_trial_larger_than_the_embedded_cluster_stops_at_once(tmp_path: Path,
+                                                                 tiny_root: Path) -> None:
+    """Before: a 4-worker DDP trial on this 2-CPU machine waited for its worker group
+    (Train's 60 s start-up timeout), was retried, then failed with a traceback."""
+    from ray._private.utils import get_num_cpus
+
+    workers = get_num_cpus() + 1
+    start = time.time()
+    out = run(["--smoke-test", "--num-workers", str(workers)], tmp_path, tiny_root, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert (f"train.num_workers={workers} x train.cpus_per_worker=1 needs {workers} CPUs "
+            f"per trial; the embedded Ray cluster on this machine has {workers - 1}") \
+        in out.stderr, out.stderr
+    assert time.time() - start < 60
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
+    # The same trial fits once its workers share the CPUs.
+    from sweeps.cli import check_trial_fits, common_parser
+    from trainables.config import TrialConfig
+
+    args = common_parser("x", 1, 1, 1).parse_args(
+        ["--num-workers", str(workers), "--cpus-per-worker", str((workers - 1) / workers)])
+    check_trial_fits(args, TrialConfig().with_overrides(
+        [f"train.num_workers={workers}", f"train.cpus_per_worker={(workers - 1) / workers}"]))
 
 
 def test_resume_of_nothing_is_a_one_line_error_that_changes_nothing(

@@ -17,7 +17,7 @@ from trainables.config import ConfigError, TrialConfig
 from trainables.data import load_splits
 from trainables.loop import run_trial
 from trainables.models import build_model
-from trainables.sessions import LocalSession
+from trainables.sessions import LocalSession, load_state_file
 
 TIMINGS = {"epoch_seconds", "train_seconds", "images_per_s"}
 
@@ -203,3 +203,51 @@ def test_all_in_lns_trains_packs_and_resumes_exactly(tiny_root: Path, tmp_path: 
     packed = tmp_path / "full" / "artifacts" / "model.qsw"
     assert packed_accuracy(cfg, packed) == full[-1]["test_acc_q"]  # LNS inputs packed too
     assert_resumes_exactly(cfg, tmp_path, full)
+
+
+def test_qat_fine_tunes_from_a_trained_fp32_checkpoint(tiny_root: Path, tmp_path: Path) -> None:
+    """train.init_from: QAT starts from the FP32 trial's final weights (the usual QAT
+    recipe), not from the seeded initialization."""
+    fp32 = tiny(tiny_root)
+    fp32_history = run_trial(fp32, LocalSession(checkpoint_dir=tmp_path / "fp32"))
+    trained = load_state_file(tmp_path / "fp32")["model"]
+    # Zero epochs of fine-tuning are not allowed, so look at what the model starts from:
+    # PTQ of the loaded weights with lr 0 equals PTQ at the end of the FP32 trial.
+    frozen = fp32.with_overrides([f"train.init_from={tmp_path / 'fp32'}", "train.epochs=1",
+                                  "quant.mode=ptq", "quant.format=int", "quant.bits=8",
+                                  "optim.lr=1e-30", "optim.schedule=constant"])
+    start = run_trial(frozen, LocalSession(checkpoint_dir=tmp_path / "frozen"))[-1]
+    assert start["test_acc"] == fp32_history[-1]["test_acc"]
+    assert start["test_loss"] == pytest.approx(fp32_history[-1]["test_loss"], rel=1e-6)
+    qat = fp32.with_overrides([f"train.init_from={tmp_path / 'fp32' / 'state.pt'}",
+                               "train.epochs=1", "quant.mode=qat", "quant.format=int",
+                               "quant.bits=4", "quant.per_channel=true", "optim.lr=0.005"])
+    session = LocalSession(checkpoint_dir=tmp_path / "qat")
+    tuned = run_trial(qat, session)[-1]
+    scratch = run_trial(qat.with_overrides(["train.init_from="]), LocalSession())[-1]
+    # One epoch at a small lr from the trained weights stays near them, and ahead of one
+    # epoch from scratch (the tiny data's FP32 trial is far from chance).
+    assert tuned["test_acc_q"] >= fp32_history[-1]["test_acc"] - 0.1
+    assert tuned["train_loss"] < scratch["train_loss"]
+    w = load_state_file(tmp_path / "qat")["model"]["features.0.parametrizations.weight.original"]
+    assert (w - trained["features.0.weight"]).abs().max() < 0.05  # moved a little, from there
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("missing", "allowed a checkpoint folder holding state.pt, or such a file"),
+    ("garbage", "is not a readable checkpoint"),
+    ("other_model", "its weights are not this model's (other shapes: classifier.net.1.weight"),
+])
+def test_init_from_a_bad_checkpoint_names_the_field(tiny_root: Path, tmp_path: Path,
+                                                    case: str, fragment: str) -> None:
+    source = tmp_path / "source"
+    if case == "garbage":
+        source.mkdir()
+        (source / "state.pt").write_bytes(b"not a checkpoint")
+    elif case == "other_model":
+        run_trial(tiny(tiny_root, "train.epochs=1", "model.hidden=[16]"),
+                  LocalSession(checkpoint_dir=source))
+    cfg = tiny(tiny_root, f"train.init_from={source}", "train.epochs=1")
+    with pytest.raises(ConfigError, match="train.init_from=") as error:
+        run_trial(cfg, LocalSession())
+    assert fragment in str(error.value), str(error.value)

@@ -348,6 +348,10 @@ class TrainConfig(_Section):
     threads: int = 0  # torch intra-op threads per worker; 0: round(cpus_per_worker)
     device: str = "auto"  # auto: cuda when use_gpu and available, else cpu
     checkpoint: bool = True  # a checkpoint every epoch (model, optimizer, schedule, RNG)
+    # Start from the weights of a trained model of the same architecture: a qsweep
+    # checkpoint folder (or its state.pt), e.g. QAT fine-tuning of an FP32 model. Only
+    # the weights: optimizer, schedule and epochs start afresh. "": the seeded init.
+    init_from: str = ""
     # Diverged: weights inf/NaN, or this many non-finite batch losses in a row (every
     # step skipped); the trial then stops within its epoch (trainables/loop.py).
     nonfinite_streak: int = 20

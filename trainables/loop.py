@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 import optim
-from trainables.config import OptimConfig, TrainConfig, TrialConfig
+from trainables.config import ConfigError, OptimConfig, TrainConfig, TrialConfig
 from trainables.data import BatchLoader, load_splits
 from trainables.models import build_model
 from trainables.sessions import ARTIFACTS_DIR, STATE_FILE, Session
@@ -141,6 +141,36 @@ class _Counts:
         return mean, correct / max(n, 1), int(n)
 
 
+def load_initial_weights(model: nn.Module, source: str) -> None:
+    """``train.init_from``: the model weights of a checkpoint folder or state file of the
+    same architecture (strict: every tensor, same shapes), errors naming the field."""
+    path = Path(source).expanduser()
+    state_file = path / STATE_FILE if path.is_dir() else path
+    if not state_file.is_file():
+        raise ConfigError(f"train.init_from={source!r} is invalid: allowed a checkpoint "
+                          f"folder holding {STATE_FILE}, or such a file (none at {state_file})")
+    try:
+        state = torch.load(state_file, weights_only=True, map_location="cpu")
+    except Exception as error:  # a damaged or foreign file: say which
+        raise ConfigError(f"train.init_from={source!r} is invalid: {state_file} is not a "
+                          f"readable checkpoint ({type(error).__name__}: {error})") from None
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise ConfigError(f"train.init_from={source!r} is invalid: {state_file} holds no "
+                          "'model' weights (allowed a qsweep checkpoint)")
+    ours = model.state_dict()
+    missing, extra = sorted(set(ours) - set(weights)), sorted(set(weights) - set(ours))
+    shapes = [k for k in ours if k in weights and weights[k].shape != ours[k].shape]
+    if missing or extra or shapes:
+        problems = [f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                    for what, keys in (("missing", missing), ("unexpected", extra),
+                                       ("other shapes", shapes)) if keys]
+        raise ConfigError(f"train.init_from={source!r} is invalid: its weights are not this "
+                          f"model's ({'; '.join(problems)}); allowed a checkpoint of the same "
+                          "model.* architecture and dataset")
+    model.load_state_dict(weights)
+
+
 class _Trainer:
     """The state of one trial on one worker; :func:`run_trial` drives it."""
 
@@ -153,6 +183,8 @@ class _Trainer:
         self.splits = load_splits(cfg.data, seed=cfg.train.seed)
         model = build_model(cfg.model, self.splits.in_channels, self.splits.image_size,
                             self.splits.num_classes).to(self.device)
+        if cfg.train.init_from:  # before the stages: QAT re-parametrizes the weights
+            load_initial_weights(model, cfg.train.init_from)
         for stage in stages:  # before DDP and the optimizer see the parameters
             model = stage.prepare(model)
         self.model = model
