@@ -118,8 +118,8 @@ def test_a_gpu_trial_without_any_gpu_stops_at_once(tmp_path: Path, tiny_root: Pa
 
 def test_a_trial_larger_than_the_embedded_cluster_stops_at_once(tmp_path: Path,
                                                                  tiny_root: Path) -> None:
-    """Before: a 4-worker DDP trial on this 2-CPU machine waited for its worker group
-    (Train's 60 s start-up timeout), was retried, then failed with a traceback."""
+    """Before: a 3-worker DDP trial on this 2-CPU machine never ended: Train's worker
+    group start timed out every 60 s and was retried (still waiting after 8 minutes)."""
     from ray._private.utils import get_num_cpus
 
     workers = get_num_cpus() + 1
