@@ -6,7 +6,9 @@ A value is a sign and an unsigned integer exponent code ``e`` on a base-2 grid w
     x = sign * scale * 2 ** (-e / gamma),   e in {0, ..., levels - 1}
 
 ``bits`` counts the sign bit, so the exponent has ``bits - 1`` bits; its all-ones code
-(``e == levels``) means zero. ``scale`` is the largest magnitude (per tensor). Rounding is
+(``e == levels``) means zero. ``scale`` is the largest magnitude, per tensor or, with
+``per_channel``, per output channel (axis 0, as IntFormat): a channel of small weights
+then uses the whole grid instead of its bottom codes. Rounding is
 to the nearest code in the log domain (nearest in relative error); a magnitude below the
 smallest level either becomes zero (``underflow="zero"``, when it is closer to 0 than to
 the smallest level) or stays at the smallest level (``underflow="clamp"``, what a
@@ -17,6 +19,7 @@ Example::
     fmt = LNSFormat(bits=4, frac_bits=0)   # sign + 3-bit exponent: 1, 1/2, ..., 1/64, 0
     q = fmt.fake_quantize(torch.randn(100))  # every |q| / max|x| is a power of two or 0
     enc = fmt.quantize(w)                    # codes: sign bit + exponent, and the scale
+    LNSFormat(4, 0, per_channel=True).quantize(w).params["scale"]   # max |w| per row
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class LNSFormat:
 
     bits: int = 8
     frac_bits: int = 3
+    per_channel: bool = False  # default_scale: one scale per output channel (axis 0)
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
@@ -46,6 +50,9 @@ class LNSFormat:
         if not isinstance(self.frac_bits, int) or not 0 <= self.frac_bits <= 10:
             raise ValueError(f"frac_bits={self.frac_bits!r} is invalid: allowed an integer "
                              "in 0..10")
+        if not isinstance(self.per_channel, bool):
+            raise ValueError(f"per_channel={self.per_channel!r} is invalid: allowed true or "
+                             "false")
 
     @property
     def gamma(self) -> int:
@@ -77,7 +84,7 @@ class LNSFormat:
         if underflow not in UNDERFLOWS:
             raise ValueError(f"underflow={underflow!r} is invalid: allowed one of "
                              f"{', '.join(UNDERFLOWS)}")
-        scale = torch.as_tensor(scale, dtype=torch.float64, device=x.device)
+        scale = _broadcast(torch.as_tensor(scale, dtype=torch.float64, device=x.device), x)
         # In place after the first copy: QAT encodes every weight at every step, and each
         # float64 temporary cost as much as the arithmetic (LNS-4 QAT of LeNet: 1.31x FP32).
         ratio = x.detach().to(torch.float64, copy=True).abs_().div_(scale)
@@ -97,7 +104,8 @@ class LNSFormat:
     def decode(self, sign: torch.Tensor, code: torch.Tensor, scale: torch.Tensor | float,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The values that (sign, code) encode, in ``dtype``."""
-        scale = torch.as_tensor(scale, dtype=torch.float64, device=code.device)
+        scale = _broadcast(torch.as_tensor(scale, dtype=torch.float64, device=code.device),
+                           code)
         if code.dtype not in (torch.int32, torch.int64):
             code = code.long()
         # index_select of the flat codes: 4x faster than table[code] on this CPU.
@@ -107,12 +115,18 @@ class LNSFormat:
 
     @property
     def name(self) -> str:
-        return f"lns{self.bits}" + (f"f{self.frac_bits}" if self.frac_bits else "")
+        return (f"lns{self.bits}" + (f"f{self.frac_bits}" if self.frac_bits else "") +
+                ("-pc" if self.per_channel else ""))
 
-    @staticmethod
-    def default_scale(x: torch.Tensor) -> torch.Tensor:
-        """max |x| (float32), so nothing clips; tiny for an all-zero tensor."""
-        return x.detach().abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
+    def default_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """max |x| (float32), so nothing clips; tiny for an all-zero tensor (or channel).
+        Per channel: one per index of axis 0 (a 0-dim tensor has one)."""
+        magnitude = x.detach().abs()
+        if self.per_channel and x.dim() > 0:
+            top = magnitude.reshape(x.shape[0], -1).amax(1)
+        else:
+            top = magnitude.max()
+        return top.float().clamp_min(torch.finfo(torch.float32).tiny)
 
     def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor | float | None = None,
                       underflow: str = "zero") -> torch.Tensor:
@@ -123,8 +137,8 @@ class LNSFormat:
             raise ValueError(f"underflow={underflow!r} is invalid: allowed one of "
                              f"{', '.join(UNDERFLOWS)}")
         own_scale = scale is None
-        scale = torch.as_tensor(self.default_scale(x) if own_scale else scale,
-                                dtype=torch.float64, device=x.device)
+        scale = _broadcast(torch.as_tensor(self.default_scale(x) if own_scale else scale,
+                                           dtype=torch.float64, device=x.device), x)
         ratio = x.detach().to(torch.float64, copy=True).abs_().div_(scale)
         code = torch.log2(ratio).mul_(-self.gamma).round_()  # as encode()
         code = code.nan_to_num_(nan=float(self.levels - 1)).clamp_(0, self.levels - 1)
@@ -138,7 +152,7 @@ class LNSFormat:
         else:
             zero = ratio == 0
         q = q.masked_fill_(zero, 0.0).to(x.dtype)
-        if own_scale and bool(torch.isfinite(scale)):
+        if own_scale and bool(torch.isfinite(scale).all()):
             return q  # max |x| is finite (max propagates NaN): x holds no inf or NaN
         return torch.where(torch.isfinite(x), q, x)  # NaN and inf stay what they were
 
@@ -155,7 +169,9 @@ class LNSFormat:
         sign, code = self.encode(x, scale, underflow)
         code = torch.where(sign == 0, self.zero_code, code.to(torch.int64))  # exact zeros
         codes = code | ((sign < 0).to(torch.int64) << (self.bits - 1))
-        return Encoded(codes, self.bits, {"scale": scale.reshape(())})
+        # One scale per channel (shape (C,)) or per tensor (0-dim).
+        return Encoded(codes, self.bits,
+                       {"scale": scale.reshape(-1) if scale.dim() else scale.reshape(())})
 
     def dequantize(self, enc: Encoded, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         code = enc.codes & ((1 << (self.bits - 1)) - 1)
@@ -166,6 +182,13 @@ class LNSFormat:
     def on_grid(self, x: torch.Tensor, scale: torch.Tensor | float) -> bool:
         """Whether every value of ``x`` is exactly a grid value (for tests and asserts)."""
         return bool(torch.equal(self.fake_quantize(x, scale), x))
+
+
+def _broadcast(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-channel scale (shape (C,)) shaped to multiply ``like`` along axis 0."""
+    if scale.dim() == 1 and like.dim() > 1:
+        return scale.reshape(-1, *([1] * (like.dim() - 1)))
+    return scale
 
 
 @functools.lru_cache(maxsize=64)

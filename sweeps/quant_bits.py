@@ -79,6 +79,7 @@ class BitSpace:
         elif fmt == "lns":
             trial.suggest_int("quant.bits", 2, 8)
             trial.suggest_int("quant.lns_frac_bits", 0, 3)
+            trial.suggest_categorical("quant.per_channel", [True, False])
         if mode == "qat":
             trial.suggest_float("optim.lr", *QAT_LR, log=True)
         return None
@@ -96,11 +97,10 @@ class LayerBitSpace:
     modes: tuple[str, ...] = ("ptq", "qat")
 
     def __call__(self, trial: Any) -> dict[str, Any]:
-        fmt = trial.suggest_categorical("quant.format", list(self.formats))
+        trial.suggest_categorical("quant.format", list(self.formats))
         mode = trial.suggest_categorical("quant.mode", list(self.modes))
         bits = [trial.suggest_int(f"space.bits.{name}", 2, 8) for name in self.layers]
-        if fmt == "int":
-            trial.suggest_categorical("quant.per_channel", [True, False])
+        trial.suggest_categorical("quant.per_channel", [True, False])  # int and lns
         if mode == "qat":
             trial.suggest_float("optim.lr", *QAT_LR, log=True)
         return {"quant.layer_bits": bits}
@@ -184,7 +184,7 @@ def describe(config: dict[str, Any]) -> str:
     q = TrialConfig.from_stored(config).quant
     text = f"{q.mode} {q.weight_format().name}"
     if q.layer_bits:  # the format with its bits per layer instead of one width
-        kind = q.format + ("-pc" if q.format == "int" and q.per_channel else "")
+        kind = q.format + ("-pc" if q.per_channel else "")
         text = f"{q.mode} {kind} bits={'/'.join(map(str, q.layer_bits))}"
     return text + (f" lr={config['optim.lr']:.3g}" if q.mode == "qat" else "")
 

@@ -123,3 +123,27 @@ def test_a_zero_dim_tensor_leaves_the_shared_grid_alone():
     assert fmt.fake_quantize(torch.tensor(2.5), underflow="clamp").item() == 2.5
     assert fmt.decode(torch.tensor(1, dtype=torch.int8), torch.tensor(0), 2.5).item() == 2.5
     assert torch.equal(fmt.unit_magnitudes(), grid)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (4, 3, 3, 3), (7,)])
+@pytest.mark.parametrize("bits, frac_bits", [(4, 0), (8, 3)])
+def test_per_channel_is_per_tensor_on_each_output_channel(shape, bits, frac_bits):
+    """The oracle: the per-tensor format applied to each row (axis 0) with its own max."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * torch.logspace(-3, 1, shape[0]).reshape(
+        -1, *([1] * (len(shape) - 1)))
+    x[1] = 0.0  # an all-zero channel
+    fmt, tensor_fmt = LNSFormat(bits, frac_bits, per_channel=True), LNSFormat(bits, frac_bits)
+    expected = torch.stack([tensor_fmt.fake_quantize(row) for row in x])
+    assert torch.equal(fmt.fake_quantize(x), expected)
+    enc = fmt.quantize(x)
+    assert enc.params["scale"].shape == (shape[0],)
+    assert torch.equal(enc.params["scale"], x.abs().reshape(shape[0], -1).amax(1).clamp_min(
+        torch.finfo(torch.float32).tiny))
+    assert torch.equal(fmt.dequantize(enc), expected)
+    # Small channels use the whole grid: better SQNR than one scale for the tensor.
+    def sqnr(q):
+        return float(10 * torch.log10(x.pow(2).sum() / (x - q).pow(2).sum()))
+    if len(shape) > 1:
+        assert sqnr(expected) > sqnr(tensor_fmt.fake_quantize(x))
+    assert fmt.name == f"lns{bits}" + (f"f{frac_bits}" if frac_bits else "") + "-pc"

@@ -19,7 +19,8 @@ from quant.packed import format_from_dict, format_to_dict
 INT_FORMATS = [IntFormat(b, s, pc) for b in (2, 3, 4, 8, 12, 16) for s in (True, False)
                for pc in (False, True)]
 ALL_FORMATS = [*INT_FORMATS, FloatFormat("fp16"), FloatFormat("bf16"), LNSFormat(4, 0),
-               LNSFormat(8, 3), CodebookFormat(2), CodebookFormat(4), CodebookFormat(16)]
+               LNSFormat(4, 1, per_channel=True), LNSFormat(8, 3), CodebookFormat(2),
+               CodebookFormat(4), CodebookFormat(16)]
 
 
 def torch_fake_quant(fmt: IntFormat, x: torch.Tensor) -> torch.Tensor:
@@ -180,6 +181,7 @@ def test_nan_passes_through_fake_quant_and_cannot_be_encoded() -> None:
     (lambda: CodebookFormat(k=257), "k=257"),
     (lambda: FloatFormat("fp8"), "kind='fp8' is invalid: allowed one of fp16, bf16"),
     (lambda: LNSFormat(bits=17), "bits=17"),
+    (lambda: LNSFormat(4, 0, per_channel="yes"), "per_channel='yes' is invalid: allowed true"),
     (lambda: format_from_dict({"type": "posit", "bits": 8}), "type='posit' is invalid"),
 ])
 def test_bad_formats_name_the_field(make, match: str) -> None:

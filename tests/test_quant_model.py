@@ -99,8 +99,8 @@ def test_overrides_give_mixed_precision_and_none_keeps_float() -> None:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("fmt", [IntFormat(8), IntFormat(4, True, True), IntFormat(4, False),
-                                 LNSFormat(4, 0), LNSFormat(8, 3), CodebookFormat(2),
-                                 CodebookFormat(16), FloatFormat("bf16")],
+                                 LNSFormat(4, 0), LNSFormat(8, 3), LNSFormat(4, 0, True),
+                                 CodebookFormat(2), CodebookFormat(16), FloatFormat("bf16")],
                          ids=lambda f: f.name)
 def test_packed_model_restores_bit_for_bit(tmp_path: Path, name: str, fmt) -> None:
     model, x = make(name)

@@ -53,8 +53,9 @@ def packed_accuracy(cfg: TrialConfig, path: Path) -> float:
 @pytest.mark.parametrize("mode", ["ptq", "qat"])
 @pytest.mark.parametrize("fmt", [["quant.format=int", "quant.bits=4", "quant.per_channel=true"],
                                  ["quant.format=lns", "quant.bits=4"],
+                                 ["quant.format=lns", "quant.bits=4", "quant.per_channel=true"],
                                  ["quant.format=codebook", "quant.k=4"]],
-                         ids=["int4", "lns4", "k4"])
+                         ids=["int4", "lns4", "lns4-pc", "k4"])
 def test_the_packed_file_reproduces_the_evaluated_accuracy(tiny_root: Path, tmp_path: Path,
                                                            mode: str, fmt: list[str]) -> None:
     cfg = tiny(tiny_root, f"quant.mode={mode}", *fmt)

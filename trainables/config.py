@@ -415,7 +415,7 @@ class QuantSection(_Section):
     format: str = "int"
     bits: int = 8  # int, lns (sign included)
     symmetric: bool = True  # int
-    per_channel: bool = False  # int: one scale per output channel
+    per_channel: bool = False  # int, lns: one scale per output channel
     lns_frac_bits: int = 0  # lns: 2**k codes per octave
     k: int = 16  # codebook entries per tensor
     first_last_bits: int = 0
@@ -517,7 +517,7 @@ class QuantSection(_Section):
         if self.format == "int":
             return quant.IntFormat(bits, self.symmetric, self.per_channel)
         if self.format == "lns":
-            return quant.LNSFormat(bits, self.lns_frac_bits)
+            return quant.LNSFormat(bits, self.lns_frac_bits, self.per_channel)
         if self.format == "codebook":
             return quant.CodebookFormat(self.k)
         return quant.FloatFormat(self.format)
