@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -252,24 +253,61 @@ def _absolute_paths(base: TrialConfig) -> TrialConfig:
              "data.cache_dir": str(cache_dir(base.data).resolve())}
     for key, value in (("data.extra_test", base.data.extra_test),
                        ("train.init_from", base.train.init_from)):
-        if value:  # "" means unset
+        if value and not value.startswith(RUN_CHECKPOINT):  # "": unset; runs:/ID: MLflow's
             paths[key] = str(Path(value).expanduser().resolve())
     return base.replace(paths)
 
 
+RUN_CHECKPOINT = "runs:/"  # train.init_from=runs:/RUN_ID: that MLflow run's checkpoint
+
+
 def check_initial_weights(base: TrialConfig, points: tuple[Mapping[str, Any], ...]) -> None:
     """Every ``train.init_from`` the trials will load, loaded once into its model here:
-    a missing file or another architecture stops the sweep before Ray starts."""
+    a missing file or another architecture stops the sweep before Ray starts (a
+    ``runs:/`` value is checked once :func:`resolve_run_checkpoints` fetched it)."""
     from trainables.data import load_splits
     from trainables.loop import load_initial_weights
     from trainables.models import build_model
 
     configs = {base.replace(p) for p in points} if points else {base}
     for cfg in {c for c in configs if c.train.init_from}:
+        if cfg.train.init_from.startswith(RUN_CHECKPOINT):
+            continue
         splits = load_splits(cfg.data, seed=cfg.train.seed)
         model = build_model(cfg.model, splits.in_channels, splits.image_size,
                             splits.num_classes)
         load_initial_weights(model, cfg.train.init_from)
+
+
+def resolve_run_checkpoints(sweep: Sweep, base: TrialConfig, tracker: SweepTracker
+                            ) -> tuple[Sweep, TrialConfig]:
+    """``train.init_from=runs:/RUN_ID`` (in the base config or a point): the final
+    checkpoint that run logged (``checkpoint/state.pt``), downloaded once into the sweep's
+    storage (``<storage_path>/init_from/RUN_ID/``, shared by the nodes of a cluster), so
+    a QAT sweep fine-tunes an FP32 trial by its run id. Errors name the field."""
+    def local(value: str) -> str:
+        if not value.startswith(RUN_CHECKPOINT):
+            return value
+        run_id = value[len(RUN_CHECKPOINT):].strip("/")
+        folder = Path(sweep.storage_path).resolve() / "init_from" / run_id
+        if not (folder / "state.pt").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                got = tracker.client.download_artifacts(run_id, "checkpoint/state.pt",
+                                                        str(folder))
+            except Exception as exc:  # MLflow raises several kinds: say what is missing
+                raise ConfigError(
+                    f"train.init_from={value!r} is invalid: run {run_id} of "
+                    f"{tracker.tracking_uri} has no checkpoint/state.pt artifact ({exc}); "
+                    "allowed runs:/ID of a trial run that logged its checkpoint") from None
+            if Path(got).resolve() != (folder / "state.pt").resolve():
+                Path(got).replace(folder / "state.pt")
+        return str(folder)
+
+    points = tuple({**p, "train.init_from": local(p["train.init_from"])}
+                   if "train.init_from" in p else p for p in sweep.points)
+    base = base.replace({"train.init_from": local(base.train.init_from)})
+    return dataclasses.replace(sweep, points=points), base
 
 
 class ConsoleProgress(Callback):
@@ -616,6 +654,10 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
             prepare_data(data)
         check_initial_weights(base, sweep.points)
     tracker = SweepTracker(sweep.tracking_uri, sweep.name)  # fails now if the store is bad
+    if RUN_CHECKPOINT in repr((base.train.init_from, sweep.points)):
+        sweep, base = resolve_run_checkpoints(sweep, base, tracker)
+        if sweep.prepare_data:
+            check_initial_weights(base, sweep.points)
     if sweep.resume_run_id:
         return _resume(sweep, base, tracker, searched)
     # The MLflow parent run and the Tune run folder share this name.

@@ -252,3 +252,34 @@ def test_init_from_a_bad_checkpoint_names_the_field(tiny_root: Path, tmp_path: P
     with pytest.raises(ConfigError, match="train.init_from=") as error:
         run_trial(cfg, LocalSession())
     assert fragment in str(error.value), str(error.value)
+
+
+def test_init_from_an_mlflow_run_fetches_its_checkpoint(tiny_root: Path, tmp_path: Path) -> None:
+    """train.init_from=runs:/RUN_ID: the run's logged checkpoint (what the sweep callback
+    logs as checkpoint/state.pt), downloaded once into the sweep's storage."""
+    from sweeps.runner import Sweep, resolve_run_checkpoints
+    from sweeps.tracking import SweepTracker
+
+    fp32 = tiny(tiny_root, "train.epochs=1")
+    run_trial(fp32, LocalSession(checkpoint_dir=tmp_path / "ckpt"))
+    tracker = SweepTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "fp32")
+    trial_run = tracker.start_sweep("an fp32 trial")
+    tracker.log_artifact(trial_run, tmp_path / "ckpt" / "state.pt", "checkpoint")
+    empty_run = tracker.start_sweep("a run without a checkpoint")
+    qat = fp32.with_overrides([f"train.init_from=runs:/{trial_run}", "quant.mode=qat"])
+    sweep = Sweep(name="qat", base=qat, points=({"optim.lr": 0.01},
+                                                {"train.init_from": f"runs:/{trial_run}"}),
+                  storage_path=str(tmp_path / "results"), tracking_uri=tracker.tracking_uri)
+    sweep, base = resolve_run_checkpoints(sweep, qat, tracker)
+    folder = tmp_path / "results" / "init_from" / trial_run
+    assert base.train.init_from == str(folder) and (folder / "state.pt").is_file()
+    assert sweep.points[1]["train.init_from"] == str(folder)
+    assert torch.equal(load_state_file(folder)["model"]["features.0.weight"],
+                       load_state_file(tmp_path / "ckpt")["model"]["features.0.weight"])
+    assert run_trial(base, LocalSession())[-1]["train_loss"] < \
+        run_trial(qat.with_overrides(["train.init_from="]), LocalSession())[-1]["train_loss"]
+    bad = fp32.with_overrides([f"train.init_from=runs:/{empty_run}"])
+    with pytest.raises(ConfigError, match=f"train.init_from='runs:/{empty_run}' is invalid: "
+                                          f"run {empty_run} of sqlite:.* has no checkpoint"):
+        resolve_run_checkpoints(Sweep(name="x", base=bad, points=({},),
+                                      storage_path=str(tmp_path / "results")), bad, tracker)
