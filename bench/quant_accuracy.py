@@ -33,10 +33,12 @@ MODELS = {"lenet5": ["model.name=lenet", "model.channels=[6,16]", "model.hidden=
                      "model.kernel_size=5"],
           "resnet20": ["model.name=resnet20"]}
 PTQ = {"int8": "IntFormat(8, True, True)", "int4": "IntFormat(4, True, True)",
-       "lns8": "LNSFormat(8, 3)", "lns4": "LNSFormat(4, 0)", "k2": "CodebookFormat(2)",
+       "lns8": "LNSFormat(8, 3)", "lns4": "LNSFormat(4, 0)",
+       "lns4 per-channel": "LNSFormat(4, 0, per_channel=True)", "k2": "CodebookFormat(2)",
        "k4": "CodebookFormat(4)", "k16": "CodebookFormat(16)", "bf16": "FloatFormat('bf16')"}
 QAT = {"int4": ["quant.format=int", "quant.bits=4", "quant.per_channel=true"],
        "lns4": ["quant.format=lns", "quant.bits=4"],
+       "lns4 per-channel": ["quant.format=lns", "quant.bits=4", "quant.per_channel=true"],
        "lns8": ["quant.format=lns", "quant.bits=8", "quant.lns_frac_bits=3"],
        "int4 (first/last int8)": ["quant.format=int", "quant.bits=4", "quant.per_channel=true",
                                   "quant.first_last_bits=8"],
