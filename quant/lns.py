@@ -131,8 +131,9 @@ class LNSFormat:
     def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor | float | None = None,
                       underflow: str = "zero") -> torch.Tensor:
         """Round ``x`` onto the grid (``scale`` default: max |x|, so nothing clips).
-        Equal to ``decode(*encode(x))`` bit for bit, in about half the passes over ``x``
-        (QAT runs it on every weight at every step): no sign and code tensors."""
+        Equal to ``decode(*encode(x))`` bit for bit wherever the scale is finite, in
+        about half the passes over ``x`` (QAT runs it on every weight at every step): no
+        sign and code tensors. NaN and inf in ``x`` stay what they were."""
         if underflow not in UNDERFLOWS:
             raise ValueError(f"underflow={underflow!r} is invalid: allowed one of "
                              f"{', '.join(UNDERFLOWS)}")

@@ -48,7 +48,10 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.
 
 def format_to_dict(fmt: Any) -> dict[str, Any]:
     kind = next(k for k, cls in _FORMATS.items() if isinstance(fmt, cls))
-    return {"type": kind, **dataclasses.asdict(fmt)}
+    spec = {"type": kind, **dataclasses.asdict(fmt)}
+    if kind == "lns" and not spec["per_channel"]:
+        del spec["per_channel"]  # added later: per-tensor files stay readable by older code
+    return spec
 
 
 def format_from_dict(spec: dict[str, Any]) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import shlex
 import sys
@@ -127,8 +128,10 @@ def _embedded_cluster(args: argparse.Namespace) -> bool:
     it will ever have."""
     from sweeps.runner import ray_start_cluster_answers
 
-    return not (args.address not in (None, "local") or os.environ.get("RAY_ADDRESS") or
-                (args.address is None and ray_start_cluster_answers()))
+    if args.address == "local":  # wins over RAY_ADDRESS and a running cluster
+        return True
+    return not (args.address is not None or os.environ.get("RAY_ADDRESS") or
+                ray_start_cluster_answers())
 
 
 def _check_gpus_reachable(args: argparse.Namespace) -> None:
@@ -142,30 +145,40 @@ def _check_gpus_reachable(args: argparse.Namespace) -> None:
                           "allowed 0 (CPU), or --address of a cluster with GPUs")
 
 
+RAY_UNITS = 10_000  # Ray counts resources in fixed point: 1/10000 of a CPU or GPU
+
+
+def _units(amount: float) -> int:
+    return round(amount * RAY_UNITS)  # as Ray rounds a request
+
+
 def check_trial_fits(args: argparse.Namespace, cfg: TrialConfig) -> None:
     """A trial asking for more CPUs or GPUs than an embedded cluster has would wait
-    forever (a DDP trial: its worker group times out, and is retried). Say so before
-    starting. A cluster joined by address may grow (autoscaling): not checked."""
+    forever (a DDP trial: its worker group start times out and is retried, without end).
+    Say so before starting. Compared as Ray does, in its fixed-point units (3 workers of
+    2/3 CPU each need 3 x 6667 units: more than 2 CPUs). A cluster joined by address may
+    grow (autoscaling): not checked."""
     if not _embedded_cluster(args):
         return
     import torch
     from ray._private.utils import get_num_cpus  # what an embedded Ray counts
 
     t = cfg.train
-    cpus, gpus = get_num_cpus(), torch.cuda.device_count()
-    need_cpus = t.num_workers * t.cpus_per_worker
-    if need_cpus > cpus:
+    for kind, have, per_worker, field_name in (
+            ("CPUs", get_num_cpus(), t.cpus_per_worker, "cpus_per_worker"),
+            ("GPUs", torch.cuda.device_count(), t.gpus_per_worker if t.use_gpu else 0.0,
+             "gpus_per_worker")):
+        if t.num_workers * _units(per_worker) <= have * RAY_UNITS:
+            continue
+        fits = math.floor(have * RAY_UNITS / t.num_workers) / RAY_UNITS
+        flag = field_name.replace("_", "-").replace("gpus-per-worker", "gpus-per-trial")
+        hint = f" (e.g. --{flag} {fits:g})" if fits else ""
+        where = "the embedded Ray cluster on this machine" if kind == "CPUs" else "this machine"
         raise ConfigError(
-            f"train.num_workers={t.num_workers} x train.cpus_per_worker={t.cpus_per_worker:g} "
-            f"needs {need_cpus:g} CPUs per trial; the embedded Ray cluster on this machine has "
-            f"{cpus}: allowed num_workers x cpus_per_worker <= {cpus} (e.g. --cpus-per-worker "
-            f"{cpus / t.num_workers:g}), or --address of a larger cluster")
-    need_gpus = t.num_workers * t.gpus_per_worker if t.use_gpu else 0
-    if need_gpus > gpus:
-        raise ConfigError(
-            f"train.num_workers={t.num_workers} x train.gpus_per_worker={t.gpus_per_worker:g} "
-            f"needs {need_gpus:g} GPUs per trial; this machine has {gpus}: allowed "
-            f"num_workers x gpus_per_worker <= {gpus}, or --address of a cluster with more")
+            f"train.num_workers={t.num_workers} x train.{field_name}={per_worker:g} needs "
+            f"{t.num_workers * _units(per_worker) / RAY_UNITS:g} {kind} per trial (Ray counts "
+            f"1/{RAY_UNITS} units); {where} has {have}: allowed "
+            f"num_workers x {field_name} <= {have}{hint}, or --address of a larger cluster")
 
 
 def tracking_uri(args: argparse.Namespace) -> str:

@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import tempfile
@@ -247,7 +248,7 @@ def validate_points(base: TrialConfig, points: tuple[Mapping[str, Any], ...]) ->
     return [k for k in configs[0] if len({repr(c[k]) for c in configs}) > 1]
 
 
-def _absolute_paths(base: TrialConfig) -> TrialConfig:
+def absolute_paths(base: TrialConfig) -> TrialConfig:
     # Tune runs trials inside their trial folders: relative paths must be made absolute.
     paths = {"data.root": str(data_root(base.data).resolve()),
              "data.cache_dir": str(cache_dir(base.data).resolve())}
@@ -261,17 +262,26 @@ def _absolute_paths(base: TrialConfig) -> TrialConfig:
 RUN_CHECKPOINT = "runs:/"  # train.init_from=runs:/RUN_ID: that MLflow run's checkpoint
 
 
-def check_initial_weights(base: TrialConfig, points: tuple[Mapping[str, Any], ...]) -> None:
-    """Every ``train.init_from`` the trials will load, loaded once into its model here:
-    a missing file or another architecture stops the sweep before Ray starts (a
-    ``runs:/`` value is checked once :func:`resolve_run_checkpoints` fetched it)."""
+def check_initial_weights(base: TrialConfig, points: tuple[Mapping[str, Any], ...],
+                          build: bool = True) -> None:
+    """Every ``train.init_from`` the trials will load, loaded once into its model here
+    (``build=False``, where the data is not on the driver: the file only): a missing file
+    or another architecture stops the sweep before Ray starts. A ``runs:/`` value is
+    checked once :func:`resolve_run_checkpoints` fetched it."""
     from trainables.data import load_splits
-    from trainables.loop import load_initial_weights
+    from trainables.loop import load_initial_weights, read_initial_weights
     from trainables.models import build_model
 
-    configs = {base.replace(p) for p in points} if points else {base}
-    for cfg in {c for c in configs if c.train.init_from}:
-        if cfg.train.init_from.startswith(RUN_CHECKPOINT):
+    configs = [base.replace(p) for p in points] if points else [base]
+    seen = set()
+    for cfg in configs:
+        key = (cfg.data, cfg.model, cfg.train.init_from)
+        if not cfg.train.init_from or cfg.train.init_from.startswith(RUN_CHECKPOINT) or \
+                key in seen:
+            continue
+        seen.add(key)
+        if not build:
+            read_initial_weights(cfg.train.init_from)
             continue
         splits = load_splits(cfg.data, seed=cfg.train.seed)
         model = build_model(cfg.model, splits.in_channels, splits.image_size,
@@ -289,18 +299,22 @@ def resolve_run_checkpoints(sweep: Sweep, base: TrialConfig, tracker: SweepTrack
         if not value.startswith(RUN_CHECKPOINT):
             return value
         run_id = value[len(RUN_CHECKPOINT):].strip("/")
+        if not re.fullmatch(r"[0-9A-Za-z_-]+", run_id):
+            raise ConfigError(f"train.init_from={value!r} is invalid: allowed runs:/RUN_ID "
+                              "(an MLflow run id: letters, digits, - and _)")
         folder = Path(sweep.storage_path).resolve() / "init_from" / run_id
         if not (folder / "state.pt").is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            try:
-                got = tracker.client.download_artifacts(run_id, "checkpoint/state.pt",
-                                                        str(folder))
-            except Exception as exc:  # MLflow raises several kinds: say what is missing
-                raise ConfigError(
-                    f"train.init_from={value!r} is invalid: run {run_id} of "
-                    f"{tracker.tracking_uri} has no checkpoint/state.pt artifact ({exc}); "
-                    "allowed runs:/ID of a trial run that logged its checkpoint") from None
-            if Path(got).resolve() != (folder / "state.pt").resolve():
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:  # whole file, or none
+                try:
+                    got = tracker.client.download_artifacts(run_id, "checkpoint/state.pt",
+                                                            tmp)
+                except Exception as exc:  # MLflow raises several kinds: say what is missing
+                    raise ConfigError(
+                        f"train.init_from={value!r} is invalid: run {run_id} of "
+                        f"{tracker.tracking_uri} has no checkpoint/state.pt artifact ({exc}); "
+                        "allowed runs:/ID of a trial run that logged its checkpoint"
+                    ) from None
                 Path(got).replace(folder / "state.pt")
         return str(folder)
 
@@ -554,7 +568,7 @@ def _search(sweep: Sweep, base: TrialConfig) -> tuple[Any, Any, int]:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if sweep.points:
-        points = [_absolute_paths(base.replace(p)).to_flat() for p in sweep.points]
+        points = [absolute_paths(base.replace(p)).to_flat() for p in sweep.points]
         # Its own limit: Tune ignores max_concurrent_trials for this search algorithm
         # ("max_concurrent_trials will be ignored") and would start every point at once.
         return (BasicVariantGenerator(points_to_evaluate=points,
@@ -640,7 +654,7 @@ def _trial_name(trial: Any) -> str:
 
 def run_sweep(sweep: Sweep) -> SweepOutcome:
     """Validate, run the Tune search, and record the sweep as a parent MLflow run."""
-    base = _absolute_paths(sweep.base)
+    base = absolute_paths(sweep.base)
     if sweep.points:
         searched = validate_points(base, sweep.points)
         datasets = {base.replace(p).data for p in sweep.points}
@@ -652,12 +666,11 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     if sweep.prepare_data:
         for data in datasets:
             prepare_data(data)
-        check_initial_weights(base, sweep.points)
+    check_initial_weights(base, sweep.points, build=sweep.prepare_data)
     tracker = SweepTracker(sweep.tracking_uri, sweep.name)  # fails now if the store is bad
     if RUN_CHECKPOINT in repr((base.train.init_from, sweep.points)):
         sweep, base = resolve_run_checkpoints(sweep, base, tracker)
-        if sweep.prepare_data:
-            check_initial_weights(base, sweep.points)
+        check_initial_weights(base, sweep.points, build=sweep.prepare_data)
     if sweep.resume_run_id:
         return _resume(sweep, base, tracker, searched)
     # The MLflow parent run and the Tune run folder share this name.

@@ -64,6 +64,8 @@ from sweeps.outcome import FAILED, FINISHED, diverged, trial_status
 from sweeps.runner import (
     Sweep,
     SweepInterrupted,
+    absolute_paths,
+    check_initial_weights,
     driver_lock,
     restorable,
     rows_to_markdown,
@@ -177,6 +179,8 @@ class Study:
                 raise ConfigError(f"cell {cell.label}: {exc}") from None
         for data in {cell.base.data for cell in self.cells}:
             prepare_data(data)
+        for cell in self.cells:  # train.init_from: the file, and that it fits the model
+            check_initial_weights(absolute_paths(cell.base), ())
 
 
 @dataclass

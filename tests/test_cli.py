@@ -127,18 +127,26 @@ def test_a_trial_larger_than_the_embedded_cluster_stops_at_once(tmp_path: Path,
     out = run(["--smoke-test", "--num-workers", str(workers)], tmp_path, tiny_root, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert (f"train.num_workers={workers} x train.cpus_per_worker=1 needs {workers} CPUs "
-            f"per trial; the embedded Ray cluster on this machine has {workers - 1}") \
-        in out.stderr, out.stderr
+            f"per trial (Ray counts 1/10000 units); the embedded Ray cluster on this machine "
+            f"has {workers - 1}") in out.stderr, out.stderr
     assert time.time() - start < 60
     assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
-    # The same trial fits once its workers share the CPUs.
+    # Compared in Ray's fixed-point units: 2/3 of a CPU is 6667 units, 3 x 6667 > 20000
+    # (Ray would not place the third worker); the share the message suggests fits.
     from sweeps.cli import check_trial_fits, common_parser
-    from trainables.config import TrialConfig
+    from trainables.config import ConfigError, TrialConfig
 
-    args = common_parser("x", 1, 1, 1).parse_args(
-        ["--num-workers", str(workers), "--cpus-per-worker", str((workers - 1) / workers)])
-    check_trial_fits(args, TrialConfig().with_overrides(
-        [f"train.num_workers={workers}", f"train.cpus_per_worker={(workers - 1) / workers}"]))
+    args = common_parser("x", 1, 1, 1).parse_args(["--address", "local"])
+
+    def trial(cpus: float) -> TrialConfig:
+        return TrialConfig().with_overrides([f"train.num_workers={workers}",
+                                             f"train.cpus_per_worker={cpus}"])
+
+    with pytest.raises(ConfigError, match=r"needs 2.0001 CPUs per trial \(Ray counts"):
+        check_trial_fits(args, trial((workers - 1) / workers))
+    suggested = out.stderr.split("--cpus-per-worker ")[1].split(")")[0]
+    check_trial_fits(args, trial(float(suggested)))
+    assert float(suggested) * 1e4 == int(float(suggested) * 1e4)  # whole Ray units
 
 
 def test_resume_of_nothing_is_a_one_line_error_that_changes_nothing(

@@ -147,3 +147,25 @@ def test_per_channel_is_per_tensor_on_each_output_channel(shape, bits, frac_bits
     if len(shape) > 1:
         assert sqnr(expected) > sqnr(tensor_fmt.fake_quantize(x))
     assert fmt.name == f"lns{bits}" + (f"f{frac_bits}" if frac_bits else "") + "-pc"
+
+
+def test_per_channel_with_an_explicit_scale_per_channel_and_bf16():
+    fmt = LNSFormat(4, 0, per_channel=True)
+    x = torch.tensor([[0.3, -0.6, 0.05], [4.0, 1.0, -3.0]], dtype=torch.bfloat16)
+    scale = torch.tensor([1.0, 4.0])  # given, not the max: row 0 clips at 1
+    # By hand: row 0 / 1 -> 0.3 -> 2^-2 (log2 -1.74), 0.6 -> 2^-1, 0.05 -> 2^-4 (-4.32);
+    # row 1 / 4 -> 1, 1/4, 3/4 -> 2^-0 (log2 -0.415) -> 4, 1, -4.
+    expected = torch.tensor([[0.25, -0.5, 0.0625], [4.0, 1.0, -4.0]], dtype=torch.bfloat16)
+    assert torch.equal(fmt.fake_quantize(x, scale), expected)
+    sign, code = fmt.encode(x, scale)
+    assert torch.equal(fmt.decode(sign, code, scale, dtype=torch.bfloat16), expected)
+
+
+def test_all_finite_agrees_with_the_elementwise_check():
+    from quant.codes import all_finite
+
+    big = torch.full((4,), 3e38)  # the sum overflows, every element is finite
+    cases = [torch.zeros(0), torch.ones(3), big, torch.tensor([1.0, float("nan")]),
+             torch.tensor([float("inf"), -float("inf")]), big.half(), torch.tensor(2.0)]
+    for x in cases:
+        assert all_finite(x) == bool(torch.isfinite(x).all()), x

@@ -254,6 +254,25 @@ def test_init_from_a_bad_checkpoint_names_the_field(tiny_root: Path, tmp_path: P
     assert fragment in str(error.value), str(error.value)
 
 
+def test_a_resumed_trial_does_not_need_its_init_from_any_more(tiny_root: Path,
+                                                               tmp_path: Path) -> None:
+    """Its own checkpoint replaces the initial weights: a Tune restart or --resume after
+    the source checkpoint was removed goes on (before: a ConfigError)."""
+    run_trial(tiny(tiny_root, "train.epochs=1"), LocalSession(checkpoint_dir=tmp_path / "src"))
+    cfg = tiny(tiny_root, f"train.init_from={tmp_path / 'src'}", "quant.mode=qat")
+    full = run_trial(cfg, LocalSession())
+    (tmp_path / "src" / "state.pt").unlink()
+    with pytest.raises(ConfigError, match="train.init_from"):
+        run_trial(cfg, LocalSession())
+    run_trial(tiny(tiny_root, "train.epochs=1"), LocalSession(checkpoint_dir=tmp_path / "src"))
+    crashed = LocalSession(checkpoint_dir=tmp_path / "ckpt", stop_after=1)
+    with pytest.raises(InterruptedError):
+        run_trial(cfg, crashed)
+    (tmp_path / "src" / "state.pt").unlink()
+    resumed = run_trial(cfg, LocalSession(resume_from=tmp_path / "ckpt"))
+    assert [m["train_loss"] for m in resumed] == [m["train_loss"] for m in full]
+
+
 def test_init_from_an_mlflow_run_fetches_its_checkpoint(tiny_root: Path, tmp_path: Path) -> None:
     """train.init_from=runs:/RUN_ID: the run's logged checkpoint (what the sweep callback
     logs as checkpoint/state.pt), downloaded once into the sweep's storage."""
@@ -278,6 +297,9 @@ def test_init_from_an_mlflow_run_fetches_its_checkpoint(tiny_root: Path, tmp_pat
                        load_state_file(tmp_path / "ckpt")["model"]["features.0.weight"])
     assert run_trial(base, LocalSession())[-1]["train_loss"] < \
         run_trial(qat.with_overrides(["train.init_from="]), LocalSession())[-1]["train_loss"]
+    with pytest.raises(ConfigError, match="allowed runs:/RUN_ID"):
+        odd = fp32.with_overrides(["train.init_from=runs:/../elsewhere"])
+        resolve_run_checkpoints(Sweep(name="x", base=odd, points=({},)), odd, tracker)
     bad = fp32.with_overrides([f"train.init_from=runs:/{empty_run}"])
     with pytest.raises(ConfigError, match=f"train.init_from='runs:/{empty_run}' is invalid: "
                                           f"run {empty_run} of sqlite:.* has no checkpoint"):

@@ -70,6 +70,12 @@ def test_a_study_validates_every_cell_before_ray(tiny_root):
         study.validate()
     with pytest.raises(ConfigError, match="seeds=0"):
         Study(name="s", cells=(bad,), key_names=("a",), seeds=0)
+    # train.init_from is checked too (before: studies skipped it, every trial failed in Ray)
+    missing = Cell(("mnist", "mlp", "eg"), base.with_overrides(["train.init_from=nowhere"]),
+                   SearchSpace(LR))
+    study = Study(name="s", cells=(missing,), key_names=("dataset", "model", "optimizer"))
+    with pytest.raises(ConfigError, match="train.init_from=.*nowhere' is invalid"):
+        study.validate()
 
 
 def test_the_study_description_fits_mlflows_tag_limit_in_whole_lines():

@@ -141,9 +141,9 @@ class _Counts:
         return mean, correct / max(n, 1), int(n)
 
 
-def load_initial_weights(model: nn.Module, source: str) -> None:
-    """``train.init_from``: the model weights of a checkpoint folder or state file of the
-    same architecture (strict: every tensor, same shapes), errors naming the field."""
+def read_initial_weights(source: str) -> dict[str, torch.Tensor]:
+    """The model weights ``train.init_from`` names: a checkpoint folder's state.pt, or
+    such a file (``torch.load(weights_only=True)``); errors name the field."""
     path = Path(source).expanduser()
     state_file = path / STATE_FILE if path.is_dir() else path
     if not state_file.is_file():
@@ -155,9 +155,17 @@ def load_initial_weights(model: nn.Module, source: str) -> None:
         raise ConfigError(f"train.init_from={source!r} is invalid: {state_file} is not a "
                           f"readable checkpoint ({type(error).__name__}: {error})") from None
     weights = state.get("model") if isinstance(state, dict) else None
-    if not isinstance(weights, dict):
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor)
+                                                for v in weights.values()):
         raise ConfigError(f"train.init_from={source!r} is invalid: {state_file} holds no "
                           "'model' weights (allowed a qsweep checkpoint)")
+    return weights
+
+
+def load_initial_weights(model: nn.Module, source: str) -> None:
+    """``train.init_from``: the model weights of a checkpoint folder or state file of the
+    same architecture (strict: every tensor, same shapes), errors naming the field."""
+    weights = read_initial_weights(source)
     ours = model.state_dict()
     missing, extra = sorted(set(ours) - set(weights)), sorted(set(weights) - set(ours))
     shapes = [k for k in ours if k in weights and weights[k].shape != ours[k].shape]
@@ -165,16 +173,20 @@ def load_initial_weights(model: nn.Module, source: str) -> None:
         problems = [f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
                     for what, keys in (("missing", missing), ("unexpected", extra),
                                        ("other shapes", shapes)) if keys]
+        qat = any(".parametrizations." in k for k in extra)
         raise ConfigError(f"train.init_from={source!r} is invalid: its weights are not this "
                           f"model's ({'; '.join(problems)}); allowed a checkpoint of the same "
-                          "model.* architecture and dataset")
+                          "model.* architecture and dataset" +
+                          (", from a float trial (this one is a QAT trial's, whose weights "
+                           "are parametrized)" if qat else ""))
     model.load_state_dict(weights)
 
 
 class _Trainer:
     """The state of one trial on one worker; :func:`run_trial` drives it."""
 
-    def __init__(self, cfg: TrialConfig, session: Session, stages: list[Stage]) -> None:
+    def __init__(self, cfg: TrialConfig, session: Session, stages: list[Stage],
+                 resuming: bool = False) -> None:
         self.cfg, self.session, self.stages = cfg, session, stages
         self.device = pick_device(cfg.train, session.local_rank)
         threads = cfg.train.threads or max(1, round(cfg.train.cpus_per_worker))
@@ -183,7 +195,9 @@ class _Trainer:
         self.splits = load_splits(cfg.data, seed=cfg.train.seed)
         model = build_model(cfg.model, self.splits.in_channels, self.splits.image_size,
                             self.splits.num_classes).to(self.device)
-        if cfg.train.init_from:  # before the stages: QAT re-parametrizes the weights
+        # Before the stages (QAT re-parametrizes the weights); not when resuming: the
+        # trial's own checkpoint replaces them (and the source may be gone by then).
+        if cfg.train.init_from and not resuming:
             load_initial_weights(model, cfg.train.init_from)
         for stage in stages:  # before DDP and the optimizer see the parameters
             model = stage.prepare(model)
@@ -398,8 +412,9 @@ def run_trial(cfg: TrialConfig, session: Session, stages: list[Stage] | None = N
     ``DIVERGENCE_CHECK_EVERY`` batches) and reports it as its last epoch (``diverged=1``,
     where, and its losses as +inf); the stages still finalize (their metrics NaN).
     """
-    trainer = _Trainer(cfg, session, build_stages(cfg) if stages is None else stages)
     state = session.load_state()
+    trainer = _Trainer(cfg, session, build_stages(cfg) if stages is None else stages,
+                       resuming=state is not None)
     if state is not None:
         trainer.restore(state)
     while trainer.epoch < cfg.train.epochs and trainer.diverged_at is None:
