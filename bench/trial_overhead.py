@@ -78,6 +78,7 @@ def tune_trial(args: argparse.Namespace, tmp: Path) -> tuple[float, float, float
     from ray import tune
 
     import sweeps.runner as runner
+    from sweeps.spec import Sweep
 
     t0 = time.time()
     if not ray.is_initialized():
@@ -91,7 +92,7 @@ def tune_trial(args: argparse.Namespace, tmp: Path) -> tuple[float, float, float
 
     cfg = config(args, "train.cpus_per_worker=2", "train.threads=2")
     start = time.time()
-    runner.run_sweep(runner.Sweep(
+    runner.run_sweep(Sweep(
         name="bench-overhead", base=cfg, num_samples=1, max_concurrent=1,
         space=_fixed_lr,
         tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", storage_path=str(tmp / "ray"),

@@ -20,7 +20,8 @@ from sweeps.cli import (
     resume_run_id,
     tracking_uri,
 )
-from sweeps.runner import Sweep, run_sweep
+from sweeps.runner import run_sweep
+from sweeps.spec import Sweep
 
 # Chosen on a validation split, as the studies do: the test set only reports.
 METRIC, MODE = "val_acc", "max"

@@ -63,7 +63,7 @@ def common_parser(description: str, num_samples: int, max_concurrent: int,
 def resume_run_id(args: argparse.Namespace, experiment: str, kind: str) -> str | None:
     """The run ``--resume`` names: the given id, or the newest unfinished run of
     ``experiment`` with tag ``kind`` (an error naming the flag where there is none)."""
-    from sweeps.runner import find_resumable
+    from sweeps.resume import find_resumable
 
     if args.resume is None:
         return None
@@ -126,7 +126,7 @@ def _embedded_cluster(args: argparse.Namespace) -> bool:
     """Whether this sweep will start its own Ray on this machine (no --address, no
     RAY_ADDRESS, no `ray start` cluster here): then this machine's CPUs and GPUs are all
     it will ever have."""
-    from sweeps.runner import ray_start_cluster_answers
+    from sweeps.ray_env import ray_start_cluster_answers
 
     if args.address == "local":  # wins over RAY_ADDRESS and a running cluster
         return True
@@ -161,11 +161,12 @@ def check_trial_fits(args: argparse.Namespace, cfg: TrialConfig) -> None:
     if not _embedded_cluster(args):
         return
     import torch
-    from ray._private.utils import get_num_cpus  # what an embedded Ray counts
+
+    from sweeps.ray_private import ray_num_cpus  # what an embedded Ray counts
 
     t = cfg.train
     for kind, have, per_worker, field_name in (
-            ("CPUs", get_num_cpus(), t.cpus_per_worker, "cpus_per_worker"),
+            ("CPUs", ray_num_cpus(), t.cpus_per_worker, "cpus_per_worker"),
             ("GPUs", torch.cuda.device_count(), t.gpus_per_worker if t.use_gpu else 0.0,
              "gpus_per_worker")):
         if t.num_workers * _units(per_worker) <= have * RAY_UNITS:
@@ -231,7 +232,7 @@ def main_guard(main: Callable[[], int]) -> None:
     """Exit 2 with the message (no traceback) for bad input or missing data, 1 for a full
     disk, 130 for Ctrl-C (with the command that resumes); anything else propagates."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from sweeps.runner import SweepInterrupted
+    from sweeps.spec import SweepInterrupted
 
     try:
         sys.exit(main())

@@ -93,16 +93,15 @@ def _prepare(config: dict[str, Any]) -> dict[str, Any]:
     """Ray's preparation and validation, as in ``ray up``, with Ray's own printing kept
     out (its abort prints a PANIC line before raising)."""
     import jsonschema
-    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    from sweeps.ray_private import prepare_cluster_config
 
     quiet = io.StringIO()
     logger = logging.getLogger("ray.autoscaler")
     level, logger.level = logger.level, logging.CRITICAL
     try:
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            prepared = prepare_config(copy.deepcopy(config))
-            validate_config(prepared)
-        return prepared
+            return prepare_cluster_config(copy.deepcopy(config))
     except jsonschema.ValidationError as err:
         raise ClusterConfigError(_describe(err)) from None
     except Exception as err:  # noqa: BLE001  Ray raises Click, Type, Value, Runtime errors

@@ -19,10 +19,10 @@ import socket
 import subprocess
 from pathlib import Path
 
-__all__ = ["git_sha", "versions", "environment_tags"]
+__all__ = ["git_sha", "versions", "environment_tags", "version_drift", "describe_drift"]
 
 _PROJECT_DIR = Path(__file__).resolve().parent.parent
-_LIBRARIES = ("torch", "ray", "mlflow", "optuna")
+_LIBRARIES = ("torch", "torchvision", "ray", "mlflow", "optuna", "numpy")
 
 
 def git_sha() -> str:
@@ -57,3 +57,20 @@ def environment_tags() -> dict[str, str]:
     sha = git_sha()
     return {"git_sha": sha, "hostname": socket.gethostname(), **versions(),
             "mlflow.source.git.commit": sha.removesuffix("-dirty")}
+
+
+def version_drift(recorded: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(library, version the run recorded, version installed here) for each library whose
+    versions differ; a run's tags are ``recorded``. A library the run did not record (an
+    older run) is not compared; one not installed here reads "not installed"."""
+    here = versions()
+    return [(name, recorded[name], here.get(name, "not installed"))
+            for name in ("python", *_LIBRARIES)
+            if name in recorded and recorded[name] != here.get(name, "not installed")]
+
+
+def describe_drift(recorded: dict[str, str]) -> str:
+    """One line naming the differing versions ("" when none): e.g. ``optuna 5.0.0 (run)
+    vs 5.1.0 (installed)``."""
+    drift = version_drift(recorded)
+    return ", ".join(f"{name} {then} (run) vs {now} (installed)" for name, then, now in drift)

@@ -46,8 +46,9 @@ from sweeps.cli import (
     resume_run_id,
     tracking_uri,
 )
-from sweeps.runner import Sweep, rows_to_markdown, run_sweep
-from sweeps.tracking import SweepTracker
+from sweeps.runner import run_sweep
+from sweeps.spec import Sweep
+from sweeps.tracking import SweepTracker, rows_to_markdown
 from trainables.config import ConfigError, TrialConfig
 
 NAME = "quant_bits"

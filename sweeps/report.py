@@ -21,8 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sweeps.runner import SUMMARY_METRICS, rows_to_csv, rows_to_markdown
-from sweeps.tracking import existing_store, plot_sweep
+from sweeps.provenance import describe_drift
+from sweeps.spec import SUMMARY_METRICS
+from sweeps.tracking import existing_store, plot_sweep, rows_to_csv, rows_to_markdown
 from trainables.config import ConfigError
 
 __all__ = ["main", "report"]
@@ -123,6 +124,9 @@ def report(target: str, tracking_uri: str, out: Path | None = None) -> str:
     run = _resolve(client, target)
     kind, status = run.data.tags.get("kind", ""), run.info.status
     lines = [f"# {run.info.run_name} ({kind}, {status}, run {run.info.run_id})", ""]
+    drift = describe_drift(run.data.tags)
+    if drift:  # numbers made with other libraries may not reproduce here
+        lines += [f"Library versions differ from the installed ones: {drift}.", ""]
     with tempfile.TemporaryDirectory() as tmp:
         if kind == "study":
             children = _children(client, run)

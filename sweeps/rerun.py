@@ -1,6 +1,6 @@
 """Re-run one trial from its MLflow run id: its logged config (config.yaml), in this
-process, no Ray; warns when this code's git SHA differs from the one the run was made
-with. The result prints beside the run's own final metrics.
+process, no Ray; warns when this code's git SHA, or a library's version, differs from
+what the run was made with. The result prints beside the run's own final metrics.
 
     python -m sweeps.rerun 3f2a...c9
     python -m sweeps.rerun 3f2a...c9 --set train.epochs=1 --tracking-uri sqlite:///x.db
@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sweeps.provenance import git_sha
+from sweeps.provenance import describe_drift, git_sha
 from sweeps.tracking import existing_store
 from trainables.config import ConfigError, TrialConfig, dotted_keys
 
@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     if logged_sha != here:
         print(f"warning: run {args.run_id} was made with code {logged_sha}; this is {here}: "
               "numbers may differ", file=sys.stderr)
+    drift = describe_drift(run.data.tags)
+    if drift:
+        print(f"warning: library versions differ: {drift}: numbers may differ",
+              file=sys.stderr)
     print(f"re-running {run.info.run_name} ({args.run_id})", flush=True)
     history = run_trial(cfg.replace({"train.checkpoint": False}), LocalSession())
     final = history[-1]

@@ -60,19 +60,13 @@ from sweeps.compare import (
     table_rows,
     weight_vector,
 )
+from sweeps.init_weights import absolute_paths, check_initial_weights
 from sweeps.outcome import FAILED, FINISHED, diverged, trial_status
-from sweeps.runner import (
-    Sweep,
-    SweepInterrupted,
-    absolute_paths,
-    check_initial_weights,
-    driver_lock,
-    restorable,
-    rows_to_markdown,
-    run_sweep,
-    validate_points,
-)
-from sweeps.tracking import SweepTracker, default_tracking_uri, result_history
+from sweeps.resume import driver_lock, restorable
+from sweeps.runner import run_sweep
+from sweeps.search import validate_points
+from sweeps.spec import Sweep, SweepInterrupted
+from sweeps.tracking import SweepTracker, default_tracking_uri, result_history, rows_to_markdown
 from trainables.config import ConfigError, DataConfig, TrialConfig
 from trainables.data import load_splits, prepare_data
 from trainables.sessions import load_state_file

@@ -120,9 +120,9 @@ def test_a_trial_larger_than_the_embedded_cluster_stops_at_once(tmp_path: Path,
                                                                  tiny_root: Path) -> None:
     """Before: a 3-worker DDP trial on this 2-CPU machine never ended: Train's worker
     group start timed out every 60 s and was retried (still waiting after 8 minutes)."""
-    from ray._private.utils import get_num_cpus
+    from sweeps.ray_private import ray_num_cpus
 
-    workers = get_num_cpus() + 1
+    workers = ray_num_cpus() + 1
     start = time.time()
     out = run(["--smoke-test", "--num-workers", str(workers)], tmp_path, tiny_root, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
@@ -175,7 +175,7 @@ def test_resume_of_nothing_is_a_one_line_error_that_changes_nothing(
 
 def test_gpus_per_trial_auto_shares_the_clusters_gpus() -> None:
     from sweeps.cli import base_config, common_parser
-    from sweeps.runner import gpu_share
+    from sweeps.ray_env import gpu_share
 
     parser = common_parser("t", 4, 2, 3)
     assert parser.parse_args([]).gpus_per_trial == "auto"  # the default: ray submit uses GPUs

@@ -64,7 +64,7 @@ def test_no_credentials(config: dict) -> None:
 def test_gpus_per_trial_auto_sees_the_gpus_the_autoscaler_can_add(tmp_path: Path) -> None:
     """ray submit cluster/gpu.yaml: no GPU node runs yet when the driver starts; auto reads
     the launcher's config (the head's ~/ray_bootstrap_config.yaml) instead."""
-    from sweeps.runner import autoscaler_gpus, gpu_share
+    from sweeps.ray_env import autoscaler_gpus, gpu_share
 
     # 8 x T4 (1 GPU) + 2 x g5.12xlarge (4 GPUs), at most 8 workers of 4 GPUs
     assert autoscaler_gpus(CONFIG) == 16.0

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sweeps.compare import CellResult, mean_ci, paired_rows, table_rows, weight_stats, weight_vector
-from sweeps.runner import Sweep, validate_points
+from sweeps.search import validate_points
+from sweeps.spec import Sweep
 from trainables.config import ConfigError, TrialConfig
 
 KEYS = ("dataset", "model", "optimizer")

@@ -127,7 +127,7 @@ def test_layer_bits_set_each_layers_format_and_must_match_the_model(tiny_root: P
 def test_the_per_layer_space_folds_its_bits_into_the_config() -> None:
     """Optuna learns from space.bits.<layer>; the trial's config gets quant.layer_bits."""
     from sweeps.quant_bits import LayerBitSpace
-    from sweeps.runner import DivergenceAwareOptunaSearch, validate_space
+    from sweeps.search import DivergenceAwareOptunaSearch, validate_space
     from trainables.config import TrialConfig
 
     space = LayerBitSpace(layers=("conv1", "conv2", "fc1", "out"))

@@ -276,7 +276,8 @@ def test_a_resumed_trial_does_not_need_its_init_from_any_more(tiny_root: Path,
 def test_init_from_an_mlflow_run_fetches_its_checkpoint(tiny_root: Path, tmp_path: Path) -> None:
     """train.init_from=runs:/RUN_ID: the run's logged checkpoint (what the sweep callback
     logs as checkpoint/state.pt), downloaded once into the sweep's storage."""
-    from sweeps.runner import Sweep, resolve_run_checkpoints
+    from sweeps.init_weights import resolve_run_checkpoints
+    from sweeps.spec import Sweep
     from sweeps.tracking import SweepTracker
 
     fp32 = tiny(tiny_root, "train.epochs=1")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sweeps.report import main, report
-from sweeps.runner import space_ranges
+from sweeps.search import space_ranges
 from sweeps.tracking import SweepTracker, quant_label, trial_run_name, trial_tags
 from trainables.config import TrialConfig
 
@@ -98,6 +98,23 @@ def test_report_of_a_running_study_builds_the_table_from_its_final_trials(tmp_pa
     assert "'nope' is invalid: allowed a run id or one of the experiments" in \
         capsys.readouterr().err
     assert main(["demo", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+
+
+def test_the_report_says_which_library_versions_differ_from_the_installed_ones(tmp_path):
+    from sweeps.provenance import version_drift, versions
+
+    uri, tracker = _store(tmp_path)
+    here = versions()
+    same = tracker.start_sweep("same", tags={"kind": "search"})  # tags the versions here
+    assert "differ" not in report(same, uri)
+    older = tracker.start_sweep("older", tags={"kind": "search", "optuna": "0.0.1",
+                                               "ray": here["ray"]})
+    text = report(older, uri)
+    assert (f"Library versions differ from the installed ones: optuna 0.0.1 (run) vs "
+            f"{here['optuna']} (installed).") in text
+    assert version_drift({"python": here["python"], "numpy": "0.1", "left_alone": "x"}) == \
+        [("numpy", "0.1", here["numpy"])]
+    assert version_drift({"optuna": here["optuna"]}) == []
 
 
 def test_experiment_opens_on_the_runs_table_with_a_description(tmp_path):
@@ -186,7 +203,8 @@ def test_a_trial_reruns_from_its_run_id(tmp_path, tiny_root, capsys):
 
 
 def test_search_runs_log_the_ranges_and_constants_as_trials_ran_them():
-    from sweeps.runner import Sweep, _fixed
+    from sweeps.search import fixed_config
+    from sweeps.spec import Sweep
 
     def space(trial):
         if trial.suggest_categorical("optim.name", ["sgd", "eg"]) == "eg":
@@ -201,9 +219,9 @@ def test_search_runs_log_the_ranges_and_constants_as_trials_ran_them():
     base = TrialConfig()
     points = ({"optim.name": "eg", "optim.bias_lr": 0.01, "optim.lr": 1.0},
               {"optim.name": "eg", "optim.bias_lr": 0.01, "optim.lr": 2.0})
-    fixed = _fixed(Sweep(name="s", base=base, points=points), base)
+    fixed = fixed_config(Sweep(name="s", base=base, points=points), base)
     assert fixed.tracked_params()["optim.bias_lr"] == 0.01  # not the base's
-    assert _fixed(Sweep(name="s", base=base, space=space), base).optim.weight_decay == 0.0
+    assert fixed_config(Sweep(name="s", base=base, space=space), base).optim.weight_decay == 0.0
 
 
 def test_a_long_trial_name_is_cut_to_what_mlflow_stores():

@@ -110,7 +110,7 @@ def test_a_sigkilled_sweep_resumes_where_it_stopped(tmp_path: Path, tiny_root: P
     proc, log = _start(tmp_path, tiny_root)
     try:
         _wait_for_ended_trials(proc, log, 2)
-        time.sleep(1.5)  # Tune saves its state every second (sweeps.runner._init_ray)
+        time.sleep(1.5)  # Tune saves its state every second (sweeps.runner.init_ray)
         proc.send_signal(signal.SIGKILL)  # the driver only, as an OOM killer would
         proc.wait(timeout=30)
     finally:

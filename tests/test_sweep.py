@@ -12,7 +12,8 @@ import pytest
 from conftest import tiny_config
 from mlflow.tracking import MlflowClient
 
-from sweeps.runner import Sweep, run_sweep
+from sweeps.runner import run_sweep
+from sweeps.spec import Sweep
 from trainables.config import TrialConfig
 
 pytestmark = pytest.mark.ray

@@ -162,7 +162,7 @@ def test_the_sweeps_searcher_learns_the_worst_value_from_a_diverged_trial() -> N
     searcher turns it into -inf for a maximized objective, +inf for a minimized one."""
     import optuna
 
-    from sweeps.runner import DivergenceAwareOptunaSearch
+    from sweeps.search import DivergenceAwareOptunaSearch
 
     def space(trial):
         trial.suggest_float("optim.lr", 0.1, 1.0)
