@@ -53,7 +53,8 @@ from quant.lns import LNSFormat
 
 __all__ = ["QuantConfig", "Format", "quantize_", "prepare_qat_", "convert_", "calibrate_",
            "strip_qat_", "set_qat_enabled_",
-           "default_filter", "WeightFakeQuant", "quantized_layers", "input_quantizers"]
+           "default_filter", "WeightFakeQuant", "quantized_layers", "input_quantizers",
+           "fake_quant_of", "float_weight"]
 
 Format = Union[IntFormat, FloatFormat, LNSFormat, CodebookFormat]
 FORMAT_TYPES = (IntFormat, FloatFormat, LNSFormat, CodebookFormat)
@@ -223,12 +224,16 @@ def prepare_qat_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | No
     observing the range as training goes) in every forward pass (in place; returns it)."""
     seen: dict[int, str] = {}
     for fqn, module, fmt in _selected(model, config, filter_fn):
-        if parametrize.is_parametrized(module, "weight"):
+        if fake_quant_of(module) is not None:
             raise ValueError(f"{type(module).__name__} is already prepared for QAT")
-        if id(module.weight) in seen:  # each copy would be quantized and stored apart
-            raise ValueError(f"{fqn}.weight is tied to {seen[id(module.weight)]}.weight: "
+        # The stored tensor, not module.weight: a parametrized weight (a mask) is
+        # recomputed on every access, and a freed tensor's id is reused.
+        stored = module.parametrizations["weight"].original \
+            if parametrize.is_parametrized(module, "weight") else module.weight
+        if id(stored) in seen:  # each copy would be quantized and stored apart
+            raise ValueError(f"{fqn}.weight is tied to {seen[id(stored)]}.weight: "
                              "tied weights are not supported; leave one of them out")
-        seen[id(module.weight)] = fqn
+        seen[id(stored)] = fqn
         lsq_weight = module.weight if config.lsq else None
         parametrize.register_parametrization(module, "weight",
                                              WeightFakeQuant(fmt, config.gradients, lsq_weight))
@@ -276,27 +281,59 @@ def calibrate_(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
     return model
 
 
+def fake_quant_of(module: nn.Module) -> "WeightFakeQuant | None":
+    """The weight's fake-quantizer, found by type among its stacked parametrizations (a
+    pruning mask may sit before it), or None."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    found = [p for p in module.parametrizations["weight"] if isinstance(p, WeightFakeQuant)]
+    return found[0] if found else None
+
+
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """The float tensor a layer's fake-quantizer quantizes: the stored weight with the
+    parametrizations stacked before the quantizer applied (a mask), detached; the plain
+    weight where there is no quantizer."""
+    fq = fake_quant_of(module)
+    if fq is None:
+        return module.weight.detach()
+    stack = module.parametrizations["weight"]
+    x = stack.original.detach()
+    with torch.no_grad():
+        for p in stack:
+            if p is fq:
+                return x
+            x = p(x)
+    raise AssertionError("unreachable: fake_quant_of found the quantizer in the stack")
+
+
 def convert_(model: nn.Module) -> nn.Module:
-    """Replace each fake-quantized weight by its quantized values (in place)."""
+    """Replace each fake-quantized weight by its quantized values (in place). Masks or
+    other parametrizations stacked before the quantizer are baked in with it (the codes
+    quantize their output); one stacked after it is refused."""
     for q in input_quantizers(model).values():  # the observed ranges are final
         q.observing, q.enabled = False, True
-    for module in model.modules():
+    for fqn, module in model.named_modules():
         detach_gradient_rounding(module)  # training only
-        if parametrize.is_parametrized(module, "weight"):
-            (fq,) = [p for p in module.parametrizations["weight"]
-                     if isinstance(p, WeightFakeQuant)]
-            original = module.parametrizations["weight"].original
-            _unparametrize(module)
-            with torch.no_grad():
-                # The codes are kept: re-quantizing a quantized tensor need not give the same
-                # codes (INT's min-max scale of the rounded tensor differs), and the packed
-                # artifact must hold exactly what was evaluated.
-                fq.eval()  # the codes of the last forward pass (a codebook: its last fit)
-                encoded = fq.encode(original)
-                weight = fq.fmt.dequantize(encoded, dtype=original.dtype)
-            module.weight = nn.Parameter(weight, requires_grad=original.requires_grad)
-            module.weight_format = fq.fmt
-            module.weight_encoded = encoded
+        fq = fake_quant_of(module)
+        if fq is None:
+            continue
+        if module.parametrizations["weight"][-1] is not fq:
+            raise ValueError(f"{fqn or type(module).__name__}.weight has a parametrization "
+                             "after its fake-quantizer: allowed only before it")
+        original = module.parametrizations["weight"].original
+        source = float_weight(module)
+        _unparametrize(module)
+        with torch.no_grad():
+            # The codes are kept: re-quantizing a quantized tensor need not give the same
+            # codes (INT's min-max scale of the rounded tensor differs), and the packed
+            # artifact must hold exactly what was evaluated.
+            fq.eval()  # the codes of the last forward pass (a codebook: its last fit)
+            encoded = fq.encode(source)
+            weight = fq.fmt.dequantize(encoded, dtype=original.dtype)
+        module.weight = nn.Parameter(weight, requires_grad=original.requires_grad)
+        module.weight_format = fq.fmt
+        module.weight_encoded = encoded
     return model
 
 
@@ -313,14 +350,20 @@ def _unparametrize(module: nn.Module) -> None:
 
 
 def strip_qat_(model: nn.Module) -> nn.Module:
-    """Back to float, in place: each fake-quantized weight becomes its float original and
-    input quantizers are removed (what PTQ of a QAT-trained model starts from)."""
+    """Back to float, in place: each fake-quantizer is removed from its weight (the float
+    original stays, under any other parametrization stacked on it) and input quantizers
+    are removed (what PTQ of a QAT-trained model starts from)."""
     for module in model.modules():
         detach_gradient_rounding(module)
-        if parametrize.is_parametrized(module, "weight"):
-            original = module.parametrizations["weight"].original
-            _unparametrize(module)
-            module.weight = original
+        fq = fake_quant_of(module)
+        if fq is not None:
+            stack = module.parametrizations["weight"]
+            if len(stack) > 1:  # keep the others (a mask): drop the quantizer alone
+                del stack[[i for i, p in enumerate(stack) if p is fq][0]]
+            else:
+                original = stack.original
+                _unparametrize(module)
+                module.weight = original
         if isinstance(getattr(module, "input_quant", None), ActivationQuant):
             del module.input_quant
             for key, hook in list(module._forward_pre_hooks.items()):
@@ -341,13 +384,12 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None 
     with torch.no_grad():
         prepare_qat_(model, config, filter_fn)
         if config.activations is not None:
-            for m in model.modules():  # the float weights while observing the inputs
-                if parametrize.is_parametrized(m, "weight"):
-                    m.parametrizations["weight"][0].enabled = False
+            quantizers = [fq for fq in map(fake_quant_of, model.modules()) if fq is not None]
+            for fq in quantizers:  # the float weights while observing the inputs
+                fq.enabled = False
             calibrate_(model, calibration)
-            for m in model.modules():
-                if parametrize.is_parametrized(m, "weight"):
-                    m.parametrizations["weight"][0].enabled = True
+            for fq in quantizers:
+                fq.enabled = True
         return convert_(model)
 
 

@@ -40,7 +40,7 @@ def check_initial_weights(base: TrialConfig, points: tuple[Mapping[str, Any], ..
     or another architecture stops the sweep before Ray starts. A ``runs:/`` value is
     checked once :func:`resolve_run_checkpoints` fetched it."""
     from trainables.data import load_splits
-    from trainables.loop import load_initial_weights, read_initial_weights
+    from trainables.initial_weights import load_initial_weights, read_initial_weights
     from trainables.models import build_model
 
     configs = [base.replace(p) for p in points] if points else [base]

@@ -215,7 +215,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = base_config(args, DEFAULTS, SMOKE)
-    from trainables.quant_stage import quantizable_layers
+    from trainables.stages.quant import quantizable_layers
 
     model = _model(base)
     fp32 = fp32_bytes(base, model)

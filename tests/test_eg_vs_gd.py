@@ -117,7 +117,7 @@ def test_lns_madam_weights_round_to_themselves_in_lns8() -> None:
     import torch
 
     import optim
-    from trainables.weight_rounding import FORMATS, round_weights
+    from trainables.stages.weight_rounding import FORMATS, round_weights
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(50, 40), torch.nn.ReLU(),

@@ -100,7 +100,7 @@ def test_layer_bits_set_each_layers_format_and_must_match_the_model(tiny_root: P
     import quant
     from trainables.config import ConfigError, TrialConfig
     from trainables.models import build_model
-    from trainables.quant_stage import quant_config, quantizable_layers
+    from trainables.stages.quant import quant_config, quantizable_layers
 
     cfg = TrialConfig().with_overrides(["model.name=lenet", "model.channels=[4,8]",
                                         "model.hidden=[32]", "quant.mode=ptq",

@@ -134,7 +134,7 @@ def test_weight_rounding_of_a_qat_model_rounds_its_float_weights(tiny_root: Path
 
 
 def test_first_last_bits_needs_a_bit_width_format() -> None:
-    with pytest.raises(ConfigError, match="quant.first_last_bits=8.*int and lns"):
+    with pytest.raises(ConfigError, match="quant.first_last_bits=8.*int or lns"):
         TrialConfig().with_overrides(["quant.format=codebook", "quant.first_last_bits=8"])
 
 

@@ -15,13 +15,13 @@ from conftest import tiny_config
 from torch import nn
 
 from quant.lns import LNSFormat
+from quant.metrics import sqnr_db
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import load_splits
 from trainables.loop import run_trial
 from trainables.models import build_model
 from trainables.sessions import LocalSession, load_state_file
 from trainables.stages import FinalizeContext, Stage
-from trainables.weight_rounding import sqnr_db
 
 TIMINGS = {"epoch_seconds", "train_seconds", "images_per_s"}
 
@@ -47,7 +47,10 @@ class L2Stage(Stage):
         weight = self.coef * (1 + self.steps / 100)
         return weight * sum(p.pow(2).sum() for p in model.parameters() if p.dim() >= 2)
 
-    def after_step(self, step: int) -> None:
+    def metric_names(self) -> frozenset[str]:
+        return frozenset({"l2_steps", "l2_test_acc", "l2_final_test_acc"})
+
+    def after_step(self, step: int, model: nn.Module, optimizer) -> None:
         self.steps = step
 
     def epoch_end(self, ctx: FinalizeContext) -> dict[str, float]:

@@ -13,10 +13,12 @@ history, RNG). A run resumed from a checkpoint ends with the same numbers as an
 uninterrupted one: every epoch seeds its own shuffle, crops and dropout from
 ``(seed, epoch, rank)``.
 
-Compression plugs in as trial stages (:mod:`trainables.stages`), built from the config:
-``prepare`` the model before the optimizer exists, a loss ``penalty``, ``after_step``,
-``epoch_end`` after each epoch's evaluation, and ``finalize`` after the last epoch, whose
-metrics join the last report and whose files travel in the checkpoint's ``artifacts/``
+Compression plugs in as trial stages (:mod:`trainables.stages`), built from the config
+and run in their order as one pipeline: ``plan`` (the number of steps) and ``prepare``
+before the optimizer exists, a loss ``penalty``, ``before_step`` (between backward and
+the optimizer step) and ``after_step``, ``epoch_end`` after each epoch's evaluation, and
+``finalize`` after the last epoch, each stage from the earlier ones' result; the final
+metrics join the last report and the files travel in the checkpoint's ``artifacts/``
 folder.
 
 Example::
@@ -43,11 +45,12 @@ import torch.distributed as dist
 from torch import nn
 
 import optim
-from trainables.config import ConfigError, OptimConfig, TrainConfig, TrialConfig
+from trainables.config import OptimConfig, TrainConfig, TrialConfig
 from trainables.data import BatchLoader, load_splits
+from trainables.initial_weights import load_initial_weights
 from trainables.models import build_model
 from trainables.sessions import ARTIFACTS_DIR, STATE_FILE, Session
-from trainables.stages import Stage, StageContext, build_stages
+from trainables.stages import Pipeline, Stage, StageContext, TrainingPlan, build_pipeline
 
 __all__ = ["run_trial", "build_schedule", "pick_device", "train_loop_per_worker"]
 
@@ -141,51 +144,10 @@ class _Counts:
         return mean, correct / max(n, 1), int(n)
 
 
-def read_initial_weights(source: str) -> dict[str, torch.Tensor]:
-    """The model weights ``train.init_from`` names: a checkpoint folder's state.pt, or
-    such a file (``torch.load(weights_only=True)``); errors name the field."""
-    path = Path(source).expanduser()
-    state_file = path / STATE_FILE if path.is_dir() else path
-    if not state_file.is_file():
-        raise ConfigError(f"train.init_from={source!r} is invalid: allowed a checkpoint "
-                          f"folder holding {STATE_FILE}, or such a file (none at {state_file})")
-    try:
-        state = torch.load(state_file, weights_only=True, map_location="cpu")
-    except Exception as error:  # a damaged or foreign file: say which
-        raise ConfigError(f"train.init_from={source!r} is invalid: {state_file} is not a "
-                          f"readable checkpoint ({type(error).__name__}: {error})") from None
-    weights = state.get("model") if isinstance(state, dict) else None
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor)
-                                                for v in weights.values()):
-        raise ConfigError(f"train.init_from={source!r} is invalid: {state_file} holds no "
-                          "'model' weights (allowed a qsweep checkpoint)")
-    return weights
-
-
-def load_initial_weights(model: nn.Module, source: str) -> None:
-    """``train.init_from``: the model weights of a checkpoint folder or state file of the
-    same architecture (strict: every tensor, same shapes), errors naming the field."""
-    weights = read_initial_weights(source)
-    ours = model.state_dict()
-    missing, extra = sorted(set(ours) - set(weights)), sorted(set(weights) - set(ours))
-    shapes = [k for k in ours if k in weights and weights[k].shape != ours[k].shape]
-    if missing or extra or shapes:
-        problems = [f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                    for what, keys in (("missing", missing), ("unexpected", extra),
-                                       ("other shapes", shapes)) if keys]
-        qat = any(".parametrizations." in k for k in extra)
-        raise ConfigError(f"train.init_from={source!r} is invalid: its weights are not this "
-                          f"model's ({'; '.join(problems)}); allowed a checkpoint of the same "
-                          "model.* architecture and dataset" +
-                          (", from a float trial (this one is a QAT trial's, whose weights "
-                           "are parametrized)" if qat else ""))
-    model.load_state_dict(weights)
-
-
 class _Trainer:
     """The state of one trial on one worker; :func:`run_trial` drives it."""
 
-    def __init__(self, cfg: TrialConfig, session: Session, stages: list[Stage],
+    def __init__(self, cfg: TrialConfig, session: Session, stages: Pipeline,
                  resuming: bool = False) -> None:
         self.cfg, self.session, self.stages = cfg, session, stages
         self.device = pick_device(cfg.train, session.local_rank)
@@ -199,8 +161,16 @@ class _Trainer:
         # trial's own checkpoint replaces them (and the source may be gone by then).
         if cfg.train.init_from and not resuming:
             load_initial_weights(model, cfg.train.init_from)
-        for stage in stages:  # before DDP and the optimizer see the parameters
-            model = stage.prepare(model)
+        self.train_loader = self._loader("train", cfg.data.batch_size)
+        self.eval_loaders = {"test": self._loader("test", cfg.data.test_batch_size)}
+        if self.splits.val is not None:
+            self.eval_loaders["val"] = self._loader("val", cfg.data.test_batch_size)
+        if self.splits.extra is not None:
+            self.eval_loaders["extra"] = self._loader("extra", cfg.data.test_batch_size)
+        # The stages know how long training is before they touch the model (schedules in
+        # fractions of training), and prepare it before DDP and the optimizer see it.
+        stages.plan(TrainingPlan(cfg.train.epochs, len(self.train_loader)))
+        model = stages.prepare(model)
         self.model = model
         self.ddp_model: nn.Module = model
         if session.world_size > 1:
@@ -209,12 +179,6 @@ class _Trainer:
         o = cfg.optim
         self.optimizer = optim.build_for_model(o.name, model, bias_lr=o.bias_group_lr(),
                                                bias_mode=o.bias_mode, **o.hparams())
-        self.train_loader = self._loader("train", cfg.data.batch_size)
-        self.eval_loaders = {"test": self._loader("test", cfg.data.test_batch_size)}
-        if self.splits.val is not None:
-            self.eval_loaders["val"] = self._loader("val", cfg.data.test_batch_size)
-        if self.splits.extra is not None:
-            self.eval_loaders["extra"] = self._loader("extra", cfg.data.test_batch_size)
         self.scheduler = build_schedule(self.optimizer, o, cfg.train.epochs,
                                         len(self.train_loader))
         mode = cfg.precision.mode
@@ -255,12 +219,12 @@ class _Trainer:
             objective = loss + self._penalty()
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(objective).backward()
+            self.stages.before_step(self.model, self.optimizer)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
             self.step += 1
-            for stage in self.stages:
-                stage.after_step(self.step)
+            self.stages.after_step(self.step, self.model, self.optimizer)
             counts.add(loss, logits, y)
             if batch % DIVERGENCE_CHECK_EVERY == 0 and self._diverged(counts):
                 self.diverged_at = (self.epoch + 1, batch)
@@ -287,8 +251,7 @@ class _Trainer:
 
     def _penalty(self) -> torch.Tensor | float:
         # Outside autocast: a regularizer summed over all weights wants float32.
-        terms = [t for t in (s.penalty(self.model) for s in self.stages) if t is not None]
-        return sum(terms) if terms else 0.0
+        return self.stages.penalty(self.model)
 
     @torch.no_grad()
     def evaluate(self, loader: BatchLoader, model: nn.Module | None = None
@@ -323,9 +286,7 @@ class _Trainer:
             _mark_diverged(metrics, self.diverged_at, self.step)
         if self.stages:
             with tempfile.TemporaryDirectory(prefix="qsweep-epoch-") as scratch:
-                ctx = self._stage_context(Path(scratch), metrics)
-                for stage in self.stages:
-                    metrics.update(stage.epoch_end(ctx))
+                self.stages.epoch_end(self._stage_context(Path(scratch), metrics), metrics)
         self.epoch += 1
         return metrics
 
@@ -351,11 +312,7 @@ class _Trainer:
     def finalize(self, out_dir: Path) -> dict[str, float]:
         """Every stage's end-of-training work; files go to ``out_dir``."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        ctx = self._stage_context(out_dir)
-        metrics: dict[str, float] = {}
-        for stage in self.stages:
-            metrics.update(stage.finalize(ctx))
-        return metrics
+        return self.stages.finalize(self._stage_context(out_dir))
 
     # -- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -364,7 +321,7 @@ class _Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "stages": {s.name: s.state_dict() for s in self.stages},
+            "stages": self.stages.state_dict(),
             "config": self.cfg.to_flat(),
             "epoch": self.epoch,
             "step": self.step,
@@ -378,9 +335,7 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        for stage in self.stages:  # a stage added since the checkpoint starts fresh
-            if stage.name in state.get("stages", {}):
-                stage.load_state_dict(state["stages"][stage.name])
+        self.stages.load_state_dict(state.get("stages", {}))
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
         self.step = int(state.get("step", self.epoch * len(self.train_loader)))
         at = state.get("diverged_at")
@@ -399,11 +354,12 @@ def _mark_diverged(metrics: dict[str, Any], at: tuple[int, int], step: int) -> N
             metrics[key] = math.inf
 
 
-def run_trial(cfg: TrialConfig, session: Session, stages: list[Stage] | None = None
-              ) -> list[dict[str, Any]]:
+def run_trial(cfg: TrialConfig, session: Session,
+              stages: Pipeline | list[Stage] | None = None) -> list[dict[str, Any]]:
     """Train ``cfg`` to ``train.epochs``, reporting each epoch to ``session``.
 
-    ``stages`` default to the ones the config asks for (:func:`build_stages`). Resumes
+    ``stages`` default to the ones the config asks for (:func:`build_pipeline`); a list
+    runs in its own order. Resumes
     from ``session.load_state()`` when the session holds a checkpoint. Returns the
     per-epoch metrics (the whole history, resumed epochs included; the last one holds
     the stages' final metrics when this call ran the last epoch: a checkpoint saved after
@@ -413,8 +369,9 @@ def run_trial(cfg: TrialConfig, session: Session, stages: list[Stage] | None = N
     where, and its losses as +inf); the stages still finalize (their metrics NaN).
     """
     state = session.load_state()
-    trainer = _Trainer(cfg, session, build_stages(cfg) if stages is None else stages,
-                       resuming=state is not None)
+    pipeline = build_pipeline(cfg) if stages is None else \
+        stages if isinstance(stages, Pipeline) else Pipeline(stages)
+    trainer = _Trainer(cfg, session, pipeline, resuming=state is not None)
     if state is not None:
         trainer.restore(state)
     while trainer.epoch < cfg.train.epochs and trainer.diverged_at is None:

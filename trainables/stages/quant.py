@@ -37,20 +37,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 import quant
+from quant.metrics import sqnr_db
 from trainables.config import ConfigError, TrialConfig
-from trainables.stages import (
-    Stage,
-    StageContext,
-    diverged_reason,
-    nonfinite_params,
-    register_stage_builder,
-)
-from trainables.weight_rounding import sqnr_db
+from trainables.plots import plot_confusion, plot_weight_histograms
+from trainables.stages.base import Stage, StageContext, diverged_reason, nonfinite_params
 
-__all__ = ["QuantStage", "quant_config", "quantizable_layers"]
+__all__ = ["QuantStage", "quant_config", "quantizable_layers", "build_quant_stage"]
 
 CALIBRATION_BATCHES = 8  # PTQ of activations: training batches that set the input ranges
 
@@ -82,16 +76,11 @@ def quantizable_layers(model: nn.Module) -> list[str]:
 
 
 def _float_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Layer fqn -> the float weight (under a QAT parametrization: the original)."""
-    weights = {}
-    for fqn, module in model.named_modules():
-        if not quant.transforms.default_filter(module, fqn):
-            continue
-        if parametrize.is_parametrized(module, "weight"):
-            weights[fqn] = module.parametrizations["weight"].original.detach()
-        else:
-            weights[fqn] = module.weight.detach()
-    return weights
+    """Layer fqn -> the float weight its quantizer sees (under a QAT parametrization: the
+    original, through any mask stacked before the quantizer)."""
+    return {fqn: quant.transforms.float_weight(module)
+            for fqn, module in model.named_modules()
+            if quant.transforms.default_filter(module, fqn)}
 
 
 class QuantStage(Stage):
@@ -101,6 +90,11 @@ class QuantStage(Stage):
         self.cfg = cfg
         self.model: nn.Module | None = None
         self.epochs_done = 0
+
+    def metric_names(self) -> frozenset[str]:
+        return frozenset({"val_acc_q", "test_acc_q", "test_loss_q", "extra_acc_q",
+                          "packed_bytes", "budget_score", "weight_sqnr_db_mean",
+                          "fp32_bytes", "compression_ratio", "efficiency_score"})
 
     def _qat_on(self) -> bool:
         return self.epochs_done >= self.cfg.quant.qat_start_epoch
@@ -120,8 +114,10 @@ class QuantStage(Stage):
         if self.model is not None:
             quant.transforms.set_qat_enabled_(self.model, self._qat_on())
 
-    def _quantized_copy(self, ctx: StageContext) -> nn.Module:
-        model = copy.deepcopy(ctx.model)
+    def _quantized_copy(self, source: nn.Module, ctx: StageContext) -> nn.Module:
+        """A quantized copy of ``source`` (the trained model, or the earlier stages'
+        result): QAT's converted, else PTQ (calibrated when activations are quantized)."""
+        model = copy.deepcopy(source)
         if self.cfg.quant.mode == "qat":
             return quant.convert_(model)
         calibration = ctx.train_batches(CALIBRATION_BATCHES) \
@@ -136,7 +132,7 @@ class QuantStage(Stage):
             self._advance()
             return {f"{split}_acc_q": math.nan, "packed_bytes": math.nan,
                     "budget_score": math.nan}
-        model = self._quantized_copy(ctx)
+        model = self._quantized_copy(ctx.model, ctx)
         if self.model is not None and self._qat_on():
             # The epoch's own evaluation already ran the quantized forward pass, which the
             # converted copy reproduces exactly: no second pass over the split.
@@ -163,8 +159,9 @@ class QuantStage(Stage):
                     {"mode": self.cfg.quant.mode, "not_quantized": diverged_reason(bad)},
                     indent=1))
             return {"test_acc_q": math.nan, "test_loss_q": math.nan}
-        floats = _float_weights(ctx.model)
-        model = self._quantized_copy(ctx)
+        floats = _float_weights(ctx.result)
+        model = self._quantized_copy(ctx.result, ctx)
+        ctx.result = model  # what later stages (export) start from
         result = ctx.evaluate(model)
         layers = {}
         for fqn, fmt in quant.quantized_layers(model).items():
@@ -218,59 +215,5 @@ def _confusion(model: nn.Module, ctx: StageContext) -> torch.Tensor:
     return counts.cpu()
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_weight_histograms(floats: dict[str, torch.Tensor], model: nn.Module,
-                           path: Path) -> Path:
-    """Per quantized layer: the float weights' histogram and the quantized values'."""
-    layers = list(quant.quantized_layers(model))
-    plt = _pyplot()
-    cols = min(3, len(layers)) or 1
-    rows = -(-len(layers) // cols) or 1
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
-    for ax, fqn in zip(axes.flat, layers, strict=False):
-        w = floats[fqn].flatten().float().cpu()
-        q = model.get_submodule(fqn).weight.detach().flatten().float().cpu()
-        bins = torch.linspace(min(w.min(), q.min()).item(), max(w.max(), q.max()).item(),
-                              81).numpy()
-        ax.hist(w.numpy(), bins=bins, alpha=0.5, label="float")
-        ax.hist(q.numpy(), bins=bins, alpha=0.5, label="quantized")
-        ax.set_yscale("log")
-        ax.set_title(f"{fqn} ({model.get_submodule(fqn).weight_format.name})", fontsize=8)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(layers):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-def plot_confusion(counts: torch.Tensor, path: Path, title: str) -> Path:
-    plt = _pyplot()
-    k = counts.shape[0]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * k, 0.8 + 0.45 * k))
-    ax.imshow(counts.numpy(), cmap="Blues")
-    if k <= 20:
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=6)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-@register_stage_builder
-def _build(cfg: TrialConfig) -> Stage | None:
+def build_quant_stage(cfg: TrialConfig) -> Stage | None:
     return QuantStage(cfg) if cfg.quant.mode != "none" else None

@@ -1,34 +1,37 @@
-"""Trial stages: where compression plugs into the one training loop.
+"""What a trial stage is: the hooks the training loop calls, and what they see.
 
-A stage is built from the trial's config on every worker and acts at four points of
-:func:`trainables.loop.run_trial`:
+A stage is built from the trial's config on every worker and knows nothing of Ray or
+MLflow: it returns metrics and writes files; the session carries them. The loop
+(:func:`trainables.loop.run_trial`) calls, through the
+:class:`~trainables.stages.pipeline.Pipeline` that orders the stages:
 
+- ``plan(plan)``: once, before training, with the number of optimizer steps
+  (:class:`TrainingPlan`): schedules given as fractions of training become steps.
 - ``prepare(model) -> model``: before DDP wrapping and before the optimizer is built
-  (swap in fake-quantized modules, attach pruning masks, ...).
-- ``penalty(model) -> Tensor | None``: a term added to the loss of every training step
-  (computed in float32, outside autocast).
-- ``after_step(step)``: after every optimizer step (``step`` counts from 1; sparsity
-  schedules, LC's mu, ...).
-- ``epoch_end(ctx) -> metrics``: after every epoch's evaluation, on every rank (evaluate a
-  transformed copy, report a sparsity); its metrics join that epoch's report.
+  (fake-quantizers, pruning masks: parametrizations, which stack on one weight).
+- ``penalty(model) -> Tensor | None``: a term added to every step's loss (float32,
+  outside autocast).
+- ``before_step(model, optimizer)``: between backward and the optimizer step (mask
+  gradients).
+- ``after_step(step, model, optimizer)``: after every optimizer step (``step`` counts
+  from 1): re-apply masks, clear the optimizer state of pruned weights, LC's mu.
+- ``epoch_end(ctx) -> metrics``: after each epoch's evaluation, on every rank.
 - ``finalize(ctx) -> metrics``: after the last epoch, on every rank (its evaluations are
-  collective), once the training state is checkpointed: evaluate, transform, write files
-  into ``ctx.out_dir``. Its metrics join the last epoch's report; the files of rank 0
-  travel in the reported checkpoint's ``artifacts/`` folder and become artifacts of the
-  trial's MLflow run (:class:`sweeps.tracking.MLflowSweepCallback`).
+  collective), once the training state is checkpointed. ``ctx.result`` is the model as
+  the earlier stages left it (the trained model for the first); a stage that transforms
+  it (prune, then quantize) sets ``ctx.result`` to its own result, so the last
+  transforming stage's result holds every transform. Files go to ``ctx.out_dir``.
 
-A stage knows nothing of Ray or MLflow. ``state_dict`` / ``load_state_dict`` carry what it
-needs across a checkpoint (resume stays exact).
-
-Stages are chosen by the config: each builder in ``STAGE_BUILDERS`` looks at the config
-and returns a stage or ``None``; :func:`build_stages` keeps their order.
+``metric_names()`` lists every metric a stage reports: two stages naming the same metric
+is an error when the pipeline is built, not a silent overwrite.
 
 Example::
 
     class CountSteps(Stage):
         name = "count"
         def __init__(self): self.steps = 0
-        def after_step(self, step): self.steps = step
+        def metric_names(self): return frozenset({"steps"})
+        def after_step(self, step, model, optimizer): self.steps = step
         def finalize(self, ctx): return {"steps": self.steps}
 """
 
@@ -43,9 +46,24 @@ from torch import nn
 
 from trainables.config import TrialConfig
 
-__all__ = ["Stage", "StageContext", "FinalizeContext", "STAGE_BUILDERS", "build_stages",
-           "nonfinite_params", "diverged_reason",
-           "register_stage_builder"]
+__all__ = ["Stage", "StageContext", "FinalizeContext", "TrainingPlan", "nonfinite_params",
+           "diverged_reason"]
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How long training is, known before it starts."""
+
+    epochs: int
+    steps_per_epoch: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def step_at(self, fraction: float) -> int:
+        """The optimizer step a fraction of training (0..1) falls on (0: before the first)."""
+        return round(fraction * self.total_steps)
 
 
 @dataclass
@@ -69,6 +87,9 @@ class StageContext:
     is_chief: bool  # rank 0: write files only here if they are expensive
     # What this epoch reports so far (epoch_end: its own evaluations, e.g. val_acc).
     epoch_metrics: dict[str, Any] = field(default_factory=dict)
+    # finalize: the model as the earlier stages left it (a stage that transforms it sets
+    # its own result here). None until the pipeline starts finalizing: then ``model``.
+    result: nn.Module | None = None
 
 
 FinalizeContext = StageContext
@@ -79,13 +100,24 @@ class Stage:
 
     name: str = "stage"
 
+    def metric_names(self) -> frozenset[str]:
+        """Every metric this stage's epoch_end and finalize may report."""
+        return frozenset()
+
+    def plan(self, plan: TrainingPlan) -> None:
+        pass
+
     def prepare(self, model: nn.Module) -> nn.Module:
         return model
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         return None
 
-    def after_step(self, step: int) -> None:
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
+                   ) -> None:
         pass
 
     def epoch_end(self, ctx: StageContext) -> dict[str, float]:
@@ -101,10 +133,6 @@ class Stage:
         pass
 
 
-StageBuilder = Callable[[TrialConfig], "Stage | None"]
-STAGE_BUILDERS: list[StageBuilder] = []
-
-
 def nonfinite_params(model: nn.Module) -> list[str]:
     """Names of the parameters holding inf or NaN: a diverged trial's. Post-training
     stages report NaN for such a model instead of failing the trial."""
@@ -116,23 +144,3 @@ def diverged_reason(bad: list[str]) -> str:
     """What a post-training stage's file says instead of its results (``bad``: the
     parameters :func:`nonfinite_params` named)."""
     return f"the trained weights hold inf/NaN (the trial diverged): {', '.join(bad)}"
-
-
-def register_stage_builder(builder: StageBuilder) -> StageBuilder:
-    """Add a builder (usable as a decorator); stages run in registration order."""
-    STAGE_BUILDERS.append(builder)
-    return builder
-
-
-def build_stages(cfg: TrialConfig) -> list[Stage]:
-    """The stages ``cfg`` asks for, in registration order; names must be unique (they key
-    the checkpoint's stage states)."""
-    # The built-in stages register their builders on import.
-    import trainables.quant_stage  # noqa: F401
-    import trainables.weight_rounding  # noqa: F401
-
-    stages = [s for s in (build(cfg) for build in STAGE_BUILDERS) if s is not None]
-    names = [s.name for s in stages]
-    if len(set(names)) != len(names):
-        raise ValueError(f"stage names must be unique, got {names}")
-    return stages

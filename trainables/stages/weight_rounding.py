@@ -23,41 +23,16 @@ import math
 import torch
 from torch import nn
 
-from quant import IntFormat, LNSFormat, QuantConfig, quantize_, quantized_layers
+from quant import QuantConfig, quantize_, quantized_layers
+from quant.metrics import sqnr_db
+from quant.named import WEIGHT_ROUNDING_FORMATS
 from quant.transforms import Format, strip_qat_
 from trainables.config import TrialConfig
-from trainables.stages import (
-    FinalizeContext,
-    Stage,
-    diverged_reason,
-    nonfinite_params,
-    register_stage_builder,
-)
+from trainables.stages.base import FinalizeContext, Stage, diverged_reason, nonfinite_params
 
-__all__ = ["FORMATS", "WeightRounding", "round_weights", "sqnr_db"]
+__all__ = ["FORMATS", "WeightRounding", "round_weights", "build_weight_rounding"]
 
-# Weight formats a trial can report (per tensor or per output channel, no calibration):
-# sign + 7-bit exponent with 8 codes per octave; sign + 3-bit exponent on powers of two
-# (7 magnitudes down to max/64, and zero); symmetric per-channel INT8 / INT4 (torch's
-# per_channel_symmetric min-max convention).
-FORMATS: dict[str, Format] = {
-    "lns8": LNSFormat(bits=8, frac_bits=3),
-    "lns4": LNSFormat(bits=4, frac_bits=0),
-    "int8": IntFormat(bits=8, symmetric=True, per_channel=True),
-    "int4": IntFormat(bits=4, symmetric=True, per_channel=True),
-}
-
-
-def sqnr_db(x: torch.Tensor, q: torch.Tensor) -> float:
-    """10 log10(sum x^2 / sum (x - q)^2) in float64; inf when q == x exactly."""
-    x, q = x.detach().double(), q.detach().double()
-    noise = (x - q).pow(2).sum().item()
-    signal = x.pow(2).sum().item()
-    if noise == 0:
-        return math.inf
-    if signal == 0:
-        return -math.inf
-    return 10 * math.log10(signal / noise)
+FORMATS = WEIGHT_ROUNDING_FORMATS  # the names evaluate.weight_rounding takes
 
 
 @torch.no_grad()
@@ -77,6 +52,9 @@ class WeightRounding(Stage):
 
     def __init__(self, formats: tuple[str, ...]) -> None:
         self.formats = formats
+
+    def metric_names(self) -> frozenset[str]:
+        return frozenset(f"test_acc_{fmt}" for fmt in self.formats)
 
     def finalize(self, ctx: FinalizeContext) -> dict[str, float]:
         bad = nonfinite_params(ctx.model)
@@ -98,7 +76,6 @@ class WeightRounding(Stage):
         return metrics
 
 
-@register_stage_builder
-def _build(cfg: TrialConfig) -> Stage | None:
+def build_weight_rounding(cfg: TrialConfig) -> Stage | None:
     formats = cfg.evaluate.weight_rounding
     return WeightRounding(formats) if formats else None
