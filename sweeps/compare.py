@@ -32,9 +32,10 @@ from typing import Any, Mapping
 import torch
 
 from sweeps.outcome import at_chance, diverged
+from trainables.plots import pyplot
 
 __all__ = ["CellResult", "table_rows", "paired_rows", "mean_ci", "weight_vector",
-           "weight_stats", "plot_comparison", "plot_curves", "plot_sensitivity",
+           "weight_stats", "plot_comparison", "plot_cell_curves", "plot_sensitivity",
            "plot_weights"]
 
 # A search trial "worked" when its final accuracy is within this of the cell's best.
@@ -242,10 +243,7 @@ def _panels(cells: list[CellResult]) -> list[tuple[str, ...]]:
 
 
 def _figure(rows: int, cols: int, width: float = 4.5, height: float = 3.4):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
     return plt, fig, axes
@@ -292,7 +290,7 @@ def plot_comparison(cells: list[CellResult], path: str | Path, metric: str = "te
     return _save(plt, fig, path, f"{metric}: mean and 95% interval over seeds (dots: seeds)")
 
 
-def plot_curves(cells: list[CellResult], path: str | Path) -> Path:
+def plot_cell_curves(cells: list[CellResult], path: str | Path) -> Path:
     """Train loss and test accuracy per epoch of each optimizer's best config: mean over
     seeds, the band is +- one std."""
     panels = _panels(cells)

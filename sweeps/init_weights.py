@@ -39,9 +39,8 @@ def check_initial_weights(base: TrialConfig, points: tuple[Mapping[str, Any], ..
     (``build=False``, where the data is not on the driver: the file only): a missing file
     or another architecture stops the sweep before Ray starts. A ``runs:/`` value is
     checked once :func:`resolve_run_checkpoints` fetched it."""
-    from trainables.data import load_splits
     from trainables.initial_weights import load_initial_weights, read_initial_weights
-    from trainables.models import build_model
+    from trainables.models import model_for_trial
 
     configs = [base.replace(p) for p in points] if points else [base]
     seen = set()
@@ -54,10 +53,7 @@ def check_initial_weights(base: TrialConfig, points: tuple[Mapping[str, Any], ..
         if not build:
             read_initial_weights(cfg.train.init_from)
             continue
-        splits = load_splits(cfg.data, seed=cfg.train.seed)
-        model = build_model(cfg.model, splits.in_channels, splits.image_size,
-                            splits.num_classes)
-        load_initial_weights(model, cfg.train.init_from)
+        load_initial_weights(model_for_trial(cfg), cfg.train.init_from)
 
 
 def resolve_run_checkpoints(sweep: Sweep, base: TrialConfig, tracker: SweepTracker

@@ -50,6 +50,7 @@ from sweeps.runner import run_sweep
 from sweeps.spec import Sweep
 from sweeps.tracking import SweepTracker, rows_to_markdown
 from trainables.config import ConfigError, TrialConfig
+from trainables.plots import pyplot
 
 NAME = "quant_bits"
 DEFAULTS = ["data.name=mnist", "model.name=lenet", "model.channels=[16,32]",
@@ -108,11 +109,9 @@ class LayerBitSpace:
 
 
 def _model(cfg: TrialConfig) -> torch.nn.Module:
-    from trainables.data import load_splits
-    from trainables.models import build_model
+    from trainables.models import model_for_trial
 
-    splits = load_splits(cfg.data, seed=cfg.train.seed)
-    return build_model(cfg.model, splits.in_channels, splits.image_size, splits.num_classes)
+    return model_for_trial(cfg)
 
 
 def fp32_bytes(cfg: TrialConfig, model: torch.nn.Module | None = None) -> int:
@@ -151,10 +150,7 @@ def pareto_front(rows: list[dict[str, Any]], acc: str = "val_acc_q",
 
 def plot_pareto(rows: list[dict[str, Any]], front: list[dict[str, Any]], path: Path,
                 fp32: int) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for fmt, colour in (("int", "tab:blue"), ("lns", "tab:green"), ("codebook", "tab:red")):

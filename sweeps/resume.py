@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from sweeps.spec import Sweep
 from sweeps.tracking import SweepTracker
 from trainables.config import ConfigError
 
-__all__ = ["driver_lock", "resumable_folder", "restorable", "find_resumable", "disk_space"]
+__all__ = ["driver_lock", "resumable_folder", "restorable", "find_resumable", "disk_space",
+           "unfinished_run", "reopen_study_run", "nested_run_of_folder", "resume_or_restart",
+           "read_back"]
 
 
 @contextlib.contextmanager
@@ -61,16 +64,25 @@ def disk_space(*folders: Path) -> str:
     return "free: " + ", ".join(free)
 
 
+def unfinished_run(tracker: SweepTracker, run_id: str, fits: Callable[[Any], bool], expected: str,
+                   noun: str) -> Any:
+    """The MLflow run ``--resume run_id`` names, checked: ``fits`` says whether it is of
+    the kind expected (a sweep run, a study run); a finished one cannot be resumed."""
+    run = tracker.get_run(run_id)
+    if run is None or not fits(run):
+        raise ConfigError(f"--resume {run_id} is invalid: allowed the run id of {expected}")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"--resume {run_id} is invalid: that {noun} finished; allowed an "
+                          "interrupted, killed or failed one")
+    return run
+
+
 def resumable_folder(tracker: SweepTracker, run_id: str, sweep: Sweep) -> Path:
     """The Tune folder of the sweep run ``run_id``, checked before any Ray work: a sweep
     run of this experiment, unfinished, of this metric, with a restorable state."""
-    run = tracker.get_run(run_id)
-    if run is None or "tune_folder" not in run.data.tags:
-        raise ConfigError(f"--resume {run_id} is invalid: allowed the run id of a sweep run "
-                          f"of experiment {tracker.experiment_name!r} (see find_resumable)")
-    if run.info.status == "FINISHED":
-        raise ConfigError(f"--resume {run_id} is invalid: that sweep finished; allowed an "
-                          "interrupted, killed or failed one")
+    run = unfinished_run(tracker, run_id, lambda r: "tune_folder" in r.data.tags,
+                         f"a sweep run of experiment {tracker.experiment_name!r} (see "
+                         "find_resumable)", "sweep")
     was = run.data.params.get("sweep.metric")
     if was is not None and was != sweep.metric:
         raise ConfigError(f"--resume {run_id} is invalid here: that sweep searched on "
@@ -82,6 +94,54 @@ def resumable_folder(tracker: SweepTracker, run_id: str, sweep: Sweep) -> Path:
                           "no trial yet (was --storage-path different? was it stopped "
                           "before its first trial?); start the sweep again without --resume")
     return path
+
+
+def reopen_study_run(tracker: SweepTracker, run_id: str, name: str) -> tuple[str, str]:
+    """(run id, stamp) of the study run to resume, RUNNING again."""
+    run = unfinished_run(tracker, run_id, lambda r: r.data.tags.get("kind") == "study" and
+                         "stamp" in r.data.tags,
+                         f"an unfinished {name} study run (tag kind=study)", "study")
+    print(f"resuming study run {run_id}", flush=True)
+    tracker.reopen_run(run_id)
+    tracker.parent_run_id = run_id
+    return run_id, run.data.tags["stamp"]
+
+
+def nested_run_of_folder(tracker: SweepTracker, parent: str, folder: str) -> Any | None:
+    """The sweep run nested under ``parent`` (a study) whose Tune folder is ``folder``."""
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent}' and "
+                                 f"tags.tune_folder = '{folder}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def resume_or_restart(tracker: SweepTracker, storage_path: str, earlier: Any | None,
+                      folder: str) -> str | None:
+    """The unfinished sweep run (``earlier``) to resume in a resumed study; None to run it
+    afresh (none yet, or interrupted before Tune saved a state with a trial: that run ends
+    KILLED, saying so, and its folder, which nothing can restore, is cleared)."""
+    if earlier is None:
+        return None
+    path = Path(storage_path).resolve() / folder
+    if not path.exists():
+        raise ConfigError(f"--resume: the study's Tune folder {path} is missing (was "
+                          "--storage-path different?); allowed the --storage-path it ran with")
+    if restorable(path):
+        return earlier.info.run_id
+    tracker.set_tags(earlier.info.run_id, {"mlflow.note.content": "Interrupted before Tune "
+                     "saved a state with a trial in it; the resumed study ran this sweep "
+                     "again as a new run."})
+    tracker.end_run(earlier.info.run_id, "KILLED")
+    shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def read_back(storage_path: str, folder: str) -> Any:
+    """The ResultGrid of a finished sweep, from its Tune folder."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    return ResultGrid(ExperimentAnalysis(str(Path(storage_path).resolve() / folder)))
 
 
 def restorable(path: Path) -> bool:

@@ -39,10 +39,8 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,24 +50,31 @@ import torch
 
 from sweeps.compare import (
     CellResult,
-    paired_rows,
-    plot_comparison,
-    plot_curves,
-    plot_sensitivity,
-    plot_weights,
-    table_rows,
-    weight_vector,
 )
 from sweeps.init_weights import absolute_paths, check_initial_weights
-from sweeps.outcome import FAILED, FINISHED, diverged, trial_status
-from sweeps.resume import driver_lock, restorable
+from sweeps.resume import (
+    driver_lock,
+    nested_run_of_folder,
+    read_back,
+    reopen_study_run,
+    resume_or_restart,
+)
 from sweeps.runner import run_sweep
 from sweeps.search import validate_points
 from sweeps.spec import Sweep, SweepInterrupted
-from sweeps.tracking import SweepTracker, default_tracking_uri, result_history, rows_to_markdown
-from trainables.config import ConfigError, DataConfig, TrialConfig
-from trainables.data import load_splits, prepare_data
-from trainables.sessions import load_state_file
+from sweeps.study_results import (
+    StudyOutcome,
+    add_seed_results,
+    cell_result,
+    pick_config,
+    report,
+    report_from,
+    restored_rows,
+    with_searched,
+)
+from sweeps.tracking import SweepTracker, default_tracking_uri
+from trainables.config import ConfigError, TrialConfig
+from trainables.data import prepare_data
 
 __all__ = ["SearchSpace", "Cell", "Study", "StudyOutcome", "run_study", "report_from",
            "pick_config"]
@@ -177,45 +182,11 @@ class Study:
             check_initial_weights(absolute_paths(cell.base), ())
 
 
-@dataclass
-class StudyOutcome:
-    run_id: str
-    cells: list[CellResult]
-    rows: list[dict[str, Any]]
-    table: str
-    pair_rows: list[dict[str, Any]] = field(default_factory=list)
-    pairs_table: str = ""
-
-
-def pick_config(rows: list[dict[str, Any]], metric: str, within: float,
-                backoff_key: str | None) -> dict[str, Any] | None:
-    """The finished, non-diverged row to re-run: of those within ``within`` of the best
-    ``metric``, the smallest ``backoff_key`` (ties: the better metric). None if none."""
-    usable = [r for r in rows if r.get("status") == FINISHED and not r.get("diverged")
-              and _finite(r.get(metric))]
-    if not usable:
-        return None
-    best = max(r[metric] for r in usable)
-    close = [r for r in usable if r[metric] >= best - within]
-    if backoff_key is None:
-        return max(close, key=lambda r: r[metric])
-    return min(close, key=lambda r: (_or_inf(r.get(backoff_key)), -r[metric]))
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
-
-
-def _or_inf(value: Any) -> float:
-    return float(value) if _finite(value) else math.inf
-
-
 def run_study(study: Study) -> StudyOutcome:
     study.validate()
     tracker = SweepTracker(study.tracking_uri, study.name)
     if study.resume_run_id:
-        parent, stamp = _reopen_study(study, tracker)
+        parent, stamp = reopen_study_run(tracker, study.resume_run_id, study.name)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         parent = tracker.start_sweep(
@@ -237,7 +208,7 @@ def run_study(study: Study) -> StudyOutcome:
         except KeyboardInterrupt as stop:  # SweepInterrupted of a cell, or between cells
             # Resume the study, not the cell; a cause (a full disk) is kept.
             raise SweepInterrupted(parent, getattr(stop, "cause", None)) from None
-        outcome = _report(study, tracker, parent, cells)
+        outcome = report(study, tracker, parent, cells)
     _prune_search_checkpoints(study, stamp)
     return outcome
 
@@ -260,62 +231,6 @@ def _prune_search_checkpoints(study: Study, stamp: str) -> None:
               flush=True)
 
 
-def _reopen_study(study: Study, tracker: SweepTracker) -> tuple[str, str]:
-    """(run id, stamp) of the study run to resume, RUNNING again."""
-    run_id = study.resume_run_id
-    run = tracker.get_run(run_id)
-    if run is None or run.data.tags.get("kind") != "study" or "stamp" not in run.data.tags:
-        raise ConfigError(f"--resume {run_id} is invalid: allowed the run id of an "
-                          f"unfinished {study.name} study run (tag kind=study)")
-    if run.info.status == "FINISHED":
-        raise ConfigError(f"--resume {run_id} is invalid: that study finished; allowed an "
-                          "interrupted, killed or failed one")
-    print(f"resuming study run {run_id}", flush=True)
-    tracker.reopen_run(run_id)
-    tracker.parent_run_id = run_id
-    return run_id, run.data.tags["stamp"]
-
-
-def _earlier_run(study: Study, tracker: SweepTracker, parent: str, folder: str
-                 ) -> Any | None:
-    """The nested sweep run of a resumed study whose Tune folder is ``folder``, if any."""
-    if not study.resume_run_id:
-        return None
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent}' and "
-                                 f"tags.tune_folder = '{folder}'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
-
-
-def _resume_id(study: Study, tracker: SweepTracker, earlier: Any | None, folder: str
-               ) -> str | None:
-    """The unfinished sweep run to resume for ``folder``; None to run it afresh (none
-    yet, or interrupted before Tune saved a state with a trial: that run ends KILLED,
-    saying so, and its folder, which nothing can restore, is cleared)."""
-    if earlier is None:
-        return None
-    path = Path(study.storage_path).resolve() / folder
-    if not path.exists():
-        raise ConfigError(f"--resume: the study's Tune folder {path} is missing (was "
-                          "--storage-path different?); allowed the --storage-path it ran with")
-    if restorable(path):
-        return earlier.info.run_id
-    tracker.set_tags(earlier.info.run_id, {"mlflow.note.content": "Interrupted before Tune "
-                     "saved a state with a trial in it; the resumed study ran this sweep "
-                     "again as a new run."})
-    tracker.end_run(earlier.info.run_id, "KILLED")
-    shutil.rmtree(path, ignore_errors=True)
-    return None
-
-
-def _read_back(study: Study, folder: str) -> Any:
-    """The ResultGrid of a finished sweep of this study, from its Tune folder."""
-    from ray.tune import ExperimentAnalysis, ResultGrid
-
-    return ResultGrid(ExperimentAnalysis(str(Path(study.storage_path).resolve() / folder)))
-
-
 def _sweep(study: Study, **kwargs: Any) -> Sweep:
     return Sweep(name=study.name, max_concurrent=study.max_concurrent,
                  auto_gpus=study.auto_gpus, max_failures=study.max_failures,
@@ -330,11 +245,11 @@ def _search_cells(study: Study, tracker: SweepTracker, parent: str, stamp: str
         print(f"\n=== search {cell.label} ===", flush=True)
         points = tuple(cell.space.points(study.num_samples, study.seed))
         folder = f"{study.name}-{stamp}-search-{'-'.join(cell.key)}"
-        earlier = _earlier_run(study, tracker, parent, folder)
+        earlier = nested_run_of_folder(tracker, parent, folder) if study.resume_run_id else None
         if earlier is not None and earlier.info.status == "FINISHED":
-            grid = _read_back(study, folder)
+            grid = read_back(study.storage_path, folder)
             configs = {r.metrics.get("trial_id"): r.config for r in grid if r.metrics}
-            results.append(_cell_result(study, cell.key, _restored_rows(grid, study),
+            results.append(cell_result(study, cell.key, restored_rows(grid, study),
                                         configs, earlier.data.tags.get("picked_trial_id")))
             print(f"finished before the interrupt: read back from {folder}", flush=True)
             continue
@@ -344,12 +259,12 @@ def _search_cells(study: Study, tracker: SweepTracker, parent: str, stamp: str
                 kind="search", tags={"cell": cell.label}, parent_run_id=parent,
                 run_name=folder, title=f"search {cell.label}",
                 params=_design_params(study, cell), log_checkpoints=False,
-                resume_run_id=_resume_id(study, tracker, earlier, folder)))
+                resume_run_id=resume_or_restart(tracker, study.storage_path, earlier, folder)))
         except RuntimeError as exc:  # every trial failed: record it, go on with the rest
             print(f"cell {cell.label} failed: {exc}", flush=True)
             continue
         configs = {r.metrics.get("trial_id"): r.config for r in outcome.results if r.metrics}
-        result = _cell_result(study, cell.key, _with_searched(study, outcome.rows, configs),
+        result = cell_result(study, cell.key, with_searched(study, outcome.rows, configs),
                               configs)
         # What was picked, on the search run: --report-from reads it back, not re-picks.
         tracker.set_tags(outcome.parent_run_id, {"picked_trial_id": result.picked_trial_id})
@@ -366,44 +281,6 @@ def _design_params(study: Study, cell: Cell) -> dict[str, Any]:
             **{f"search.{key}": f"= {value}" for key, value in cell.space.constants}}
 
 
-def _with_searched(study: Study, rows: list[dict[str, Any]],
-                   configs: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Search rows carry the lr, weight decay and back-off key of their config, even where
-    they did not vary (one point) or were not searched."""
-    keys = ("optim.lr", "optim.weight_decay", study.backoff_key)
-    return [{**row, **{k: configs[row["trial_id"]].get(k) for k in keys}} for row in rows]
-
-
-def _cell_result(study: Study, key: tuple[str, ...], rows: list[dict[str, Any]],
-                 configs: Mapping[str, dict[str, Any]], picked_id: str | None = None
-                 ) -> CellResult:
-    """The cell with its picked config: ``picked_id`` if given (a restored study), else by
-    :func:`pick_config`, else (no trial finished without diverging) the best not-failed
-    trial, said on the console."""
-    if picked_id is None:
-        picked = pick_config(rows, study.search_metric, study.pick_within, study.backoff_key)
-        if picked is None:
-            print(f"cell {'/'.join(key)}: no search trial finished without diverging; "
-                  "re-running the best of the rest", flush=True)
-            picked = max(rows, key=lambda r: (r.get("status") != FAILED,
-                                              _or_inf(r.get(study.search_metric))))
-        picked_id = picked["trial_id"]
-    cell = next(c for c in study.cells if c.key == key)
-    return CellResult(key, rows, dict(configs[picked_id]), picked_trial_id=picked_id,
-                      chance=_chance(cell.base.data), asked=study.seeds)
-
-
-@functools.lru_cache(maxsize=None)
-def _chance(data: DataConfig) -> float | None:
-    """1 / classes of a dataset (None if its data is not here to count them)."""
-    try:
-        return 1.0 / load_splits(data, seed=0).num_classes
-    except (ConfigError, OSError, RuntimeError) as exc:
-        print(f"chance accuracy of {data.name} unknown ({exc}): only a non-finite "
-              "loss counts as diverged", flush=True)
-        return None
-
-
 def _rerun_seeds(study: Study, tracker: SweepTracker, cells: list[CellResult], parent: str,
                  stamp: str) -> None:
     """All cells' picked configs x seeds in one points sweep, each trial to its last epoch."""
@@ -411,152 +288,15 @@ def _rerun_seeds(study: Study, tracker: SweepTracker, cells: list[CellResult], p
     points = tuple({**cell.best_config, "train.seed": s} for cell in cells for s in seeds)
     print(f"\n=== picked configs x seeds {seeds}: {len(points)} trials ===", flush=True)
     folder = f"{study.name}-{stamp}-seeds"
-    earlier = _earlier_run(study, tracker, parent, folder)
+    earlier = nested_run_of_folder(tracker, parent, folder) if study.resume_run_id else None
     if earlier is not None and earlier.info.status == "FINISHED":
-        _add_seed_results(study, cells, _read_back(study, folder))
+        add_seed_results(study, cells, read_back(study.storage_path, folder))
         return
     outcome = run_sweep(_sweep(
         study, base=TrialConfig.from_flat(cells[0].best_config), points=points,
         metric=study.metric, parent_run_id=parent, run_name=folder,
         title=f"seeds {seeds[0]}..{seeds[-1]} x {len(cells)} picked configs", log_best=False,
-        resume_run_id=_resume_id(study, tracker, earlier, folder)))
-    _add_seed_results(study, cells, outcome.results)
+        resume_run_id=resume_or_restart(tracker, study.storage_path, earlier, folder)))
+    add_seed_results(study, cells, outcome.results)
 
 
-def _without_seed(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k != "train.seed"}
-
-
-def _add_seed_results(study: Study, cells: list[CellResult], results: Any) -> None:
-    """Histories (with the stages' final metrics) and final weights of the seed re-runs."""
-    # A re-run is its cell's picked config with another seed: match on everything else.
-    by_config = [(_without_seed(c.best_config), c) for c in cells]
-    for result in results:
-        config = _without_seed(result.config)
-        cell = next((c for picked, c in by_config if picked == config), None)
-        if cell is None:
-            print(f"a seed re-run (seed {result.config.get('train.seed')}) matches no cell's "
-                  "picked config: left out of the table", flush=True)
-            continue
-        history = result_history(result)
-        if result.error or not history:
-            cell.add_failed_seed(result.config["train.seed"])  # counted, not dropped
-            continue
-        weights = None
-        if result.checkpoint is not None:
-            with result.checkpoint.as_directory() as folder:
-                state = load_state_file(Path(folder))
-            weights = weight_vector(state["model"]) if state else None
-        cell.add_seed_run(result.config["train.seed"], history, weights)
-
-
-def _report(study: Study, tracker: SweepTracker, parent: str, cells: list[CellResult]
-            ) -> StudyOutcome:
-    notes = {c.key: study.notes(c.key) for c in cells} if study.notes else None
-    rows = table_rows(cells, study.key_names, study.metric, study.search_metric,
-                      study.extra_metrics, notes)
-    table = tracker.log_table(parent, rows, "comparison")
-    pairs = paired_rows(cells, study.pairs, study.key_names, study.metric)
-    pairs_table = tracker.log_table(parent, pairs, "pairs") if pairs else ""
-    tracker.set_tags(parent, {"mlflow.note.content": _description(study, rows, pairs)})
-    with tempfile.TemporaryDirectory() as tmp:
-        tracker.log_artifact(parent, plot_comparison(cells, Path(tmp) / "comparison.png",
-                                                     study.metric))
-        tracker.log_artifact(parent, plot_curves(cells, Path(tmp) / "curves.png"))
-        tracker.log_artifact(parent, plot_sensitivity(cells, Path(tmp) / "sensitivity.png",
-                                                      study.search_metric))
-        tracker.log_artifact(parent, plot_weights(cells, Path(tmp) / "weights.png"))
-    metrics = {}
-    for row, cell in zip(rows, cells, strict=True):
-        if not math.isnan(row[f"{study.metric}_mean"]):
-            prefix = ".".join(cell.key)
-            # Rounded: the UI shows these numbers as they are (float noise otherwise).
-            for stat in ("mean", "std", "ci95_lo", "ci95_hi"):
-                value = row[f"{study.metric}_{stat}"]
-                if not math.isnan(value):
-                    metrics[f"{prefix}.{study.metric}_{stat}"] = round(value, 5)
-    tracker.log_metrics(parent, metrics, step=0)
-    return StudyOutcome(parent, cells, rows, table, pairs, pairs_table)
-
-
-# MLflow keeps at most 8000 characters of a tag; the description is one.
-_DESCRIPTION_LIMIT = 8000
-_SUMMARY_COLUMNS = ("result", "ci95", "seeds_ok", "seeds_diverged", "seeds_failed", "best_lr")
-_PAIR_COLUMNS = ("pair", "n_pairs", "first_wins", "diff_points", "ci95", "verdict")
-
-
-def _description(study: Study, rows: list[dict], pairs: list[dict]) -> str:
-    """The study run's Overview: the result per cell and the paired verdicts, cut to the
-    columns a reader compares first (comparison.md and pairs.md hold every column)."""
-    def compact(table: list[dict], columns: tuple[str, ...]) -> str:
-        keep = (*study.key_names, *columns)
-        return rows_to_markdown([{k: r[k] for k in keep if k in r} for r in table])
-
-    text = (f"{study.metric} per cell: mean +- std over seeds, 95% t interval, seeds "
-            f"ok/diverged/failed. Every column: comparison.md; plots: comparison.png.\n\n"
-            + compact(rows, _SUMMARY_COLUMNS))
-    if pairs:
-        text += "\nMatched pairs, seed by seed (pairs.md):\n\n" + compact(pairs, _PAIR_COLUMNS)
-    if len(text) > _DESCRIPTION_LIMIT:
-        cut = "\n\n(cut here: the rest is in comparison.md and pairs.md)"
-        text = text[:_DESCRIPTION_LIMIT - len(cut)].rsplit("\n", 1)[0] + cut
-    return text
-
-
-def report_from(study: Study, run_id: str) -> StudyOutcome:
-    """Train nothing: rebuild a finished study's cells from its nested MLflow runs and
-    their Tune folders under ``storage_path``, and write its report again."""
-    tracker = SweepTracker(study.tracking_uri, study.name)
-    children = tracker.client.search_runs(
-        [tracker.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
-    if not children:
-        raise ConfigError(f"--report-from={run_id} is invalid: allowed the run id of a "
-                          f"{study.name} study run with nested search runs")
-    order = {c.label: i for i, c in enumerate(study.cells)}
-    cells, seeds = [], None
-    for run in children:
-        kind, label = run.data.tags.get("kind"), run.data.tags.get("cell", "")
-        if kind != "points" and label not in order:
-            continue  # a cell this invocation does not ask about
-        folder = run.data.tags.get("tune_folder", run.info.run_name)
-        grid = _read_back(study, folder)
-        if kind == "points":
-            seeds = grid
-            continue
-        rows = _restored_rows(grid, study)
-        if not rows:
-            continue  # every trial of the cell failed: the run skipped it too
-        configs = {r.metrics.get("trial_id"): r.config for r in grid if r.metrics}
-        cells.append(_cell_result(study, tuple(label.split("/")), rows, configs,
-                                  run.data.tags.get("picked_trial_id")))
-    if not cells:
-        raise ConfigError(f"--report-from={run_id} is invalid: none of its search runs is a "
-                          "cell of this study (tag 'cell'); a study from before the study "
-                          "module cannot be restored")
-    cells.sort(key=lambda c: order["/".join(c.key)])
-    if seeds is not None:
-        _add_seed_results(study, cells, seeds)
-    if tracker.client.get_run(run_id).info.status != "FINISHED":
-        # An unfinished study keeps its status (it can still be resumed).
-        return _report(study, tracker, run_id, cells)
-    with tracker.ending(run_id):
-        return _report(study, tracker, run_id, cells)
-
-
-def _restored_rows(grid: Any, study: Study) -> list[dict[str, Any]]:
-    rows = []
-    for result in grid:
-        if not result.metrics or study.search_metric not in result.metrics:
-            continue
-        history = result_history(result)
-        m = result.metrics
-        status = trial_status(len(history), int(result.config["train.epochs"]),
-                              errored=result.error is not None, diverged=diverged(history))
-        rows.append({"trial_id": m["trial_id"], "status": status,
-                     "diverged": diverged(history),
-                     study.backoff_key: result.config.get(study.backoff_key),
-                     "optim.lr": result.config.get("optim.lr"),
-                     "optim.weight_decay": result.config.get("optim.weight_decay"),
-                     **{k: m[k] for k in ("epoch", "train_loss", study.search_metric,
-                                          study.metric) if k in m}})
-    return rows

@@ -84,7 +84,7 @@ def test_a_sweep_needs_a_space_or_points():
 
 
 def test_a_diverged_seed_gives_nan_not_a_crash(tmp_path):
-    from sweeps.compare import plot_curves, plot_sensitivity, plot_weights
+    from sweeps.compare import plot_cell_curves, plot_sensitivity, plot_weights
 
     nan = float("nan")
     cell = CellResult(("mnist", "mlp", "gd"), [{"optim.lr": 1.0, "test_acc": 0.9,
@@ -96,7 +96,7 @@ def test_a_diverged_seed_gives_nan_not_a_crash(tmp_path):
     [row] = table_rows([cell], KEYS)
     assert row["test_acc_mean"] == pytest.approx(0.525) and math.isnan(row["weight_kurtosis"])
     assert row["seeds_diverged"] == 1
-    for plot in (plot_curves, plot_sensitivity, plot_weights):
+    for plot in (plot_cell_curves, plot_sensitivity, plot_weights):
         assert plot([cell], tmp_path / f"{plot.__name__}.png").stat().st_size > 0
 
 

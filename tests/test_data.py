@@ -12,7 +12,8 @@ import torch
 
 from tests.conftest import N_TEST, N_TRAIN
 from trainables.config import DataConfig
-from trainables.data import BatchLoader, DataNotFoundError, _Arrays, load_splits, random_crop_flip
+from trainables.data import BatchLoader, DataNotFoundError, load_splits, random_crop_flip
+from trainables.datasets import Arrays
 
 CPU = torch.device("cpu")
 
@@ -84,9 +85,9 @@ def test_subsets_and_validation_split(tiny_root: Path) -> None:
     assert torch.equal(again.val.x, splits.val.x)
 
 
-def _arrays(n: int = 100) -> _Arrays:
+def _arrays(n: int = 100) -> Arrays:
     x = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
-    return _Arrays(x, torch.arange(n))
+    return Arrays(x, torch.arange(n))
 
 
 def test_each_epoch_covers_every_example_once_in_a_new_order() -> None:
@@ -125,7 +126,7 @@ def test_channel_stats_match_float64_reference() -> None:
 def test_normalization_matches_float64_reference() -> None:
     x = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
     mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
-    loader = BatchLoader(_Arrays(x, torch.zeros(5, dtype=torch.long)), 5, mean, std, CPU)
+    loader = BatchLoader(Arrays(x, torch.zeros(5, dtype=torch.long)), 5, mean, std, CPU)
     (batch, _), = list(loader)
     ref = (x.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) \
         / torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)

@@ -31,7 +31,7 @@ def imports_of(path: Path, names: set[str]) -> set[str]:
     """The project modules ``path`` imports, anywhere in it (``from a.b import c``: a.b.c
     where that is a module, else a.b)."""
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -41,6 +41,15 @@ def imports_of(path: Path, names: set[str]) -> set[str]:
             continue
         out |= {t for t in targets if t in names}
     return out
+
+
+def _nodes(tree: ast.AST):
+    """Every node, but not those under ``if TYPE_CHECKING:`` (never imported at run time)."""
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, ast.If) and getattr(child.test, "id", "") == "TYPE_CHECKING":
+            continue
+        yield child
+        yield from _nodes(child)
 
 
 def graph() -> dict[str, set[str]]:

@@ -83,7 +83,7 @@ def test_the_study_description_fits_mlflows_tag_limit_in_whole_lines():
     the default study do not fit 8000 characters: the cut keeps whole rows and says so."""
     from types import SimpleNamespace
 
-    from sweeps.study import _DESCRIPTION_LIMIT, _description
+    from sweeps.study_results import _DESCRIPTION_LIMIT, _description
 
     study = SimpleNamespace(metric="test_acc", key_names=("dataset", "model", "optimizer"))
     rows = [{"dataset": "fashion_mnist", "model": "cnn", "optimizer": f"opt{i}",

@@ -48,7 +48,7 @@ import optim
 from trainables.config import OptimConfig, TrainConfig, TrialConfig
 from trainables.data import BatchLoader, load_splits
 from trainables.initial_weights import load_initial_weights
-from trainables.models import build_model
+from trainables.models import model_for_trial
 from trainables.sessions import ARTIFACTS_DIR, STATE_FILE, Session
 from trainables.stages import Pipeline, Stage, StageContext, TrainingPlan, build_pipeline
 
@@ -155,8 +155,7 @@ class _Trainer:
         torch.set_num_threads(threads)
         torch.manual_seed(cfg.train.seed)  # model init is identical on every rank
         self.splits = load_splits(cfg.data, seed=cfg.train.seed)
-        model = build_model(cfg.model, self.splits.in_channels, self.splits.image_size,
-                            self.splits.num_classes).to(self.device)
+        model = model_for_trial(cfg, self._data_shape()).to(self.device)
         # Before the stages (QAT re-parametrizes the weights); not when resuming: the
         # trial's own checkpoint replaces them (and the source may be gone by then).
         if cfg.train.init_from and not resuming:
@@ -191,6 +190,9 @@ class _Trainer:
         self.diverged_at: tuple[int, int] | None = None  # (epoch, batch) it was seen
         self.streak = torch.zeros((), dtype=torch.float64, device=self.device)
         self.history: list[dict[str, Any]] = []
+
+    def _data_shape(self) -> tuple[int, int, int]:
+        return (self.splits.in_channels, self.splits.image_size, self.splits.num_classes)
 
     def _loader(self, split: str, batch_size: int) -> BatchLoader:
         return self.splits.loader(split, batch_size, self.device, seed=self.cfg.train.seed,
@@ -304,8 +306,7 @@ class _Trainer:
         return StageContext(cfg=self.cfg, model=self.model, evaluate=evaluate,
                             splits=tuple(self.eval_loaders), train_batches=train_batches,
                             eval_batches=lambda split: iter(self.eval_loaders[split]),
-                            data_shape=(self.splits.in_channels, self.splits.image_size,
-                                        self.splits.num_classes),
+                            data_shape=self._data_shape(),
                             out_dir=out_dir, is_chief=self.session.world_rank == 0,
                             epoch_metrics=epoch_metrics or {})
 

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.config import ModelConfig
+from trainables.config import ModelConfig, TrialConfig
 
-__all__ = ["build_model", "MLP", "LeNet", "CifarResNet"]
+__all__ = ["build_model", "model_for_trial", "MLP", "LeNet", "CifarResNet"]
 
 SMALL_IMAGE = 64
 
@@ -166,3 +166,16 @@ def build_model(cfg: ModelConfig, in_channels: int, image_size: int,
     builders = {"resnet18": _resnet18, "mobilenet_v3_small": _mobilenet_v3_small,
                 "alexnet": _alexnet}
     return builders[cfg.name](in_channels, image_size, num_classes)
+
+
+def model_for_trial(cfg: TrialConfig, data_shape: tuple[int, int, int] | None = None
+                    ) -> nn.Module:
+    """The untrained model a trial of ``cfg`` trains: ``cfg.model`` shaped by
+    ``data_shape`` (input channels, image size, classes), or by the dataset when not given
+    (read, or decoded once into the cache). The one place a config becomes a model."""
+    if data_shape is None:
+        from trainables.data import load_splits
+
+        splits = load_splits(cfg.data, seed=cfg.train.seed)
+        data_shape = (splits.in_channels, splits.image_size, splits.num_classes)
+    return build_model(cfg.model, *data_shape)

@@ -109,7 +109,8 @@ class Section:
             now = ", ".join(f"{self._name(k)}={_text(getattr(self, k))}" for k in unmet)
             need = ", ".join(f"{self._name(k)} " + " or ".join(_text(v) for v in allowed)
                              for k, allowed in conditions.items())
-            fail(self._name(name), value, f"{_text(defaults[name])} with {now} "
+            shown = list(value) if isinstance(value, tuple) else value
+            fail(self._name(name), shown, f"{_text(defaults[name])} with {now} "
                                           f"({self._name(name)} is read with {need})")
 
     def _name(self, field_name: str) -> str:
