@@ -14,21 +14,29 @@ from sweeps.tracking import default_tracking_uri, existing_store
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import DataNotFoundError
 
-__all__ = ["common_parser", "base_config", "tracking_uri", "print_summary", "main_guard",
-           "resume_run_id", "resume_command"]
+__all__ = ["common_parser", "add_trial_flags", "base_config", "tracking_uri", "print_summary",
+           "main_guard", "resume_run_id", "resume_command"]
 
 
 def common_parser(description: str, num_samples: int, max_concurrent: int,
                   epochs: int) -> argparse.ArgumentParser:
+    """The flags of a sweep script: how many trials, then every trial flag."""
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--num-samples", type=int, default=num_samples,
                    help="trials Optuna proposes")
     p.add_argument("--max-concurrent", type=int, default=max_concurrent,
                    help="trials running at once")
-    p.add_argument("--epochs", type=int, default=epochs, help="epochs per trial (ASHA max_t)")
+    add_trial_flags(p, epochs, "epochs per trial (ASHA max_t)")
     p.add_argument("--smoke-test", action="store_true",
                    help="tiny subset, few trials: checks the whole path in minutes")
+    return p
+
+
+def add_trial_flags(p: argparse.ArgumentParser, epochs: int | None, epochs_help: str) -> None:
+    """Flags of what one trial is and where it runs and is recorded (sweeps and
+    ``python -m sweeps.train`` alike)."""
+    p.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
     p.add_argument("--data-root", default=None,
                    help="dataset folder (default: $QSWEEP_DATA, else ./data)")
     p.add_argument("--tracking-uri", default=None,
@@ -57,7 +65,6 @@ def common_parser(description: str, num_samples: int, max_concurrent: int,
     p.add_argument("--resume", nargs="?", const="last", default=None, metavar="RUN_ID",
                    help="go on with an interrupted or killed run of this script (default: "
                         "the newest unfinished one; or the given run id), same flags")
-    return p
 
 
 def resume_run_id(args: argparse.Namespace, experiment: str, kind: str) -> str | None:
@@ -94,11 +101,11 @@ def base_config(args: argparse.Namespace, defaults: Sequence[str],
         cfg = cfg.with_overrides(smoke)
     if args.config:
         cfg = cfg.with_yaml(args.config)
-    flags = [f"train.epochs={args.epochs}", f"train.seed={args.seed}",
-             f"train.num_workers={args.num_workers}",
+    flags = [f"train.seed={args.seed}", f"train.num_workers={args.num_workers}",
              f"train.cpus_per_worker={args.cpus_per_worker}"]
-    if args.smoke_test:
-        flags = flags[1:]  # the smoke test keeps its own (short) epochs
+    # The smoke test keeps its own (short) epochs; no --epochs keeps the config's.
+    if args.epochs is not None and not args.smoke_test:
+        flags.insert(0, f"train.epochs={args.epochs}")
     if args.gpus_per_trial != "auto" and args.gpus_per_trial > 0:
         _check_gpus_reachable(args)
         flags += ["train.use_gpu=true", f"train.gpus_per_worker={args.gpus_per_trial}"]

@@ -1,0 +1,302 @@
+"""A study: many cells (e.g. dataset x model x optimizer), one search per cell, the picked
+config of every cell re-run with fresh seeds, and a comparison on the study's MLflow run.
+
+The design, on purpose:
+
+- **Search = a fixed, paired quasi-random design.** Every cell runs the same
+  ``num_samples`` scrambled Sobol points (seeded by ``seed``) mapped into its own ranges
+  (:class:`SearchSpace`), each trial to its last epoch (FIFO). No result feeds back into
+  what runs next, so the same command picks the same configs, and every optimizer gets
+  the same quantiles of its lr range (a paired comparison). TPE with 8 trials never left
+  Optuna's random start-up phase, and asynchronous ASHA stopped slow starters (EG at
+  large lr) depending on which results arrived first: neither was what it claimed.
+- **Pick = back off from the edge.** Among the search trials within ``pick_within`` of the
+  best ``search_metric`` (validation), take the one with the smallest ``backoff_key``
+  (the learning rate): the best single trial was often the largest lr that still
+  trained, and its re-runs with other seeds diverged.
+- **Re-runs** of the picked configs with seeds ``seed+1 .. seed+seeds`` score the test set
+  (``metric``); the table reports mean +- std and a 95% confidence interval, every seed
+  asked for (ok, diverged: non-finite loss or chance accuracy, failed), and every
+  ``extra_metrics`` the trials report (their stages' metrics, e.g. rounded weights).
+- **Pairs**: matched cells (``pairs``, e.g. EG vs GD) are compared seed by seed: the same
+  seed gives both the same initial weights and data order, so the paired difference
+  is much tighter than two separate intervals.
+
+MLflow: a study run (``kind=study``), one nested run per cell's search (``kind=search``,
+tag ``cell``) and one for the seed re-runs (``kind=points``), trials nested under those.
+The study run holds comparison.md/.png (the bars: mean and 95% interval per cell),
+pairs.md, *.table.csv (both tables as CSV), a description with the compact table, curves.png,
+sensitivity.png, weights.png and the per-cell mean, std and interval as metrics.
+:func:`report_from` rebuilds all of it from the runs.
+
+Example::
+
+    cells = [Cell(("mnist", "mlp", "eg"), base, SearchSpace((("optim.lr", 0.1, 10, True),)))]
+    outcome = run_study(Study(name="demo", cells=tuple(cells),
+                              key_names=("dataset", "model", "optimizer")))
+    print(outcome.table)
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from sweeps.compare import (
+    CellResult,
+)
+from sweeps.init_weights import absolute_paths, check_initial_weights
+from sweeps.resume import (
+    driver_lock,
+    nested_run_of_folder,
+    read_back,
+    reopen_study_run,
+    resume_or_restart,
+)
+from sweeps.runner import run_sweep
+from sweeps.search import validate_points
+from sweeps.spec import Sweep, SweepInterrupted
+from sweeps.study_results import (
+    StudyOutcome,
+    add_seed_results,
+    cell_result,
+    pick_config,
+    report,
+    report_from,
+    restored_rows,
+    with_searched,
+)
+from sweeps.tracking import SweepTracker, default_tracking_uri
+from trainables.config import ConfigError, TrialConfig
+from trainables.data import prepare_data
+
+__all__ = ["SearchSpace", "Cell", "Study", "StudyOutcome", "run_study", "report_from",
+           "pick_config"]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Ranges searched as one quasi-random design: ``(key, low, high, log)`` each, plus
+    constant overrides. ``points`` are the same for every space with the same number of
+    ranges and the same seed (in the unit cube), which pairs the cells of a study."""
+
+    ranges: tuple[tuple[str, float, float, bool], ...]
+    constants: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.ranges:
+            raise ConfigError("a search space needs at least one range (key, low, high, log)")
+        for key, low, high, log in self.ranges:
+            if not low < high or (log and low <= 0):
+                raise ConfigError(f"search range {key}={low}..{high} is invalid: allowed "
+                                  "low < high (and low > 0 on a log scale)")
+
+    def points(self, n: int, seed: int) -> list[dict[str, Any]]:
+        """``n`` configs from scrambled Sobol points (torch's SobolEngine, seeded)."""
+        engine = torch.quasirandom.SobolEngine(len(self.ranges), scramble=True, seed=seed)
+        unit = engine.draw(n, dtype=torch.float64).tolist()
+        points = []
+        for u in unit:
+            point = dict(self.constants)
+            for (key, low, high, log), x in zip(self.ranges, u, strict=True):
+                point[key] = (math.exp(math.log(low) + x * (math.log(high) - math.log(low)))
+                              if log else low + x * (high - low))
+            points.append(point)
+        return points
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the study's grid: its key (the last part names the plotted series),
+    its base config, and what is searched."""
+
+    key: tuple[str, ...]
+    base: TrialConfig
+    space: SearchSpace
+
+    @property
+    def label(self) -> str:
+        return "/".join(self.key)
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    cells: tuple[Cell, ...]
+    key_names: tuple[str, ...]
+    num_samples: int = 8
+    seeds: int = 3
+    seed: int = 0
+    search_metric: str = "val_acc"  # chooses configs (a validation split)
+    metric: str = "test_acc"  # scores the seed re-runs
+    pick_within: float = 0.003  # accuracy: 0.3 points
+    backoff_key: str = "optim.lr"
+    extra_metrics: tuple[str, ...] = ()  # reported by the trials, tabled like ``metric``
+    # Matched series compared seed by seed within each panel, e.g. (("eg", "gd"),).
+    pairs: tuple[tuple[str, str], ...] = ()
+    # Cell key -> {extra metric: text} for values known without measuring (a no-op).
+    notes: Callable[[tuple[str, ...]], Mapping[str, str]] | None = None
+    max_concurrent: int = 2
+    tracking_uri: str = field(default_factory=default_tracking_uri)
+    storage_path: str = "ray_results"
+    address: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)  # logged on the study run
+    auto_gpus: bool = False  # see Sweep.auto_gpus
+    max_failures: int = 0  # see Sweep.max_failures
+    # Go on with this interrupted study run: finished cells are read back (not re-run),
+    # the interrupted one resumes, the rest run.
+    resume_run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.cells:
+            raise ConfigError("a study needs at least one cell")
+        for name, low in (("num_samples", 1), ("seeds", 1), ("max_concurrent", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}={getattr(self, name)} is invalid: allowed >= {low}")
+        if len({c.key for c in self.cells}) != len(self.cells):
+            raise ConfigError("the cells of a study need distinct keys")
+        for cell in self.cells:
+            if len(cell.key) != len(self.key_names):
+                raise ConfigError(f"cell {cell.label} is invalid: allowed keys of "
+                                  f"{len(self.key_names)} parts ({', '.join(self.key_names)})")
+        if not self.pick_within >= 0:
+            raise ConfigError(f"pick_within={self.pick_within} is invalid: allowed >= 0")
+
+    def validate(self) -> None:
+        """Every config the study will run is valid, and its data exists: before Ray."""
+        for cell in self.cells:
+            try:
+                validate_points(cell.base, tuple(cell.space.points(self.num_samples,
+                                                                   self.seed)))
+            except ConfigError as exc:
+                raise ConfigError(f"cell {cell.label}: {exc}") from None
+        for data in {cell.base.data for cell in self.cells}:
+            prepare_data(data)
+        for cell in self.cells:  # train.init_from: the file, and that it fits the model
+            check_initial_weights(absolute_paths(cell.base), ())
+
+
+def run_study(study: Study) -> StudyOutcome:
+    study.validate()
+    tracker = SweepTracker(study.tracking_uri, study.name)
+    if study.resume_run_id:
+        parent, stamp = reopen_study_run(tracker, study.resume_run_id, study.name)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        parent = tracker.start_sweep(
+            f"{study.name} study {time.strftime('%Y-%m-%d %H:%M')}",
+            params={"study.num_samples": study.num_samples, "study.seeds": study.seeds,
+                    "study.seed": study.seed, "study.search_metric": study.search_metric,
+                    "study.metric": study.metric, "study.pick_within": study.pick_within,
+                    "study.backoff_key": study.backoff_key, "study.design": "sobol+fifo",
+                    "study.cells": len(study.cells), **study.params},
+            tags={"sweep": study.name, "kind": "study", "stamp": stamp})
+    lock = driver_lock(Path(study.storage_path).resolve() / f"{study.name}-{stamp}.lock",
+                       f"study run {parent}")
+    with lock, tracker.ending(parent):
+        try:
+            cells = _search_cells(study, tracker, parent, stamp)
+            if not cells:
+                raise RuntimeError("no cell produced a result; see the FAILED runs in MLflow")
+            _rerun_seeds(study, tracker, cells, parent, stamp)
+        except KeyboardInterrupt as stop:  # SweepInterrupted of a cell, or between cells
+            # Resume the study, not the cell; a cause (a full disk) is kept.
+            raise SweepInterrupted(parent, getattr(stop, "cause", None)) from None
+        outcome = report(study, tracker, parent, cells)
+    _prune_search_checkpoints(study, stamp)
+    return outcome
+
+
+def _prune_search_checkpoints(study: Study, stamp: str) -> None:
+    """A finished study's search trials were picked from and re-run with seeds: their
+    checkpoints (best + latest each) only take disk. Their metrics stay (--report-from
+    reads them); the seed re-runs keep theirs."""
+    freed = 0
+    for cell in study.cells:
+        folder = Path(study.storage_path).resolve() / \
+            f"{study.name}-{stamp}-search-{'-'.join(cell.key)}"
+        # In-process trials keep trial_*/checkpoint_*, DDP ones trial_*/train-*/checkpoint_*.
+        for checkpoint in [*folder.glob("trial_*/checkpoint_*"),
+                           *folder.glob("trial_*/train-*/checkpoint_*")]:
+            freed += sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
+            shutil.rmtree(checkpoint)
+    if freed:
+        print(f"removed the search trials' checkpoints: {freed / 2**20:.1f} MiB freed",
+              flush=True)
+
+
+def _sweep(study: Study, **kwargs: Any) -> Sweep:
+    return Sweep(name=study.name, max_concurrent=study.max_concurrent,
+                 auto_gpus=study.auto_gpus, max_failures=study.max_failures,
+                 tracking_uri=study.tracking_uri, storage_path=study.storage_path,
+                 address=study.address, seed=study.seed, prepare_data=False, **kwargs)
+
+
+def _search_cells(study: Study, tracker: SweepTracker, parent: str, stamp: str
+                  ) -> list[CellResult]:
+    results = []
+    for cell in study.cells:
+        print(f"\n=== search {cell.label} ===", flush=True)
+        points = tuple(cell.space.points(study.num_samples, study.seed))
+        folder = f"{study.name}-{stamp}-search-{'-'.join(cell.key)}"
+        earlier = nested_run_of_folder(tracker, parent, folder) if study.resume_run_id else None
+        if earlier is not None and earlier.info.status == "FINISHED":
+            grid = read_back(study.storage_path, folder)
+            configs = {r.metrics.get("trial_id"): r.config for r in grid if r.metrics}
+            results.append(cell_result(study, cell.key, restored_rows(grid, study),
+                                        configs, earlier.data.tags.get("picked_trial_id")))
+            print(f"finished before the interrupt: read back from {folder}", flush=True)
+            continue
+        try:
+            outcome = run_sweep(_sweep(
+                study, base=cell.base, points=points, metric=study.search_metric,
+                kind="search", tags={"cell": cell.label}, parent_run_id=parent,
+                run_name=folder, title=f"search {cell.label}",
+                params=_design_params(study, cell), log_checkpoints=False,
+                resume_run_id=resume_or_restart(tracker, study.storage_path, earlier, folder)))
+        except RuntimeError as exc:  # every trial failed: record it, go on with the rest
+            print(f"cell {cell.label} failed: {exc}", flush=True)
+            continue
+        configs = {r.metrics.get("trial_id"): r.config for r in outcome.results if r.metrics}
+        result = cell_result(study, cell.key, with_searched(study, outcome.rows, configs),
+                              configs)
+        # What was picked, on the search run: --report-from reads it back, not re-picks.
+        tracker.set_tags(outcome.parent_run_id, {"picked_trial_id": result.picked_trial_id})
+        results.append(result)
+    return results
+
+
+def _design_params(study: Study, cell: Cell) -> dict[str, Any]:
+    """A search run's design: the ranges and constants of its Sobol points."""
+    ranges = {f"search.{key}": f"{low:g}..{high:g}{' log' if log else ''}"
+              for key, low, high, log in cell.space.ranges}
+    return {"sweep.design": f"scrambled Sobol, {study.num_samples} points, seed "
+                            f"{study.seed}", **ranges,
+            **{f"search.{key}": f"= {value}" for key, value in cell.space.constants}}
+
+
+def _rerun_seeds(study: Study, tracker: SweepTracker, cells: list[CellResult], parent: str,
+                 stamp: str) -> None:
+    """All cells' picked configs x seeds in one points sweep, each trial to its last epoch."""
+    seeds = [study.seed + i for i in range(1, study.seeds + 1)]
+    points = tuple({**cell.best_config, "train.seed": s} for cell in cells for s in seeds)
+    print(f"\n=== picked configs x seeds {seeds}: {len(points)} trials ===", flush=True)
+    folder = f"{study.name}-{stamp}-seeds"
+    earlier = nested_run_of_folder(tracker, parent, folder) if study.resume_run_id else None
+    if earlier is not None and earlier.info.status == "FINISHED":
+        add_seed_results(study, cells, read_back(study.storage_path, folder))
+        return
+    outcome = run_sweep(_sweep(
+        study, base=TrialConfig.from_flat(cells[0].best_config), points=points,
+        metric=study.metric, parent_run_id=parent, run_name=folder,
+        title=f"seeds {seeds[0]}..{seeds[-1]} x {len(cells)} picked configs", log_best=False,
+        resume_run_id=resume_or_restart(tracker, study.storage_path, earlier, folder)))
+    add_seed_results(study, cells, outcome.results)
+
+

@@ -1,0 +1,138 @@
+"""The stages of a trial, in their order, run as one pipeline.
+
+Stages run in the order of :data:`STAGE_ORDER` (low-rank factorization, pruning, LC,
+quantization, weight rounding, export): each transform builds on the earlier ones
+(a pruned model is then quantized; export writes what the others made). A stage
+registered under a name the order does not list runs after the listed ones, in
+registration order. The package's ``__init__`` registers the built-in stages; no stage
+module imports the registry's users.
+
+Example::
+
+    register_stage("count", lambda cfg: CountSteps() if cfg.train.epochs > 1 else None)
+    pipeline = build_pipeline(cfg)      # the stages cfg asks for, ordered and checked
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from trainables.config import TrialConfig
+from trainables.stages.base import Stage, StageContext, TrainingPlan
+
+__all__ = ["STAGE_ORDER", "Pipeline", "register_stage", "build_pipeline", "registered"]
+
+STAGE_ORDER = ("lowrank", "prune", "lc", "quant", "weight_rounding", "export")
+
+StageBuilder = Callable[[TrialConfig], "Stage | None"]
+_BUILDERS: dict[str, StageBuilder] = {}
+
+
+def register_stage(name: str, build: StageBuilder) -> StageBuilder:
+    """Register the builder of stage ``name`` (it returns the stage ``cfg`` asks for, or
+    None); a name registered again replaces its builder."""
+    _BUILDERS[name] = build
+    return build
+
+
+def registered() -> list[str]:
+    """The registered stage names, in the order their stages run."""
+    known = [n for n in STAGE_ORDER if n in _BUILDERS]
+    return known + [n for n in _BUILDERS if n not in STAGE_ORDER]
+
+
+def build_pipeline(cfg: TrialConfig) -> "Pipeline":
+    """The stages ``cfg`` asks for, in their order."""
+    stages = []
+    for name in registered():
+        stage = _BUILDERS[name](cfg)
+        if stage is not None:
+            if stage.name != name:
+                raise ValueError(f"the builder registered as {name!r} built a stage named "
+                                 f"{stage.name!r}")
+            stages.append(stage)
+    return Pipeline(stages)
+
+
+class Pipeline:
+    """Ordered stages, each hook called on each in turn. Built with two stages that report
+    the same metric it raises (a checkpoint's stage states are keyed by name: names must
+    be unique too)."""
+
+    def __init__(self, stages: list[Stage]) -> None:
+        self.stages = list(stages)
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        owner: dict[str, str] = {}
+        for stage in self.stages:
+            for metric in stage.metric_names():
+                if metric in owner:
+                    raise ValueError(f"stages {owner[metric]} and {stage.name} both report "
+                                     f"the metric {metric!r}: rename one")
+                owner[metric] = stage.name
+
+    def __bool__(self) -> bool:
+        return bool(self.stages)
+
+    def __iter__(self):
+        return iter(self.stages)
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def plan(self, plan: TrainingPlan) -> None:
+        for stage in self.stages:
+            stage.plan(plan)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        for stage in self.stages:
+            model = stage.prepare(model)
+        return model
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | float:
+        terms = [t for t in (s.penalty(model) for s in self.stages) if t is not None]
+        return sum(terms) if terms else 0.0
+
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        for stage in self.stages:
+            stage.before_step(model, optimizer)
+
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
+                   ) -> None:
+        for stage in self.stages:
+            stage.after_step(step, model, optimizer)
+
+    def epoch_end(self, ctx: StageContext, metrics: dict[str, Any]) -> None:
+        """Each stage's epoch metrics, added to ``metrics`` (the epoch's report)."""
+        for stage in self.stages:
+            _merge(metrics, stage.epoch_end(ctx), stage.name)
+
+    def finalize(self, ctx: StageContext) -> dict[str, float]:
+        """Each stage's end of training, in order, each from the earlier ones' result."""
+        ctx.result = ctx.model
+        metrics: dict[str, float] = {}
+        for stage in self.stages:
+            _merge(metrics, stage.finalize(ctx), stage.name)
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {s.name: s.state_dict() for s in self.stages}
+
+    def load_state_dict(self, states: dict[str, Any]) -> None:
+        for stage in self.stages:  # a stage added since the checkpoint starts fresh
+            if stage.name in states:
+                stage.load_state_dict(states[stage.name])
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any], stage: str) -> None:
+    """Add a stage's metrics; one that names a metric already reported (by the loop or
+    another stage) is a bug in that stage, not something to overwrite silently."""
+    clash = sorted(set(into) & set(new))
+    if clash:
+        raise ValueError(f"stage {stage} reports {', '.join(clash)}, already reported "
+                         "this epoch")
+    into.update(new)
