@@ -126,3 +126,26 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QSWEEP_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory: pytest.TempPathFactory, tiny_root: Path):
+    """(folder, completed process) of one smoke EG-vs-GD study (gd and eg, embedded Ray),
+    run once and shared by the tests that only read its output and its store
+    (``folder/mlflow.db``, ``folder/ray_results``): each such study costs about a minute."""
+    from test_cli import run
+
+    folder = tmp_path_factory.mktemp("smoke_study")
+    script = Path(__file__).resolve().parent.parent / "sweeps" / "eg_vs_gd.py"
+    out = run(["--smoke-test", "--optimizers", "gd", "eg", "--address", "local"], folder,
+              tiny_root, timeout=600, script=script)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return folder, out
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Everything that starts real processes (a Ray runtime, a cluster) is slow too: the
+    fast lane is ``pytest -m "not slow"``."""
+    for item in items:
+        if item.get_closest_marker("ray") or item.get_closest_marker("cluster"):
+            item.add_marker(pytest.mark.slow)

@@ -90,6 +90,7 @@ def test_flags_yaml_and_overrides_compose_in_order(tmp_path: Path) -> None:
     assert smoke.train.epochs == 1  # the smoke test keeps its own short epochs
 
 
+@pytest.mark.slow
 def test_bad_config_files_and_a_dead_tracking_server_are_one_line_errors(
         tmp_path: Path, tiny_root: Path) -> None:
     (tmp_path / "broken.yaml").write_text("optim:\n  lr: [0.1\n")
@@ -149,6 +150,7 @@ def test_a_trial_larger_than_the_embedded_cluster_stops_at_once(tmp_path: Path,
     assert float(suggested) * 1e4 == int(float(suggested) * 1e4)  # whole Ray units
 
 
+@pytest.mark.slow
 def test_resume_of_nothing_is_a_one_line_error_that_changes_nothing(
         tmp_path: Path, tiny_root: Path) -> None:
     from sweeps.tracking import SweepTracker

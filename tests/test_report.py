@@ -145,6 +145,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_the_light_ui_serves_the_store_and_leaves_nothing_running(tmp_path):
     """python -m sweeps.ui: one worker on 127.0.0.1 answers the runs API with the store's
     experiment; stopping it stops every process it started."""

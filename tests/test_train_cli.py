@@ -27,6 +27,7 @@ def test_every_sweep_script_is_a_qsweep_sweep() -> None:
     assert scripts == set(SWEEPS)
 
 
+@pytest.mark.slow
 def test_help_of_qsweep_and_of_each_command(tmp_path: Path) -> None:
     out = run(["--help"], tmp_path, script=QSWEEP)
     assert out.returncode == 0

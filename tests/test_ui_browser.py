@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_cli import run
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "sweeps" / "eg_vs_gd.py"
@@ -53,11 +52,9 @@ def _wait_for(url: str, seconds: float = 90) -> None:
 
 
 @pytest.fixture()
-def light_server(tmp_path: Path, tiny_root: Path):
-    out = run(["--smoke-test", "--optimizers", "gd", "eg", "--address", "local"], tmp_path,
-              tiny_root, timeout=600, script=SCRIPT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def light_server(smoke_study):
+    folder, _ = smoke_study  # the UI only reads the store
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "sweeps.ui", "--tracking-uri", uri,
                                "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
