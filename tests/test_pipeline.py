@@ -137,15 +137,42 @@ def test_two_stages_reporting_one_metric_is_an_error_when_built() -> None:
         Pipeline([MaskStage(), MaskStage()])
 
 
-def test_a_stage_overwriting_an_epoch_metric_fails_the_trial(tiny_root: Path) -> None:
+def test_a_stage_may_not_report_the_loops_metrics_or_undeclared_ones(tiny_root: Path
+                                                                    ) -> None:
     class Liar(Stage):
         name = "liar"
 
-        def epoch_end(self, ctx):
-            return {"test_acc": 1.0}
+        def metric_names(self):
+            return frozenset({"test_acc"})
 
-    with pytest.raises(ValueError, match="stage liar reports test_acc, already reported"):
-        run_trial(tiny_config(tiny_root, "train.epochs=1"), LocalSession(), stages=[Liar()])
+    with pytest.raises(ValueError, match="the loop and stage liar both report the metric "
+                                         "'test_acc'"):
+        Pipeline([Liar()])
+
+    class Sloppy(Stage):
+        name = "sloppy"
+
+        def epoch_end(self, ctx):
+            return {"surprise": 1.0}
+
+    with pytest.raises(ValueError, match="stage sloppy reports surprise, which its "
+                                         r"metric_names\(\) does not declare"):
+        run_trial(tiny_config(tiny_root, "train.epochs=1"), LocalSession(),
+                  stages=[Sloppy()])
+
+
+def test_quantization_refuses_a_model_whose_qat_layers_an_earlier_stage_replaced(
+        tiny_root: Path) -> None:
+    class Replacer(Stage):
+        name = "lowrank"
+
+        def finalize(self, ctx):
+            ctx.result = strip_qat_(copy.deepcopy(ctx.result))  # float layers again
+            return {}
+
+    cfg = tiny_config(tiny_root, "quant.mode=qat", "train.epochs=1")
+    with pytest.raises(RuntimeError, match="holds no fake-quantized layer"):
+        run_trial(cfg, LocalSession(), stages=[Replacer(), QuantStage(cfg)])
 
 
 def test_mask_then_fake_quantizer_stack_on_one_weight() -> None:

@@ -49,7 +49,8 @@ def test_help_of_qsweep_and_of_each_command(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args, fragment", [
     (["--set", "quant.bits=99"], "quant.bits"),
-    (["--set", "quant.k=4"], "quant.k=4 is invalid: allowed 16 with quant.format=int"),
+    (["--set", "quant.gradient_bits=8"],
+     "quant.gradient_bits=8 is invalid: allowed 0 with quant.mode=none"),
     (["--epochs", "0"], "train.epochs"),
 ])
 def test_bad_input_stops_before_ray(tmp_path: Path, tiny_root: Path, args: list[str],

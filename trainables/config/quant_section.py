@@ -35,10 +35,10 @@ class QuantSection(Section):
 
     section: ClassVar[str] = "quant"
     read_only_when: ClassVar[Mapping[str, Mapping[str, tuple[Any, ...]]]] = {
-        "k": {"format": ("codebook",)},
+        # Not k (codebook) or qat_start_epoch (qat): a sweep's base config sets them for
+        # the trials of the format or mode that reads them, beside trials that do not.
         "first_last_bits": {"format": ("int", "lns")},  # bit widths: int and lns only
         "layer_bits": {"format": ("int", "lns")},
-        "qat_start_epoch": {"mode": ("qat",)},
         "gradient_bits": {"mode": ("qat",)},  # gradients are rounded in QAT training
         # LSQ learns the step of symmetric int weights in QAT, from the first step (from
         # a later epoch it would start from the untrained weights and sit unused).

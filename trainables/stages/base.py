@@ -12,7 +12,8 @@ MLflow: it returns metrics and writes files; the session carries them. The loop
 - ``penalty(model) -> Tensor | None``: a term added to every step's loss (float32,
   outside autocast).
 - ``before_step(model, optimizer)``: between backward and the optimizer step (mask
-  gradients).
+  gradients). The gradients are as the loss scaler left them: scaled under
+  ``amp_fp16`` (fine for masking; unscale them before taking norms).
 - ``after_step(step, model, optimizer)``: after every optimizer step (``step`` counts
   from 1): re-apply masks, clear the optimizer state of pruned weights, LC's mu.
 - ``epoch_end(ctx) -> metrics``: after each epoch's evaluation, on every rank.
@@ -22,8 +23,9 @@ MLflow: it returns metrics and writes files; the session carries them. The loop
   it (prune, then quantize) sets ``ctx.result`` to its own result, so the last
   transforming stage's result holds every transform. Files go to ``ctx.out_dir``.
 
-``metric_names()`` lists every metric a stage reports: two stages naming the same metric
-is an error when the pipeline is built, not a silent overwrite.
+``metric_names()`` lists every metric a stage reports: two stages naming the same metric,
+or a stage naming one of the loop's (``test_acc``), is an error when the pipeline is
+built, not a silent overwrite; a stage reporting a metric it did not declare fails.
 
 Example::
 

@@ -23,9 +23,16 @@ from torch import nn
 from trainables.config import TrialConfig
 from trainables.stages.base import Stage, StageContext, TrainingPlan
 
-__all__ = ["STAGE_ORDER", "Pipeline", "register_stage", "build_pipeline", "registered"]
+__all__ = ["STAGE_ORDER", "LOOP_METRICS", "Pipeline", "register_stage", "build_pipeline",
+           "registered"]
 
 STAGE_ORDER = ("lowrank", "prune", "lc", "quant", "weight_rounding", "export")
+# What the loop itself reports every epoch: no stage may report these names.
+LOOP_METRICS = frozenset({
+    "epoch", "train_loss", "train_acc", "lr", "skipped_steps", "train_seconds",
+    "images_per_s", "epoch_seconds", "device", "diverged", "diverged_epoch",
+    "diverged_batch", "diverged_step",
+    *(f"{split}_{kind}" for split in ("test", "val", "extra") for kind in ("loss", "acc"))})
 
 StageBuilder = Callable[[TrialConfig], "Stage | None"]
 _BUILDERS: dict[str, StageBuilder] = {}
@@ -67,12 +74,14 @@ class Pipeline:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
-        owner: dict[str, str] = {}
+        owner: dict[str, str] = dict.fromkeys(LOOP_METRICS, "the loop")
         for stage in self.stages:
             for metric in stage.metric_names():
                 if metric in owner:
-                    raise ValueError(f"stages {owner[metric]} and {stage.name} both report "
-                                     f"the metric {metric!r}: rename one")
+                    who = owner[metric]
+                    raise ValueError(f"{'stages ' + who if who != 'the loop' else who} and "
+                                     f"{'' if who != 'the loop' else 'stage '}{stage.name} "
+                                     f"both report the metric {metric!r}: rename one")
                 owner[metric] = stage.name
 
     def __bool__(self) -> bool:
@@ -109,14 +118,14 @@ class Pipeline:
     def epoch_end(self, ctx: StageContext, metrics: dict[str, Any]) -> None:
         """Each stage's epoch metrics, added to ``metrics`` (the epoch's report)."""
         for stage in self.stages:
-            _merge(metrics, stage.epoch_end(ctx), stage.name)
+            _merge(metrics, stage.epoch_end(ctx), stage)
 
     def finalize(self, ctx: StageContext) -> dict[str, float]:
         """Each stage's end of training, in order, each from the earlier ones' result."""
         ctx.result = ctx.model
         metrics: dict[str, float] = {}
         for stage in self.stages:
-            _merge(metrics, stage.finalize(ctx), stage.name)
+            _merge(metrics, stage.finalize(ctx), stage)
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -128,11 +137,16 @@ class Pipeline:
                 stage.load_state_dict(states[stage.name])
 
 
-def _merge(into: dict[str, Any], new: dict[str, Any], stage: str) -> None:
-    """Add a stage's metrics; one that names a metric already reported (by the loop or
-    another stage) is a bug in that stage, not something to overwrite silently."""
+def _merge(into: dict[str, Any], new: dict[str, Any], stage: Stage) -> None:
+    """Add a stage's metrics. Each must be one the stage declared (``metric_names``: what
+    the build-time check saw) and not one reported already (a bug in that stage, not
+    something to overwrite silently)."""
+    undeclared = sorted(set(new) - stage.metric_names())
+    if undeclared:
+        raise ValueError(f"stage {stage.name} reports {', '.join(undeclared)}, which its "
+                         "metric_names() does not declare")
     clash = sorted(set(into) & set(new))
     if clash:
-        raise ValueError(f"stage {stage} reports {', '.join(clash)}, already reported "
+        raise ValueError(f"stage {stage.name} reports {', '.join(clash)}, already reported "
                          "this epoch")
     into.update(new)

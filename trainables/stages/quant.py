@@ -135,7 +135,8 @@ class QuantStage(Stage):
         model = self._quantized_copy(ctx.model, ctx)
         if self.model is not None and self._qat_on():
             # The epoch's own evaluation already ran the quantized forward pass, which the
-            # converted copy reproduces exactly: no second pass over the split.
+            # converted copy reproduces exactly: no second pass over the split. (Exact as
+            # long as no earlier stage changes the model in its own epoch_end.)
             acc = ctx.epoch_metrics[f"{split}_acc"]
         else:
             acc = ctx.evaluate(model, split)[f"{split}_acc"]
@@ -152,7 +153,7 @@ class QuantStage(Stage):
             quant.transforms.set_qat_enabled_(self.model, True)
 
     def finalize(self, ctx: StageContext) -> dict[str, float]:
-        bad = nonfinite_params(ctx.model)
+        bad = nonfinite_params(ctx.result)
         if bad:  # a diverged trial: say so in its metrics and file, do not fail it
             if ctx.is_chief:
                 (ctx.out_dir / "quant.json").write_text(json.dumps(
@@ -161,6 +162,10 @@ class QuantStage(Stage):
             return {"test_acc_q": math.nan, "test_loss_q": math.nan}
         floats = _float_weights(ctx.result)
         model = self._quantized_copy(ctx.result, ctx)
+        if not quant.quantized_layers(model):  # an earlier stage replaced the QAT layers
+            raise RuntimeError("quant stage: the model the earlier stages produced holds no "
+                               "fake-quantized layer to convert (was a layer replaced or "
+                               "its parametrization removed?)")
         ctx.result = model  # what later stages (export) start from
         result = ctx.evaluate(model)
         layers = {}
