@@ -1,7 +1,7 @@
 """The import graph of the project's packages: every module imports alone (none relies on
 another having been imported first), no import circle (module-level imports or lazy ones
-inside functions), and the layers import only downwards (quant: torch only; optim: quant;
-trainables: quant, optim; sweeps: all three)."""
+inside functions), and the layers import only downwards (quant, compress: torch only;
+optim: quant; trainables: quant, compress, optim; sweeps: all of them)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("quant", "optim", "trainables", "sweeps")
-ALLOWED = {"quant": {"quant"}, "optim": {"optim", "quant"},
-           "trainables": {"trainables", "quant", "optim"},
-           "sweeps": {"sweeps", "trainables", "quant", "optim"}}
+PACKAGES = ("quant", "compress", "optim", "trainables", "sweeps")
+ALLOWED = {"quant": {"quant"}, "compress": {"compress"}, "optim": {"optim", "quant"},
+           "trainables": {"trainables", "quant", "compress", "optim"},
+           "sweeps": {"sweeps", "trainables", "quant", "compress", "optim"}}
 
 
 def modules() -> dict[str, Path]:

@@ -1,7 +1,7 @@
 """One frozen, validated trial configuration, from sweep script to Ray worker.
 
 The config is a tree of frozen dataclasses, one section per module here (``data``,
-``model``, ``optim``, ``precision``, ``train``, ``evaluate``, ``quant``). It flattens to
+``model``, ``optim``, ``precision``, ``train``, ``evaluate``, ``prune``, ``quant``). It flattens to
 dotted keys (``optim.lr``) for Ray Tune's ``param_space``, Optuna and MLflow params, and
 is rebuilt from them on the first line of the worker. Every field is type-checked and
 range-checked at construction: a bad value raises :class:`ConfigError` naming the field,
@@ -21,6 +21,7 @@ from trainables.config.evaluate import EvaluateConfig
 from trainables.config.model import MODELS, ModelConfig
 from trainables.config.optim_section import SCHEDULES, OptimConfig
 from trainables.config.precision import PRECISIONS, PrecisionConfig
+from trainables.config.prune_section import PRUNE_SCHEDULES, PruneSection
 from trainables.config.quant_section import QUANT_FORMATS, QUANT_MODES, QuantSection
 from trainables.config.train import DEVICES, TrainConfig
 from trainables.config.trial import SECTIONS, TrialConfig
@@ -36,6 +37,8 @@ __all__ = [
     "TrainConfig",
     "EvaluateConfig",
     "QuantSection",
+    "PruneSection",
+    "PRUNE_SCHEDULES",
     "TrialConfig",
     "SECTIONS",
     "DATASETS",

@@ -26,6 +26,7 @@ from trainables.config.evaluate import EvaluateConfig
 from trainables.config.model import ModelConfig
 from trainables.config.optim_section import OptimConfig
 from trainables.config.precision import PrecisionConfig
+from trainables.config.prune_section import PruneSection
 from trainables.config.quant_section import QuantSection
 from trainables.config.train import TrainConfig
 from trainables.config.yaml_io import dotted_keys, read_yaml
@@ -43,6 +44,7 @@ class TrialConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    prune: PruneSection = field(default_factory=PruneSection)
     quant: QuantSection = field(default_factory=QuantSection)
 
     def __post_init__(self) -> None:

@@ -3,7 +3,8 @@
 :mod:`~trainables.stages.base` says what a stage is (its hooks and what they see),
 :mod:`~trainables.stages.pipeline` runs the stages a config asks for in their order
 (low-rank, prune, LC, quant, weight rounding, export). This ``__init__`` registers the
-built-in stages; each stage module only defines its stage and its builder.
+built-in stages (prune, quant, weight_rounding); each stage module only defines its
+stage and its builder.
 
 Example::
 
@@ -26,9 +27,11 @@ from trainables.stages.pipeline import (
     register_stage,
     registered,
 )
+from trainables.stages.prune import build_prune_stage
 from trainables.stages.quant import build_quant_stage
 from trainables.stages.weight_rounding import build_weight_rounding
 
+register_stage("prune", build_prune_stage)
 register_stage("quant", build_quant_stage)
 register_stage("weight_rounding", build_weight_rounding)
 

@@ -1,0 +1,147 @@
+"""Unstructured magnitude pruning through ``torch.nn.utils.parametrize``.
+
+Each prunable weight (every Linear/Conv by default) gets a :class:`PruneMask`
+parametrization: the layer computes with ``weight * mask``, the optimizer keeps updating
+the stored weight underneath, so no optimizer state (momentum, Adam moments, EG's
+multiplicative step) can bring a pruned weight back: its effective value is exactly 0.
+A fake-quantizer registered after the mask (``quant.prepare_qat_``) quantizes the masked
+weight, and ``quant.convert_`` bakes both.
+
+:func:`prune_to_` sets the masks to a target sparsity by magnitude, per layer or with one
+threshold over all layers (``scope="global"``); masks only grow (a weight pruned once
+stays pruned), so a schedule that raises the sparsity step by step keeps its earlier
+decisions. Exactly ``round(sparsity x n)`` weights are pruned (ties broken by position).
+
+Example::
+
+    attach_masks_(model)
+    prune_to_(model, 0.5)                 # half of each layer's weights, smallest |w|
+    sparsity_of(model)                    # 0.5
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = ["PruneMask", "attach_masks_", "prune_to_", "sparsity_of", "masked_layers",
+           "bake_masks_", "default_prunable"]
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+class PruneMask(nn.Module):
+    """A 0/1 mask (a buffer, saved in the state_dict) multiplied into a weight."""
+
+    def __init__(self, shape: torch.Size, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.ones(shape, device=device))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask.to(w.dtype)
+
+    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        return w  # assigning a weight stores it as given (the mask still applies)
+
+
+def default_prunable(module: nn.Module, fqn: str) -> bool:
+    """Every Linear and Conv layer's weight."""
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
+def attach_masks_(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
+    """Register an all-ones :class:`PruneMask` on each selected weight (in place; returns
+    it). Must come before a fake-quantizer on the same weight (the mask is applied first)."""
+    for fqn, module in model.named_modules():
+        if not (filter_fn or default_prunable)(module, fqn):
+            continue
+        if getattr(module, "weight", None) is None or _mask_of(module) is not None:
+            continue
+        if parametrize.is_parametrized(module, "weight"):
+            raise ValueError(f"{fqn}.weight already has a parametrization: attach the "
+                             "pruning mask first (it must apply before a fake-quantizer)")
+        parametrize.register_parametrization(
+            module, "weight", PruneMask(module.weight.shape, module.weight.device))
+    return model
+
+
+def _mask_of(module: nn.Module) -> PruneMask | None:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    found = [p for p in module.parametrizations["weight"] if isinstance(p, PruneMask)]
+    return found[0] if found else None
+
+
+def masked_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """fqn -> layer, for every layer holding a pruning mask, in model order."""
+    return {fqn: m for fqn, m in model.named_modules() if _mask_of(m) is not None}
+
+
+def _scores(module: nn.Module) -> torch.Tensor:
+    """|stored weight| where kept, -1 where already pruned (pruned first, always)."""
+    mask = _mask_of(module).mask
+    stored = module.parametrizations["weight"].original.detach()
+    return torch.where(mask.bool(), stored.abs().float(), torch.full_like(mask, -1.0))
+
+
+@torch.no_grad()
+def prune_to_(model: nn.Module, sparsity: float, scope: str = "layer") -> nn.Module:
+    """Grow the masks to ``sparsity`` (0 <= s < 1) by magnitude of the stored weights:
+    per layer (``scope="layer"``) or over all masked layers at once (``"global"``).
+    Masks only grow: a target below the current sparsity of a layer changes nothing."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity={sparsity!r} is invalid: allowed 0 <= sparsity < 1")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope={scope!r} is invalid: allowed layer or global")
+    layers = list(masked_layers(model).values())
+    if not layers:
+        raise ValueError("the model has no pruning masks: call attach_masks_ first")
+    groups = [[m] for m in layers] if scope == "layer" else [layers]
+    for group in groups:
+        scores = torch.cat([_scores(m).flatten() for m in group])
+        k = round(sparsity * scores.numel())
+        pruned = int((scores < 0).sum())
+        if k <= pruned:
+            continue  # masks only grow
+        keep = torch.ones_like(scores, dtype=torch.bool)
+        # The k lowest scores (already-pruned ones are -1, so they stay pruned); a stable
+        # sort breaks ties by position, so the count is exact and repeatable.
+        keep[torch.sort(scores, stable=True).indices[:k]] = False
+        offset = 0
+        for module in group:
+            mask = _mask_of(module).mask
+            mask.copy_(keep[offset:offset + mask.numel()].view_as(mask).to(mask.dtype))
+            offset += mask.numel()
+    return model
+
+
+@torch.no_grad()
+def sparsity_of(model: nn.Module, filter_fn: FilterFn | None = None) -> float:
+    """The fraction of exact zeros among the prunable weights, measured on the effective
+    weights (what the layers compute with: masks and any fake quantization applied)."""
+    zeros = total = 0
+    for fqn, module in model.named_modules():
+        if (filter_fn or default_prunable)(module, fqn) and \
+                getattr(module, "weight", None) is not None:
+            weight = module.weight
+            zeros += int((weight == 0).sum())
+            total += weight.numel()
+    if total == 0:
+        raise ValueError("the model has no prunable weights (Linear/Conv)")
+    return zeros / total
+
+
+@torch.no_grad()
+def bake_masks_(model: nn.Module) -> nn.Module:
+    """Remove each pruning mask, leaving the masked weight as a plain parameter (in place).
+    Only for layers whose mask is their only parametrization."""
+    for fqn, module in masked_layers(model).items():
+        stack = module.parametrizations["weight"]
+        if len(stack) != 1:
+            raise ValueError(f"{fqn}.weight has other parametrizations than its mask: "
+                             "convert them first (quant.convert_ bakes both)")
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return model

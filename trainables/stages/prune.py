@@ -1,0 +1,96 @@
+"""Magnitude pruning on a sparsity schedule, as a trial stage (``prune.schedule``, see
+:class:`trainables.config.PruneSection`).
+
+- ``plan``: the schedule's fractions of training become optimizer steps.
+- ``prepare``: a :class:`compress.PruneMask` on every prunable weight (before QAT's
+  fake-quantizer, which then quantizes the masked weight), pruned to the schedule's
+  sparsity at step 0.
+- ``after_step``: where the schedule raises the sparsity, the masks grow (by magnitude;
+  a pruned weight stays pruned), and the stored weight and every optimizer state tensor
+  of its shape (momentum, Adam moments, EG+- halves, LNS exponents) are zeroed where the
+  mask is 0: nothing holds on to a pruned weight. Its effective value is exactly 0 from
+  the mask alone, whatever the optimizer does.
+- ``epoch_end`` and ``finalize``: ``sparsity``, the fraction of exact zeros among the
+  prunable weights the layers compute with. The masks stay on the model: a quantization
+  stage after this one bakes them into its packed weights.
+
+Masks are buffers of the model (saved in its state_dict), so resume is exact.
+
+Example::
+
+    cfg = TrialConfig().with_overrides(["prune.schedule=polynomial",
+                                        "prune.final_sparsity=0.8", "prune.end=0.7"])
+    history = run_trial(cfg, LocalSession())     # history[-1]["sparsity"] == 0.8
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import compress
+from compress.prune import default_prunable, masked_layers
+from trainables.config import TrialConfig
+from trainables.stages.base import Stage, StageContext, TrainingPlan
+
+__all__ = ["PruneStage", "build_prune_stage"]
+
+
+class PruneStage(Stage):
+    name = "prune"
+
+    def __init__(self, cfg: TrialConfig) -> None:
+        self.cfg = cfg.prune
+        self.schedule = cfg.prune.sparsity_schedule()
+        self.total_steps = 0
+
+    def metric_names(self) -> frozenset[str]:
+        return frozenset({"sparsity"})
+
+    def plan(self, plan: TrainingPlan) -> None:
+        self.total_steps = plan.total_steps
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        layers = [fqn for fqn, m in model.named_modules() if default_prunable(m, fqn)]
+        if not layers:
+            raise ValueError(f"prune.schedule={self.cfg.schedule} is invalid for this model: "
+                             "it has no Linear/Conv layer to prune")
+        skipped = {layers[0], layers[-1]} if self.cfg.exclude_first_last else set()
+        compress.attach_masks_(model, lambda m, fqn: default_prunable(m, fqn) and
+                               fqn not in skipped)
+        if not masked_layers(model):
+            raise ValueError("prune.exclude_first_last=true is invalid for this model: it "
+                             "leaves no layer to prune")
+        self._prune(model, self.schedule.sparsity_at(0, self.total_steps), None)
+        return model
+
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
+                   ) -> None:
+        if self.schedule.changes_at(step, self.total_steps):
+            self._prune(model, self.schedule.sparsity_at(step, self.total_steps), optimizer)
+
+    @torch.no_grad()
+    def _prune(self, model: nn.Module, sparsity: float,
+               optimizer: torch.optim.Optimizer | None) -> None:
+        if sparsity <= 0.0:
+            return
+        compress.prune_to_(model, sparsity, self.cfg.scope)
+        for module in masked_layers(model).values():
+            stack = module.parametrizations["weight"]
+            mask = next(p for p in stack if isinstance(p, compress.PruneMask)).mask
+            stored = stack.original
+            stored.mul_(mask.to(stored.dtype))
+            state = optimizer.state.get(stored, {}) if optimizer is not None else {}
+            for value in state.values():
+                if torch.is_tensor(value) and value.shape == stored.shape:
+                    value.mul_(mask.to(value.dtype))
+
+    def epoch_end(self, ctx: StageContext) -> dict[str, float]:
+        return {"sparsity": compress.sparsity_of(ctx.model)}
+
+    def finalize(self, ctx: StageContext) -> dict[str, float]:
+        return {"sparsity": compress.sparsity_of(ctx.result)}
+
+
+def build_prune_stage(cfg: TrialConfig) -> Stage | None:
+    return PruneStage(cfg) if cfg.prune.schedule != "none" else None
