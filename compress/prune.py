@@ -41,7 +41,9 @@ class PruneMask(nn.Module):
         self.register_buffer("mask", torch.ones(shape, device=device))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w * self.mask.to(w.dtype)
+        # +0.0 where pruned (w * 0 would give -0.0 for a negative w: a packed file stores
+        # only +0.0 by position, keeping the sign of any other zero).
+        return torch.where(self.mask.bool(), w, torch.zeros((), dtype=w.dtype, device=w.device))
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         return w  # assigning a weight stores it as given (the mask still applies)

@@ -4,7 +4,11 @@ Layout (no pickle): ``b"QSWP"``, format version (uint16), header length (uint32)
 header, then the data. Quantized weights are their codes bit-packed at the format's bits
 (INT4: two per byte; LNS: sign + exponent bits; codebook: ceil(log2 k) bits per index)
 plus their parameters (scales, zero points, codebooks); every other tensor of the
-``state_dict`` (biases, BatchNorm) is stored raw in its own dtype.
+``state_dict`` (biases, BatchNorm) is stored raw in its own dtype. A tensor with exact
+zeros (a pruned weight) is stored sparse where that is smaller: the positions of its
+non-zeros (a bitmask or relative indices, :mod:`quant.sparse`) and their codes or raw
+values only; a quantized tensor's zeros get back their code (one per output row).
+Files without a sparse tensor are written as version 1, which older readers read.
 :func:`load_packed` restores a freshly built model of the same architecture whose outputs
 equal the quantized model's bit for bit.
 
@@ -30,16 +34,18 @@ from torch import nn
 
 from quant.activations import attach_input_quant
 from quant.codebook import CodebookFormat
-from quant.codes import Encoded, pack_bits, unpack_bits
+from quant.codes import Encoded, pack_bits, packed_size, unpack_bits
 from quant.floatfmt import FloatFormat
 from quant.intfmt import IntFormat
 from quant.lns import LNSFormat
+from quant.sparse import Layout, best_layout, decode_positions, encode_positions
 from quant.transforms import input_quantizers
 
 __all__ = ["save_packed", "load_packed", "format_to_dict", "format_from_dict",
            "state_dict_bytes", "MAGIC", "VERSION"]
 
-MAGIC, VERSION = b"QSWP", 1
+MAGIC, VERSION = b"QSWP", 2
+_READS = (1, 2)  # version 2 adds sparse tensors
 _FORMATS = {"int": IntFormat, "float": FloatFormat, "lns": LNSFormat, "codebook": CodebookFormat}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32,
@@ -118,21 +124,38 @@ def save_packed(model: nn.Module, path: str | os.PathLike[str]) -> int:
             for pname, value in enc.params.items():
                 data, meta = _raw(value)
                 params[pname] = {**meta, **add(data)}
-            entries.append({"name": key, "shape": list(tensor.shape),
-                            "dtype": str(tensor.dtype).removeprefix("torch."),
-                            "format": format_to_dict(fmt), "bits": enc.bits,
-                            "codes": add(pack_bits(enc.codes, enc.bits)), "params": params})
+            entry = {"name": key, "shape": list(tensor.shape),
+                     "dtype": str(tensor.dtype).removeprefix("torch."),
+                     "format": format_to_dict(fmt), "bits": enc.bits, "params": params}
+            sparse = _sparse_codes(tensor, enc)
+            if sparse is None:
+                entry["codes"] = add(pack_bits(enc.codes, enc.bits))
+            else:
+                layout, nonzero, values, fill = sparse
+                entry["codes"] = add(pack_bits(values, enc.bits))
+                entry["sparse"] = {**_layout_dict(layout), "positions": add(
+                    encode_positions(nonzero, layout)), "fill": add(pack_bits(fill, enc.bits))}
+            entries.append(entry)
         else:
-            data, meta = _raw(tensor)
-            entries.append({"name": key, **meta, "raw": add(data)})
+            sparse = _sparse_raw(tensor)
+            if sparse is None:
+                data, meta = _raw(tensor)
+                entries.append({"name": key, **meta, "raw": add(data)})
+            else:
+                layout, nonzero, values = sparse
+                data, meta = _raw(values)
+                entries.append({"name": key, **meta, "shape": list(tensor.shape),
+                                "raw": add(data), "sparse": {**_layout_dict(layout),
+                                "positions": add(encode_positions(nonzero, layout))}})
     # Layers that quantize their input: load_packed attaches the same quantizers (their
     # ranges are buffers in the state_dict, stored raw above).
     activations = {fqn: {"format": format_to_dict(q.fmt), "observer": q.observer}
                    for fqn, q in input_quantizers(model).items()}
-    header = json.dumps({"version": VERSION, "tensors": entries, "activations": activations},
+    version = VERSION if any("sparse" in e for e in entries) else 1
+    header = json.dumps({"version": version, "tensors": entries, "activations": activations},
                         separators=(",", ":")).encode()
     with open(path, "wb") as fh:
-        fh.write(MAGIC + struct.pack("<HI", VERSION, len(header)) + header)
+        fh.write(MAGIC + struct.pack("<HI", version, len(header)) + header)
         for data in blobs:
             fh.write(data)
     return Path(path).stat().st_size
@@ -147,11 +170,12 @@ def load_packed(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
         raise ValueError(f"{path} is not a qsweep packed model (no {MAGIC!r} header)")
     try:
         version, length = struct.unpack("<HI", raw[4:10])
-        header = json.loads(raw[10:10 + length]) if version == VERSION else None
+        header = json.loads(raw[10:10 + length]) if version in _READS else None
     except (struct.error, ValueError) as exc:
         raise ValueError(f"{path}: damaged header ({exc})") from None
-    if version != VERSION:
-        raise ValueError(f"{path} has packed format version {version}: allowed {VERSION}")
+    if version not in _READS:
+        raise ValueError(f"{path} has packed format version {version}: allowed "
+                         f"{', '.join(map(str, _READS))}")
     data = memoryview(raw)[10 + length:]
     try:
         state, encodings = _read_tensors(header, data)
@@ -185,13 +209,20 @@ def _read_tensors(header: dict[str, Any], data: memoryview
     for entry in header["tensors"]:
         name = entry["name"]
         if "raw" in entry:
-            state[name] = _from_raw(blob(entry["raw"]), entry)
+            if "sparse" in entry:
+                state[name] = _dense_raw(entry, blob)
+            else:
+                state[name] = _from_raw(blob(entry["raw"]), entry)
             continue
         fmt = format_from_dict(entry["format"])
         if entry["bits"] != fmt.bits:
             raise ValueError(f"{name}: {entry['bits']}-bit codes for a {fmt.bits}-bit format")
         numel = int(np.prod(entry["shape"])) if entry["shape"] else 1
-        codes = unpack_bits(blob(entry["codes"]), entry["bits"], numel).reshape(entry["shape"])
+        if "sparse" in entry:
+            codes = _dense_codes(entry, blob, numel)
+        else:
+            codes = unpack_bits(blob(entry["codes"]), entry["bits"], numel)
+        codes = codes.reshape(entry["shape"])
         params = {k: _from_raw(blob(v), v) for k, v in entry["params"].items()}
         enc = Encoded(codes, entry["bits"], params)
         state[name] = fmt.dequantize(enc, dtype=_DTYPES[entry["dtype"]])
@@ -199,6 +230,78 @@ def _read_tensors(header: dict[str, Any], data: memoryview
     if sum(spans) != len(data):
         raise ValueError(f"{len(data) - sum(spans)} bytes beyond the tensors the header lists")
     return state, encodings
+
+
+def _layout_dict(layout: Layout) -> dict[str, Any]:
+    return {"kind": layout.kind, "gap_bits": layout.gap_bits, "entries": layout.entries}
+
+
+def _rows(shape: torch.Size | list[int]) -> int:
+    return int(shape[0]) if len(shape) else 1
+
+
+def _sparse_codes(weight: torch.Tensor, enc: Encoded
+                  ) -> tuple[Layout, np.ndarray, torch.Tensor, torch.Tensor] | None:
+    """(layout, non-zero positions, their codes, the code of the zeros per row) where
+    storing the weight's zeros by position is smaller than its dense codes; None where
+    not, or where a row's zeros do not share one code."""
+    zero = (weight.detach().cpu() == 0).reshape(_rows(weight.shape), -1)
+    if not bool(zero.any()):
+        return None
+    codes = enc.codes.detach().cpu().reshape(zero.shape)
+    fill = torch.where(zero, codes, torch.full_like(codes, -1)).amax(1).clamp_min(0)
+    if bool((zero & (codes != fill[:, None])).any()):
+        return None  # a row whose zeros have two codes
+    nonzero = (~zero).flatten().numpy()
+    layout = best_layout(nonzero)
+    sparse = layout.nbytes(nonzero.size) + packed_size(int(nonzero.sum()), enc.bits) + \
+        packed_size(len(fill), enc.bits)
+    if sparse >= packed_size(nonzero.size, enc.bits):
+        return None
+    return layout, nonzero, codes.flatten()[torch.from_numpy(nonzero)], fill
+
+
+def _sparse_raw(tensor: torch.Tensor) -> tuple[Layout, np.ndarray, torch.Tensor] | None:
+    """(layout, non-zero positions, their values) of a float tensor whose +0.0 entries
+    (not -0.0: its sign is kept) are cheaper stored by position; None where not."""
+    t = tensor.detach().cpu()
+    if not t.is_floating_point() or t.dim() == 0:
+        return None
+    zero = (t == 0) & ~torch.signbit(t)
+    if not bool(zero.any()):
+        return None
+    nonzero = (~zero).flatten().numpy()
+    layout = best_layout(nonzero)
+    itemsize = t.element_size()
+    if layout.nbytes(nonzero.size) + int(nonzero.sum()) * itemsize >= t.numel() * itemsize:
+        return None
+    return layout, nonzero, t.flatten()[torch.from_numpy(nonzero)]
+
+
+def _layout_of(entry: dict[str, Any]) -> Layout:
+    spec = entry["sparse"]
+    return Layout(spec["kind"], int(spec["gap_bits"]), int(spec["entries"]))
+
+
+def _dense_codes(entry: dict[str, Any], blob: Any, numel: int) -> torch.Tensor:
+    """The full code tensor of a sparse entry: each row's zero code, the stored codes at
+    the non-zero positions."""
+    bits, rows = entry["bits"], _rows(entry["shape"])
+    nonzero = decode_positions(blob(entry["sparse"]["positions"]), _layout_of(entry), numel)
+    fill = unpack_bits(blob(entry["sparse"]["fill"]), bits, rows)
+    codes = fill.repeat_interleave(numel // rows if rows else 0)
+    codes[torch.from_numpy(nonzero)] = unpack_bits(blob(entry["codes"]), bits,
+                                                   int(nonzero.sum()))
+    return codes
+
+
+def _dense_raw(entry: dict[str, Any], blob: Any) -> torch.Tensor:
+    numel = int(np.prod(entry["shape"]))
+    nonzero = decode_positions(blob(entry["sparse"]["positions"]), _layout_of(entry), numel)
+    values = _from_raw(blob(entry["raw"]), {**entry, "shape": [int(nonzero.sum())]})
+    out = torch.zeros(numel, dtype=values.dtype)
+    out[torch.from_numpy(nonzero)] = values
+    return out.reshape(entry["shape"])
 
 
 def state_dict_bytes(model: nn.Module, path: str | os.PathLike[str]) -> int:

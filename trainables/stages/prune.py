@@ -11,8 +11,10 @@
   mask is 0: nothing holds on to a pruned weight. Its effective value is exactly 0 from
   the mask alone, whatever the optimizer does.
 - ``epoch_end`` and ``finalize``: ``sparsity``, the fraction of exact zeros among the
-  prunable weights the layers compute with. The masks stay on the model: a quantization
-  stage after this one bakes them into its packed weights.
+  prunable weights the layers compute with. With quantization on, the masks stay on the
+  model and the quantization stage after this one bakes them into its packed weights;
+  without, this stage bakes them and writes the packed model itself (``model.qsw``:
+  float weights stored sparse, ``packed_bytes``, ``fp32_bytes``, ``compression_ratio``).
 
 Masks are buffers of the model (saved in its state_dict), so resume is exact.
 
@@ -25,13 +27,19 @@ Example::
 
 from __future__ import annotations
 
+import copy
+import math
+import tempfile
+from pathlib import Path
+
 import torch
 from torch import nn
 
 import compress
+import quant
 from compress.prune import default_prunable, masked_layers
 from trainables.config import TrialConfig
-from trainables.stages.base import Stage, StageContext, TrainingPlan
+from trainables.stages.base import Stage, StageContext, TrainingPlan, nonfinite_params
 
 __all__ = ["PruneStage", "build_prune_stage"]
 
@@ -43,9 +51,11 @@ class PruneStage(Stage):
         self.cfg = cfg.prune
         self.schedule = cfg.prune.sparsity_schedule()
         self.total_steps = 0
+        self.packs = cfg.quant.mode == "none"  # else the quantization stage packs
 
     def metric_names(self) -> frozenset[str]:
-        return frozenset({"sparsity"})
+        packed = {"packed_bytes", "fp32_bytes", "compression_ratio"} if self.packs else set()
+        return frozenset({"sparsity", *packed})
 
     def plan(self, plan: TrainingPlan) -> None:
         self.total_steps = plan.total_steps
@@ -78,18 +88,29 @@ class PruneStage(Stage):
         for module in masked_layers(model).values():
             stack = module.parametrizations["weight"]
             mask = next(p for p in stack if isinstance(p, compress.PruneMask)).mask
-            stored = stack.original
-            stored.mul_(mask.to(stored.dtype))
+            stored, pruned = stack.original, mask == 0
+            stored.masked_fill_(pruned, 0.0)
             state = optimizer.state.get(stored, {}) if optimizer is not None else {}
             for value in state.values():
                 if torch.is_tensor(value) and value.shape == stored.shape:
-                    value.mul_(mask.to(value.dtype))
+                    value.masked_fill_(pruned, 0)
 
     def epoch_end(self, ctx: StageContext) -> dict[str, float]:
         return {"sparsity": compress.sparsity_of(ctx.model)}
 
     def finalize(self, ctx: StageContext) -> dict[str, float]:
-        return {"sparsity": compress.sparsity_of(ctx.result)}
+        metrics = {"sparsity": compress.sparsity_of(ctx.result)}
+        if not self.packs:
+            return metrics
+        if nonfinite_params(ctx.result):  # diverged: nothing worth packing
+            return {**metrics, "packed_bytes": math.nan, "compression_ratio": math.nan}
+        model = compress.bake_masks_(copy.deepcopy(ctx.result))
+        ctx.result = model
+        metrics["packed_bytes"] = quant.save_packed(model, ctx.out_dir / "model.qsw")
+        with tempfile.TemporaryDirectory() as tmp:  # the FP32 baseline, same architecture
+            metrics["fp32_bytes"] = quant.state_dict_bytes(model, Path(tmp) / "fp32.pt")
+        metrics["compression_ratio"] = metrics["fp32_bytes"] / metrics["packed_bytes"]
+        return metrics
 
 
 def build_prune_stage(cfg: TrialConfig) -> Stage | None:
