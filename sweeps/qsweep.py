@@ -32,6 +32,7 @@ SWEEPS = {
     "eg_vs_gd": "the EG-vs-GD study (8 optimizers x datasets x models, seeds)",
     "baseline": "FP32 LeNet on MNIST: lr and weight decay by TPE + ASHA",
     "quant_bits": "bit-width search: accuracy vs packed bytes (NSGA-II Pareto front)",
+    "prune_quant": "sparsity schedule x bit width: accuracy vs packed bytes (Pareto front)",
 }
 _HERE = Path(__file__).resolve().parent
 
