@@ -262,12 +262,13 @@ def _sparse_codes(weight: torch.Tensor, enc: Encoded
 
 
 def _sparse_raw(tensor: torch.Tensor) -> tuple[Layout, np.ndarray, torch.Tensor] | None:
-    """(layout, non-zero positions, their values) of a float tensor whose +0.0 entries
-    (not -0.0: its sign is kept) are cheaper stored by position; None where not."""
+    """(layout, non-zero positions, their values) of a float tensor whose zeros are cheaper
+    stored by position; None where not. A -0.0 comes back as +0.0 (equal to it in every
+    comparison and product sum: a masked negative weight is -0.0)."""
     t = tensor.detach().cpu()
     if not t.is_floating_point() or t.dim() == 0:
         return None
-    zero = (t == 0) & ~torch.signbit(t)
+    zero = t == 0
     if not bool(zero.any()):
         return None
     nonzero = (~zero).flatten().numpy()

@@ -186,3 +186,16 @@ def test_a_pruned_trial_is_labelled() -> None:
     assert trial_run_name(flat) == "sgd prune0.7-polynomial int8-qat s0"
     assert trial_tags(flat, "search")["prune"] == "prune0.7-polynomial"
     assert math.isfinite(flat["prune.final_sparsity"])
+
+
+def test_the_lowest_k_equal_a_stable_sorts_first_k_ties_included() -> None:
+    from compress.prune import _lowest
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n = int(torch.randint(1, 60, (1,), generator=g))
+        scores = torch.randint(-1, 4, (n,), generator=g).float()  # many ties
+        k = int(torch.randint(1, n + 1, (1,), generator=g))
+        oracle = torch.zeros(n, dtype=torch.bool)
+        oracle[torch.sort(scores, stable=True).indices[:k]] = True
+        assert torch.equal(_lowest(scores, k), oracle)

@@ -1,0 +1,121 @@
+"""Pruning: the training overhead of masks and their schedule, and what unstructured
+sparsity does to inference speed on this CPU.
+
+1. Epoch time, pruned / plain FP32, interleaved (FP32, pruned, FP32, ...) in one process
+   through qsweep's own loop: polynomial schedule to 80% with the masks updated every 100
+   steps (the default) and every 10 (a stress case), and constant 80% (masks fixed).
+2. Inference of the dense model against the same model 90% pruned (masks baked into plain
+   weights): batch 1 p50 latency and batch 64 throughput, interleaved. Dense kernels
+   multiply the zeros like any other value: expect a ratio of about 1; unstructured
+   sparsity pays in bytes (the packed file), not in speed, without a sparse kernel.
+
+    QSWEEP_DATA=../shared/data python bench/prune.py                 # LeNet, MNIST
+    QSWEEP_DATA=../shared/data python bench/prune.py --case resnet20  # CIFAR-10 JPEG
+Goal (issue 19): pruned / FP32 epoch time <= 1.15.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import _util
+
+CASES = {
+    "lenet": ["data.name=mnist", "model.name=lenet", "model.channels=[16,32]",
+              "model.hidden=[128]", "data.train_subset=20000"],
+    "resnet20": ["data.name=cifar10_jpeg", "model.name=resnet20", "data.train_subset=5000",
+                 "data.augment=none"],
+}
+COMMON = ["optim.lr=0.05", "data.batch_size=128", "train.epochs=1", "train.checkpoint=false",
+          "data.test_subset=1000"]
+PRUNED = {"polynomial80_f100": ["prune.schedule=polynomial", "prune.final_sparsity=0.8",
+                                "prune.frequency=100"],
+          "polynomial80_f10": ["prune.schedule=polynomial", "prune.final_sparsity=0.8",
+                               "prune.frequency=10"],
+          "constant80": ["prune.schedule=constant", "prune.final_sparsity=0.8"]}
+
+
+def _latency(model, shape: tuple[int, ...], batch: int, repeats: int) -> float:
+    import torch
+
+    x = torch.randn(batch, *shape)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def inference(base, repeats: int) -> dict[str, dict[str, float]]:
+    import copy
+
+    import torch
+
+    import compress
+    from trainables.data import load_splits
+    from trainables.models import model_for_trial
+
+    splits = load_splits(base.data, seed=0)
+    shape = (splits.in_channels, splits.image_size, splits.image_size)
+    torch.manual_seed(0)
+    dense = model_for_trial(base, (splits.in_channels, splits.image_size,
+                                   splits.num_classes)).eval()
+    pruned = compress.attach_masks_(copy.deepcopy(dense))
+    compress.prune_to_(pruned, 0.9)
+    pruned = compress.bake_masks_(pruned).eval()
+    rows: dict[str, dict[str, list[float]]] = {"dense": {"b1": [], "b64": []},
+                                               "pruned90": {"b1": [], "b64": []}}
+    for _ in range(repeats):  # interleaved
+        for name, model in (("dense", dense), ("pruned90", pruned)):
+            rows[name]["b1"].append(_latency(model, shape, 1, 50))
+            rows[name]["b64"].append(64 / _latency(model, shape, 64, 10))
+    return {name: {"p50_ms_b1": 1000 * statistics.median(v["b1"]),
+                   "images_per_s_b64": statistics.median(v["b64"])}
+            for name, v in rows.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=tuple(CASES), default="lenet")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    env = _util.header(f"prune[{args.case}]")
+
+    import torch
+
+    from trainables import LocalSession, TrialConfig, run_trial
+
+    torch.set_num_threads(args.threads)
+    base = TrialConfig().with_overrides([*CASES[args.case], *COMMON,
+                                         f"train.threads={args.threads}"])
+    variants = {"fp32": base, **{k: base.with_overrides(v) for k, v in PRUNED.items()}}
+    run_trial(base.with_overrides(["data.train_subset=512"]), LocalSession())  # warm-up
+    seconds: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.repeats):  # interleaved
+        for name, cfg in variants.items():
+            seconds[name].append(run_trial(cfg, LocalSession())[-1]["train_seconds"])
+    training = {}
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        ratio = median / statistics.median(seconds["fp32"])
+        fastest = min(values) / min(seconds["fp32"])  # noise only adds time
+        training[name] = {"train_seconds_median": median, "ratio_to_fp32": ratio,
+                          "ratio_of_fastest": fastest}
+        _util.row(f"train {name}", train_s=median, ratio=ratio, ratio_fastest=fastest,
+                  runs=" ".join(f"{v:.2f}" for v in values))
+    speed = inference(base, args.repeats)
+    for name, values in speed.items():
+        _util.row(f"infer {name}", **values,
+                  ratio_b64=values["images_per_s_b64"] / speed["dense"]["images_per_s_b64"])
+    _util.finish(env, {"case": args.case, "training": training, "inference": speed})
+
+
+if __name__ == "__main__":
+    main()
