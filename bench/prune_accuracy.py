@@ -1,0 +1,74 @@
+"""Test error against compression ratio on real MNIST, pruning alone and pruning with
+quantization (Deep Compression's LeNet rows: LeNet-300-100 40x at 1.58% error, LeNet-5
+39x at 0.74%). Each row is one trial of qsweep's own loop; the packed bytes are the file
+that reloads and scores the accuracy shown; compression = FP32 state_dict bytes / packed
+bytes, both on disk.
+
+    QSWEEP_DATA=../shared/data python bench/prune_accuracy.py                   # both models
+    QSWEEP_DATA=../shared/data python bench/prune_accuracy.py --models lenet300 --epochs 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import _util
+
+MODELS = {"lenet300": ["model.name=mlp", "model.widths=[300,100]"],
+          "lenet5": ["model.name=lenet", "model.channels=[6,16]", "model.hidden=[120,84]",
+                     "model.kernel_size=5"]}
+COMMON = ["data.name=mnist", "optim.name=sgd", "optim.lr=0.1", "optim.schedule=onecycle",
+          "data.batch_size=128", "train.checkpoint=false"]
+PRUNE = ["prune.schedule=polynomial", "prune.scope=global", "prune.start=0.1",
+         "prune.end=0.7", "prune.frequency=100"]
+ROWS = {
+    "fp32": [],
+    "pruned 92%": [*PRUNE, "prune.final_sparsity=0.92"],
+    "pruned 92% + QAT int4": [*PRUNE, "prune.final_sparsity=0.92", "quant.mode=qat",
+                              "quant.bits=4", "quant.per_channel=true"],
+    "pruned 92% + QAT int4 (first/last int8)": [
+        *PRUNE, "prune.final_sparsity=0.92", "quant.mode=qat", "quant.bits=4",
+        "quant.per_channel=true", "quant.first_last_bits=8"],
+    "pruned 95% + QAT int4": [*PRUNE, "prune.final_sparsity=0.95", "quant.mode=qat",
+                              "quant.bits=4", "quant.per_channel=true"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=tuple(MODELS), default=tuple(MODELS))
+    parser.add_argument("--rows", nargs="+", choices=tuple(ROWS), default=tuple(ROWS))
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    env = _util.header("prune_accuracy")
+
+    import quant
+    from trainables import LocalSession, TrialConfig, run_trial
+    from trainables.models import model_for_trial
+
+    results = {}
+    for model in args.models:
+        base = TrialConfig().with_overrides([*MODELS[model], *COMMON,
+                                             f"train.epochs={args.epochs}",
+                                             f"train.threads={args.threads}"])
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32_bytes = quant.state_dict_bytes(model_for_trial(base), f"{tmp}/fp32.pt")
+        for row in args.rows:
+            cfg = base.with_overrides(ROWS[row])
+            final = run_trial(cfg, LocalSession())[-1]
+            acc = final.get("test_acc_q", final["test_acc"])
+            packed = final.get("packed_bytes", fp32_bytes)
+            results[f"{model} {row}"] = {"test_error_pct": 100 * (1 - acc),
+                                         "sparsity": final.get("sparsity", 0.0),
+                                         "packed_bytes": packed,
+                                         "compression": fp32_bytes / packed}
+            _util.row(f"{model} {row}", error_pct=100 * (1 - acc),
+                      sparsity=final.get("sparsity", 0.0), bytes=packed,
+                      compression=fp32_bytes / packed)
+    _util.finish(env, {"epochs": args.epochs, "results": results})
+
+
+if __name__ == "__main__":
+    main()
