@@ -21,15 +21,8 @@ import statistics
 import time
 
 import _util
+from qat_overhead import CASES, COMMON  # the same cases as the QAT overhead
 
-CASES = {
-    "lenet": ["data.name=mnist", "model.name=lenet", "model.channels=[16,32]",
-              "model.hidden=[128]", "data.train_subset=20000"],
-    "resnet20": ["data.name=cifar10_jpeg", "model.name=resnet20", "data.train_subset=5000",
-                 "data.augment=none"],
-}
-COMMON = ["optim.lr=0.05", "data.batch_size=128", "train.epochs=1", "train.checkpoint=false",
-          "data.test_subset=1000"]
 PRUNED = {"polynomial80_f100": ["prune.schedule=polynomial", "prune.final_sparsity=0.8",
                                 "prune.frequency=100"],
           "polynomial80_f10": ["prune.schedule=polynomial", "prune.final_sparsity=0.8",
