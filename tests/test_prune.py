@@ -199,3 +199,19 @@ def test_the_lowest_k_equal_a_stable_sorts_first_k_ties_included() -> None:
         oracle = torch.zeros(n, dtype=torch.bool)
         oracle[torch.sort(scores, stable=True).indices[:k]] = True
         assert torch.equal(_lowest(scores, k), oracle)
+
+
+@pytest.mark.parametrize("precision", ["amp_bf16", "amp_fp16"])
+def test_masks_hold_under_autocast(tiny_root: Path, tmp_path: Path, precision: str) -> None:
+    """Under autocast (and fp16's gradient scaler, which may skip a step) a pruned weight
+    stays exactly 0: the mask multiplies the float32 weight before autocast casts it."""
+    cfg = tiny_config(tiny_root, f"precision.mode={precision}", "train.epochs=1",
+                      "data.train_subset=96", "prune.schedule=polynomial",
+                      "prune.final_sparsity=0.5", "prune.end=0.5", "prune.frequency=1")
+    final = run_trial(cfg, LocalSession(checkpoint_dir=tmp_path / "ckpt"))[-1]
+    assert final["sparsity"] >= 0.5 - 1e-3
+    weights = load_state_file(tmp_path / "ckpt")["model"]
+    for key, mask in weights.items():
+        if key.endswith(".parametrizations.weight.0.mask"):
+            stored = weights[key.replace("0.mask", "original")]
+            assert bool((stored[mask == 0] == 0).all()) and bool((mask == 0).any())

@@ -155,7 +155,10 @@ def fixed_lr(trial) -> None:
 @pytest.mark.parametrize("stage, metric, artifact", [
     (["evaluate.weight_rounding=[lns4]"], "test_acc_lns4", "weight_rounding.json"),
     (["quant.mode=qat", "quant.bits=4", "quant.per_channel=true"], "test_acc_q", "model.qsw"),
-], ids=["fp32+rounding", "qat-int4"])
+    # Masks grown by magnitude on every rank alike: DDP keeps the weights in step.
+    (["prune.schedule=polynomial", "prune.final_sparsity=0.7", "prune.end=0.7",
+      "prune.frequency=2"], "sparsity", "model.qsw"),
+], ids=["fp32+rounding", "qat-int4", "prune"])
 def test_two_worker_ddp_trial_equals_one_worker_with_the_global_batch(
         tiny_root: Path, tmp_path: Path, stage: list[str], metric: str, artifact: str) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
