@@ -20,10 +20,11 @@ from compress.prune import (
     attach_masks_,
     bake_masks_,
     masked_layers,
+    prunable_layers,
     prune_to_,
     sparsity_of,
 )
 from compress.schedule import SCHEDULES, SparsitySchedule
 
-__all__ = ["PruneMask", "attach_masks_", "bake_masks_", "masked_layers", "prune_to_",
-           "sparsity_of", "SparsitySchedule", "SCHEDULES"]
+__all__ = ["PruneMask", "attach_masks_", "bake_masks_", "masked_layers", "prunable_layers",
+           "prune_to_", "sparsity_of", "SparsitySchedule", "SCHEDULES"]

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 __all__ = ["PruneMask", "attach_masks_", "prune_to_", "sparsity_of", "masked_layers",
-           "bake_masks_", "default_prunable"]
+           "bake_masks_", "default_prunable", "prunable_layers"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -52,6 +52,14 @@ class PruneMask(nn.Module):
 def default_prunable(module: nn.Module, fqn: str) -> bool:
     """Every Linear and Conv layer's weight."""
     return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
+def prunable_layers(model: nn.Module, exclude_first_last: bool = False) -> list[str]:
+    """The names of the layers pruning would mask (Linear/Conv, in model order), without
+    the first and the last with ``exclude_first_last``."""
+    layers = [fqn for fqn, m in model.named_modules() if default_prunable(m, fqn)]
+    return [f for f in layers if f not in {layers[0], layers[-1]}] \
+        if exclude_first_last and layers else layers
 
 
 def attach_masks_(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:

@@ -1,6 +1,7 @@
-"""Paths a trial reads, made absolute for Tune's trial folders, and ``train.init_from``:
-every initial checkpoint loaded once on the driver (a missing file or another
-architecture fails before Ray), ``runs:/RUN_ID`` fetched from MLflow into the storage.
+"""Paths a trial reads, made absolute for Tune's trial folders, and the checks that need
+the model built on the driver before Ray: ``train.init_from`` (every initial checkpoint
+loaded once: a missing file or another architecture fails before Ray; ``runs:/RUN_ID``
+fetched from MLflow into the storage), and a prune schedule that has layers to prune.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from trainables.config import ConfigError, TrialConfig
 from trainables.data import cache_dir, data_root
 
 __all__ = ["absolute_paths", "RUN_CHECKPOINT", "check_initial_weights",
-           "resolve_run_checkpoints"]
+           "resolve_run_checkpoints", "check_prunable_models"]
 
 
 def absolute_paths(base: TrialConfig) -> TrialConfig:
@@ -54,6 +55,20 @@ def check_initial_weights(base: TrialConfig, points: tuple[Mapping[str, Any], ..
             read_initial_weights(cfg.train.init_from)
             continue
         load_initial_weights(model_for_trial(cfg), cfg.train.init_from)
+
+
+def check_prunable_models(base: TrialConfig, points: tuple[Mapping[str, Any], ...]) -> None:
+    """Every pruned config's model has layers to prune (built once per data and model
+    here on the driver): a schedule that would mask nothing stops before Ray."""
+    from trainables.models import model_for_trial
+    from trainables.stages.prune import check_prunable
+
+    seen = set()
+    for cfg in ([base.replace(p) for p in points] if points else [base]):
+        key = (cfg.data, cfg.model, cfg.prune)
+        if cfg.prune.schedule != "none" and key not in seen:
+            seen.add(key)
+            check_prunable(cfg.prune, model_for_trial(cfg))
 
 
 def resolve_run_checkpoints(sweep: Sweep, base: TrialConfig, tracker: SweepTracker

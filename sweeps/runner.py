@@ -31,6 +31,7 @@ from sweeps.init_weights import (
     RUN_CHECKPOINT,
     absolute_paths,
     check_initial_weights,
+    check_prunable_models,
     resolve_run_checkpoints,
 )
 from sweeps.outcome import diverged
@@ -124,6 +125,8 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
         for data in datasets:
             prepare_data(data)
     check_initial_weights(base, sweep.points, build=sweep.prepare_data)
+    if sweep.prepare_data:
+        check_prunable_models(base, sweep.points)
     tracker = SweepTracker(sweep.tracking_uri, sweep.name)  # fails now if the store is bad
     if RUN_CHECKPOINT in repr((base.train.init_from, sweep.points)):
         sweep, base = resolve_run_checkpoints(sweep, base, tracker)

@@ -52,6 +52,9 @@ def test_help_of_qsweep_and_of_each_command(tmp_path: Path) -> None:
     (["--set", "quant.gradient_bits=8"],
      "quant.gradient_bits=8 is invalid: allowed 0 with quant.mode=none"),
     (["--epochs", "0"], "train.epochs"),
+    (["--set", "model.name=mlp", "--set", "model.widths=[16]", "--set",
+      "prune.schedule=constant", "--set", "prune.exclude_first_last=true"],
+     "prune.schedule=constant is invalid for this model: it leaves no Linear/Conv layer"),
 ])
 def test_bad_input_stops_before_ray(tmp_path: Path, tiny_root: Path, args: list[str],
                                     fragment: str) -> None:

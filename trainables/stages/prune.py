@@ -31,17 +31,18 @@ import copy
 import math
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 import compress
 import quant
-from compress.prune import default_prunable, masked_layers
-from trainables.config import TrialConfig
+from compress.prune import masked_layers
+from trainables.config import ConfigError, TrialConfig
 from trainables.stages.base import Stage, StageContext, TrainingPlan, nonfinite_params
 
-__all__ = ["PruneStage", "build_prune_stage"]
+__all__ = ["PruneStage", "build_prune_stage", "check_prunable"]
 
 
 class PruneStage(Stage):
@@ -61,16 +62,8 @@ class PruneStage(Stage):
         self.total_steps = plan.total_steps
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        layers = [fqn for fqn, m in model.named_modules() if default_prunable(m, fqn)]
-        if not layers:
-            raise ValueError(f"prune.schedule={self.cfg.schedule} is invalid for this model: "
-                             "it has no Linear/Conv layer to prune")
-        skipped = {layers[0], layers[-1]} if self.cfg.exclude_first_last else set()
-        compress.attach_masks_(model, lambda m, fqn: default_prunable(m, fqn) and
-                               fqn not in skipped)
-        if not masked_layers(model):
-            raise ValueError("prune.exclude_first_last=true is invalid for this model: it "
-                             "leaves no layer to prune")
+        chosen = set(check_prunable(self.cfg, model))
+        compress.attach_masks_(model, lambda m, fqn: fqn in chosen)
         self._prune(model, self.schedule.sparsity_at(0, self.total_steps), None)
         return model
 
@@ -111,6 +104,18 @@ class PruneStage(Stage):
             metrics["fp32_bytes"] = quant.state_dict_bytes(model, Path(tmp) / "fp32.pt")
         metrics["compression_ratio"] = metrics["fp32_bytes"] / metrics["packed_bytes"]
         return metrics
+
+
+def check_prunable(prune: Any, model: nn.Module) -> list[str]:
+    """The layers ``prune`` (the config section) masks in ``model``; a ConfigError naming
+    the field where there are none (checked on the driver before Ray, and here)."""
+    layers = compress.prunable_layers(model, prune.exclude_first_last)
+    if not layers:
+        why = "leaves no Linear/Conv layer to prune once the first and last are kept" \
+            if prune.exclude_first_last else "has no Linear/Conv layer to prune"
+        raise ConfigError(f"prune.schedule={prune.schedule} is invalid for this model: it "
+                          f"{why}")
+    return layers
 
 
 def build_prune_stage(cfg: TrialConfig) -> Stage | None:
