@@ -35,3 +35,37 @@ def row(label: str, **values: Any) -> None:
 
 def finish(env: dict[str, Any], results: dict[str, Any]) -> None:
     print(json.dumps({**env, **results}, sort_keys=True, default=str))
+
+
+def interleaved_train_seconds(base: Any, variants: dict[str, list[str]], repeats: int
+                              ) -> dict[str, list[float]]:
+    """Epoch training seconds of ``base`` ("fp32") and each variant (its overrides),
+    through qsweep's own loop, run interleaved (fp32, a, b, fp32, a, b, ...) after a
+    warm-up, so machine noise hits all alike."""
+    from trainables import LocalSession, run_trial
+
+    configs = {"fp32": base, **{k: base.with_overrides(v) for k, v in variants.items()}}
+    run_trial(base.with_overrides(["data.train_subset=512"]), LocalSession())  # warm-up
+    seconds: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(repeats):
+        for name, cfg in configs.items():
+            seconds[name].append(run_trial(cfg, LocalSession())[-1]["train_seconds"])
+    return seconds
+
+
+def ratio_rows(seconds: dict[str, list[float]], prefix: str = "") -> dict[str, Any]:
+    """Per variant: median seconds and its ratio to fp32's, printed as rows. Noise on
+    this VM only adds time: the ratio of the fastest runs, the steadier figure, is
+    printed beside the median ratio."""
+    import statistics
+
+    fp32 = statistics.median(seconds["fp32"])
+    results = {}
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        fastest = min(values) / min(seconds["fp32"])
+        results[name] = {"train_seconds_median": median, "ratio_to_fp32": median / fp32,
+                         "ratio_of_fastest": fastest}
+        row(f"{prefix}{name}", train_s=median, ratio=median / fp32, ratio_fastest=fastest,
+            runs=" ".join(f"{v:.2f}" for v in values))
+    return results

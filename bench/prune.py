@@ -83,26 +83,13 @@ def main() -> None:
 
     import torch
 
-    from trainables import LocalSession, TrialConfig, run_trial
+    from trainables import TrialConfig
 
     torch.set_num_threads(args.threads)
     base = TrialConfig().with_overrides([*CASES[args.case], *COMMON,
                                          f"train.threads={args.threads}"])
-    variants = {"fp32": base, **{k: base.with_overrides(v) for k, v in PRUNED.items()}}
-    run_trial(base.with_overrides(["data.train_subset=512"]), LocalSession())  # warm-up
-    seconds: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(args.repeats):  # interleaved
-        for name, cfg in variants.items():
-            seconds[name].append(run_trial(cfg, LocalSession())[-1]["train_seconds"])
-    training = {}
-    for name, values in seconds.items():
-        median = statistics.median(values)
-        ratio = median / statistics.median(seconds["fp32"])
-        fastest = min(values) / min(seconds["fp32"])  # noise only adds time
-        training[name] = {"train_seconds_median": median, "ratio_to_fp32": ratio,
-                          "ratio_of_fastest": fastest}
-        _util.row(f"train {name}", train_s=median, ratio=ratio, ratio_fastest=fastest,
-                  runs=" ".join(f"{v:.2f}" for v in values))
+    training = _util.ratio_rows(_util.interleaved_train_seconds(base, PRUNED, args.repeats),
+                                prefix="train ")
     speed = inference(base, args.repeats)
     for name, values in speed.items():
         _util.row(f"infer {name}", **values,

@@ -10,7 +10,6 @@ Goal (issue 9): QAT / FP32 <= 1.3.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import _util
 
@@ -35,27 +34,11 @@ def main() -> None:
     args = parser.parse_args()
     env = _util.header(f"qat_overhead[{args.case}]")
 
-    from trainables import LocalSession, TrialConfig, run_trial
+    from trainables import TrialConfig
 
     base = TrialConfig().with_overrides([*CASES[args.case], *COMMON,
                                          f"train.threads={args.threads}"])
-    variants = {"fp32": base, **{k: base.with_overrides(v) for k, v in QAT.items()}}
-    run_trial(base.with_overrides(["data.train_subset=512"]), LocalSession())  # warm-up
-    seconds: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(args.repeats):  # interleaved
-        for name, cfg in variants.items():
-            seconds[name].append(run_trial(cfg, LocalSession())[-1]["train_seconds"])
-    fp32 = statistics.median(seconds["fp32"])
-    results = {}
-    for name, values in seconds.items():
-        median = statistics.median(values)
-        # Noise on this VM only adds time: the ratio of the fastest runs is the steadier
-        # figure; the median ratio is printed beside it.
-        fastest = min(values) / min(seconds["fp32"])
-        results[name] = {"train_seconds_median": median, "ratio_to_fp32": median / fp32,
-                         "ratio_of_fastest": fastest}
-        _util.row(name, train_s=median, ratio=median / fp32, ratio_fastest=fastest,
-                  runs=" ".join(f"{v:.2f}" for v in values))
+    results = _util.ratio_rows(_util.interleaved_train_seconds(base, QAT, args.repeats))
     _util.finish(env, {"case": args.case, "results": results})
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from sweeps import quant_bits
 from sweeps.cli import (
     base_config,
     common_parser,
@@ -47,11 +48,10 @@ from trainables.config import TrialConfig
 from trainables.plots import pyplot
 
 NAME = "prune_quant"
-DEFAULTS = ["data.name=mnist", "model.name=lenet", "model.channels=[16,32]",
-            "model.hidden=[128]", "optim.name=sgd", "optim.schedule=onecycle",
-            "data.batch_size=128", "data.val_fraction=0.1", "prune.schedule=polynomial",
-            "quant.mode=ptq", "quant.bits=8", "quant.per_channel=true"]
-SMOKE = ["data.train_subset=2000", "data.test_subset=1000", "train.epochs=1"]
+# quant_bits' model, data and PTQ default, pruned, INT8 per-channel unless searched.
+DEFAULTS = [*quant_bits.DEFAULTS, "prune.schedule=polynomial", "quant.bits=8",
+            "quant.per_channel=true"]
+SMOKE = quant_bits.SMOKE
 SEED004 = ["data.name=cifar10_jpeg", "model.name=resnet20", "optim.lr=0.1",
            "data.val_fraction=0.1", "prune.schedule=polynomial", "prune.start=0.0",
            "prune.end=0.8", "prune.frequency=100", "quant.mode=ptq", "quant.bits=8",
