@@ -6,6 +6,12 @@ bytes, both on disk.
 
     QSWEEP_DATA=../shared/data python bench/prune_accuracy.py                   # both models
     QSWEEP_DATA=../shared/data python bench/prune_accuracy.py --models lenet300 --epochs 4
+
+ResNet-20 on the CIFAR-10 JPEG copy (seed 004 / Distiller's rows: dense, 70% sparse by
+polynomial decay, 70% sparse + INT8), each row the same schedule (SGD, one-cycle lr 0.1):
+
+    QSWEEP_DATA=../shared/data python bench/prune_accuracy.py --models resnet20 \
+        --rows fp32 "pruned 70%" "pruned 70% + QAT int8" --epochs 5
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ import tempfile
 
 import _util
 
-MODELS = {"lenet300": ["model.name=mlp", "model.widths=[300,100]"],
+MODELS = {"lenet300": ["model.name=mlp", "model.widths=[300,100]", "data.name=mnist"],
           "lenet5": ["model.name=lenet", "model.channels=[6,16]", "model.hidden=[120,84]",
-                     "model.kernel_size=5"]}
-COMMON = ["data.name=mnist", "optim.name=sgd", "optim.lr=0.1", "optim.schedule=onecycle",
+                     "model.kernel_size=5", "data.name=mnist"],
+          "resnet20": ["model.name=resnet20", "data.name=cifar10_jpeg"]}
+COMMON = ["optim.name=sgd", "optim.lr=0.1", "optim.schedule=onecycle",
           "data.batch_size=128", "train.checkpoint=false"]
 PRUNE = ["prune.schedule=polynomial", "prune.scope=global", "prune.start=0.1",
          "prune.end=0.7", "prune.frequency=100"]
@@ -30,15 +37,24 @@ ROWS = {
     "pruned 92% + QAT int4 (first/last int8)": [
         *PRUNE, "prune.final_sparsity=0.92", "quant.mode=qat", "quant.bits=4",
         "quant.per_channel=true", "quant.first_last_bits=8"],
+    "pruned 70%": [*PRUNE, "prune.final_sparsity=0.7"],
+    "pruned 70% + QAT int8": [*PRUNE, "prune.final_sparsity=0.7", "quant.mode=qat",
+                              "quant.bits=8", "quant.per_channel=true"],
     "pruned 95% + QAT int4": [*PRUNE, "prune.final_sparsity=0.95", "quant.mode=qat",
                               "quant.bits=4", "quant.per_channel=true"],
 }
+MNIST_ROWS = ("fp32", "pruned 92%", "pruned 92% + QAT int4",
+              "pruned 92% + QAT int4 (first/last int8)", "pruned 95% + QAT int4")
+DEFAULT_ROWS = {"lenet300": MNIST_ROWS, "lenet5": MNIST_ROWS,
+                "resnet20": ("fp32", "pruned 70%", "pruned 70% + QAT int8")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=tuple(MODELS), default=tuple(MODELS))
-    parser.add_argument("--rows", nargs="+", choices=tuple(ROWS), default=tuple(ROWS))
+    parser.add_argument("--models", nargs="+", choices=tuple(MODELS),
+                        default=("lenet300", "lenet5"))
+    parser.add_argument("--rows", nargs="+", choices=tuple(ROWS),
+                        help="default: each model's rows (DEFAULT_ROWS)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -55,7 +71,7 @@ def main() -> None:
                                              f"train.threads={args.threads}"])
         with tempfile.TemporaryDirectory() as tmp:
             fp32_bytes = quant.state_dict_bytes(model_for_trial(base), f"{tmp}/fp32.pt")
-        for row in args.rows:
+        for row in args.rows or DEFAULT_ROWS[model]:
             cfg = base.with_overrides(ROWS[row])
             final = run_trial(cfg, LocalSession())[-1]
             acc = final.get("test_acc_q", final["test_acc"])

@@ -30,7 +30,7 @@ from quant.floatfmt import FloatFormat
 from quant.gradients import gradient_rounded, round_gradient
 from quant.intfmt import IntFormat
 from quant.lns import LNSFormat
-from quant.packed import load_packed, save_packed, state_dict_bytes
+from quant.packed import load_packed, packed_shapes, save_packed, state_dict_bytes
 from quant.transforms import (
     QuantConfig,
     calibrate_,
@@ -44,6 +44,6 @@ from quant.transforms import (
 
 __all__ = ["OBSERVERS", "ActivationQuant", "CodebookFormat", "Encoded", "FloatFormat",
            "IntFormat", "LNSFormat", "QuantConfig", "calibrate_", "convert_", "input_quantizers",
-           "load_packed", "pack_bits", "packed_size", "prepare_qat_", "quantize_",
+           "load_packed", "packed_shapes", "pack_bits", "packed_size", "prepare_qat_", "quantize_",
            "quantized_layers", "save_packed", "state_dict_bytes", "unpack_bits",
            "gradient_rounded", "round_gradient", "strip_qat_"]

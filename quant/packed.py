@@ -41,7 +41,7 @@ from quant.lns import LNSFormat
 from quant.sparse import Layout, best_layout, decode_positions, encode_positions
 from quant.transforms import input_quantizers
 
-__all__ = ["save_packed", "load_packed", "format_to_dict", "format_from_dict",
+__all__ = ["save_packed", "load_packed", "packed_shapes", "format_to_dict", "format_from_dict",
            "state_dict_bytes", "MAGIC", "VERSION"]
 
 MAGIC, VERSION = b"QSWP", 2
@@ -165,17 +165,7 @@ def load_packed(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     """Load a packed artifact into ``model`` (built as the saved one was, float) in place;
     returns it. Quantized layers get their format and codes back (``weight_format``,
     ``weight_encoded``), so the model can be saved again unchanged."""
-    raw = Path(path).read_bytes()
-    if raw[:4] != MAGIC:
-        raise ValueError(f"{path} is not a qsweep packed model (no {MAGIC!r} header)")
-    try:
-        version, length = struct.unpack("<HI", raw[4:10])
-        header = json.loads(raw[10:10 + length]) if version in _READS else None
-    except (struct.error, ValueError) as exc:
-        raise ValueError(f"{path}: damaged header ({exc})") from None
-    if version not in _READS:
-        raise ValueError(f"{path} has packed format version {version}: allowed "
-                         f"{', '.join(map(str, _READS))}")
+    raw, header, length = _read_header(path)
     data = memoryview(raw)[10 + length:]
     try:
         state, encodings = _read_tensors(header, data)
@@ -192,6 +182,31 @@ def load_packed(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
         module = modules[key.rpartition(".")[0]]
         module.weight_format, module.weight_encoded = fmt, enc
     return model
+
+
+def _read_header(path: str | os.PathLike[str]) -> tuple[bytes, dict[str, Any], int]:
+    """(the file's bytes, its header, the header's length)."""
+    raw = Path(path).read_bytes()
+    if raw[:4] != MAGIC:
+        raise ValueError(f"{path} is not a qsweep packed model (no {MAGIC!r} header)")
+    try:
+        version, length = struct.unpack("<HI", raw[4:10])
+        header = json.loads(raw[10:10 + length]) if version in _READS else None
+    except (struct.error, ValueError) as exc:
+        raise ValueError(f"{path}: damaged header ({exc})") from None
+    if version not in _READS:
+        raise ValueError(f"{path} has packed format version {version}: allowed "
+                         f"{', '.join(map(str, _READS))}")
+    return raw, header, length
+
+
+def packed_shapes(path: str | os.PathLike[str]) -> dict[str, list[int]]:
+    """state_dict key -> shape of every tensor in a packed file (from its header): what
+    rebuilds a channel-pruned architecture before :func:`load_packed`."""
+    try:
+        return {e["name"]: list(e["shape"]) for e in _read_header(path)[1]["tensors"]}
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: damaged header ({exc})") from None
 
 
 def _read_tensors(header: dict[str, Any], data: memoryview

@@ -168,8 +168,6 @@ def test_prune_then_qat_int4_packs_one_model_keeping_the_zeros(tiny_root: Path,
     (["prune.frequency=0"], "prune.frequency=0 is invalid"),
     (["prune.schedule=cubic"], "prune.schedule='cubic' is invalid: allowed one of none, "
                                "oneshot, constant, polynomial"),
-    (["prune.granularity=channel"], "prune.granularity='channel' is invalid: allowed one of "
-                                    "element"),
 ])
 def test_bad_schedules_name_the_field(overrides: list[str], says: str) -> None:
     with pytest.raises(ConfigError) as error:

@@ -12,11 +12,10 @@ import pytest
 import torch
 from conftest import tiny_config
 
-import quant
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import load_splits
 from trainables.loop import run_trial
-from trainables.models import build_model
+from trainables.models import model_for_packed
 from trainables.sessions import LocalSession, load_state_file
 
 TIMINGS = {"epoch_seconds", "train_seconds", "images_per_s"}
@@ -39,10 +38,11 @@ def assert_resumes_exactly(cfg: TrialConfig, tmp_path: Path, full: list[dict]) -
 
 @torch.no_grad()
 def packed_accuracy(cfg: TrialConfig, path: Path) -> float:
-    """Accuracy of the model rebuilt from the config and loaded from the packed file."""
+    """Accuracy of the model rebuilt from the config (cut to the file's shapes where
+    channels were pruned) and loaded from the packed file."""
     splits = load_splits(cfg.data, seed=cfg.train.seed)
-    model = build_model(cfg.model, splits.in_channels, splits.image_size, splits.num_classes)
-    quant.load_packed(path, model).eval()
+    model = model_for_packed(cfg, (splits.in_channels, splits.image_size,
+                                   splits.num_classes), path)
     correct = total = 0
     for x, y in splits.loader("test", 1000, torch.device("cpu"), seed=0):
         correct += (model(x).argmax(1) == y).sum().item()

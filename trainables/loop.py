@@ -168,7 +168,8 @@ class _Trainer:
             self.eval_loaders["extra"] = self._loader("extra", cfg.data.test_batch_size)
         # The stages know how long training is before they touch the model (schedules in
         # fractions of training), and prepare it before DDP and the optimizer see it.
-        stages.plan(TrainingPlan(cfg.train.epochs, len(self.train_loader)))
+        stages.plan(TrainingPlan(cfg.train.epochs, len(self.train_loader),
+                                 self._data_shape()))
         model = stages.prepare(model)
         self.model = model
         self.ddp_model: nn.Module = model

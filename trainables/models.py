@@ -18,13 +18,16 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trainables.config import ModelConfig, TrialConfig
 
-__all__ = ["build_model", "model_for_trial", "MLP", "LeNet", "CifarResNet"]
+__all__ = ["build_model", "model_for_trial", "model_for_packed", "data_shape_of", "MLP",
+           "LeNet", "CifarResNet"]
 
 SMALL_IMAGE = 64
 
@@ -173,9 +176,27 @@ def model_for_trial(cfg: TrialConfig, data_shape: tuple[int, int, int] | None = 
     """The untrained model a trial of ``cfg`` trains: ``cfg.model`` shaped by
     ``data_shape`` (input channels, image size, classes), or by the dataset when not given
     (read, or decoded once into the cache). The one place a config becomes a model."""
-    if data_shape is None:
-        from trainables.data import load_splits
+    return build_model(cfg.model, *(data_shape or data_shape_of(cfg)))
 
-        splits = load_splits(cfg.data, seed=cfg.train.seed)
-        data_shape = (splits.in_channels, splits.image_size, splits.num_classes)
-    return build_model(cfg.model, *data_shape)
+
+def model_for_packed(cfg: TrialConfig, data_shape: tuple[int, int, int], path: Any
+                     ) -> nn.Module:
+    """The model a trial's packed file (``model.qsw``) holds, in eval mode: ``cfg``'s
+    architecture rebuilt, cut to the file's shapes where channels were pruned
+    (``prune.granularity=channel``), its weights loaded."""
+    import quant
+    from compress.channels import shrink_to_shapes_
+
+    model = model_for_trial(cfg, data_shape)
+    channels, size, _ = data_shape
+    shrink_to_shapes_(model, quant.packed_shapes(path), torch.zeros(1, channels, size, size))
+    return quant.load_packed(path, model).eval()
+
+
+def data_shape_of(cfg: TrialConfig) -> tuple[int, int, int]:
+    """(input channels, image size, classes) of ``cfg``'s dataset (read, or decoded once
+    into the cache)."""
+    from trainables.data import load_splits
+
+    splits = load_splits(cfg.data, seed=cfg.train.seed)
+    return (splits.in_channels, splits.image_size, splits.num_classes)

@@ -21,9 +21,8 @@ def load_quantized_model(run_id: str, tracking_uri: str | None = None) -> tuple[
     import yaml
     from mlflow.tracking import MlflowClient
 
-    import quant
     from trainables.config import TrialConfig
-    from trainables.models import model_for_trial
+    from trainables.models import model_for_packed
 
     client = MlflowClient(tracking_uri or default_tracking_uri())
     with tempfile.TemporaryDirectory() as tmp:
@@ -36,6 +35,5 @@ def load_quantized_model(run_id: str, tracking_uri: str | None = None) -> tuple[
         cfg = TrialConfig.from_stored(yaml.safe_load(Path(paths["config.yaml"]).read_text()))
         channels, size, classes = json.loads(Path(paths["quant.json"]).read_text())[
             "data_shape"]
-        model = model_for_trial(cfg, (channels, size, classes))
-        quant.load_packed(paths["model.qsw"], model)
+        model = model_for_packed(cfg, (channels, size, classes), paths["model.qsw"])
     return model.eval(), cfg

@@ -7,9 +7,10 @@ from typing import Any, ClassVar, Mapping
 
 from trainables.config.base import ConfigError, Section
 
-__all__ = ["PruneSection", "PRUNE_SCHEDULES"]
+__all__ = ["PruneSection", "PRUNE_SCHEDULES", "PRUNE_GRANULARITIES"]
 
 PRUNE_SCHEDULES = ("none", "oneshot", "constant", "polynomial")
+PRUNE_GRANULARITIES = ("element", "channel")
 
 
 @dataclass(frozen=True)
@@ -21,9 +22,12 @@ class PruneSection(Section):
     sparsity from ``initial_sparsity`` at ``start`` to ``final_sparsity`` at ``end``,
     every ``frequency`` optimizer steps. ``scope=global``: one magnitude threshold over
     all layers; ``layer``: each layer to the same sparsity. ``exclude_first_last`` keeps
-    the first and last layer dense (as ``quant.first_last_bits`` keeps them wide). Every
-    epoch reports ``sparsity``: exact zeros among the prunable weights, measured on the
-    weights the layers compute with."""
+    the first and last layer dense (as ``quant.first_last_bits`` keeps them wide).
+    ``granularity=channel`` prunes whole output channels by L2 norm instead
+    (``compress.channels``: layers whose channels are not tied to others' by a residual
+    sum), and the trial's final model is the smaller dense one. Every epoch reports
+    ``sparsity``: exact zeros among the prunable weights, measured on the weights the
+    layers compute with."""
 
     section: ClassVar[str] = "prune"
     schedule: str = "none"
@@ -39,8 +43,12 @@ class PruneSection(Section):
 
     def _validate(self) -> None:
         self._choice("schedule", PRUNE_SCHEDULES)
-        self._choice("granularity", ("element",))  # channel: structured pruning, not yet
+        self._choice("granularity", PRUNE_GRANULARITIES)
         self._choice("scope", ("layer", "global"))
+        if self.granularity == "channel" and self.scope == "global":
+            raise ConfigError("prune.scope=global is invalid with prune.granularity=channel:"
+                              " allowed layer (each layer's channels ranked by their own "
+                              "L2 norms; norms of different layers are not comparable)")
         self._range("initial_sparsity", 0.0, 1.0, hi_open=True)
         self._range("final_sparsity", 0.0, 1.0, hi_open=True)
         self._range("start", 0.0, 1.0)

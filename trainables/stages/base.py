@@ -58,6 +58,13 @@ class TrainingPlan:
 
     epochs: int
     steps_per_epoch: int
+    # (input channels, image size, classes): an example input for tracing the model.
+    data_shape: tuple[int, int, int] = (1, 28, 10)
+
+    def example_input(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """One zero image of the trial's input shape (batch 1)."""
+        channels, size, _ = self.data_shape
+        return torch.zeros(1, channels, size, size, device=device)
 
     @property
     def total_steps(self) -> int:

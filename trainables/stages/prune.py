@@ -16,6 +16,13 @@
   without, this stage bakes them and writes the packed model itself (``model.qsw``:
   float weights stored sparse, ``packed_bytes``, ``fp32_bytes``, ``compression_ratio``).
 
+With ``prune.granularity=channel`` whole output channels go, by L2 norm
+(:mod:`compress.channels`): a mask row of zeros, and after every step the layer's bias
+and batch-norm scale and shift of those channels are set to 0 (with their optimizer
+state), so the channel outputs exactly 0. ``finalize`` then cuts them out (torch-pruning):
+the trial's final model is the smaller dense one (``params``, ``macs``,
+``channel_sparsity``), and what the quantization stage after this one converts and packs.
+
 Masks are buffers of the model (saved in its state_dict), so resume is exact.
 
 Example::
@@ -38,6 +45,7 @@ from torch import nn
 
 import compress
 import quant
+from compress import channels
 from compress.prune import masked_layers
 from trainables.config import ConfigError, TrialConfig
 from trainables.stages.base import Stage, StageContext, TrainingPlan, nonfinite_params
@@ -53,17 +61,29 @@ class PruneStage(Stage):
         self.schedule = cfg.prune.sparsity_schedule()
         self.total_steps = 0
         self.packs = cfg.quant.mode == "none"  # else the quantization stage packs
+        self.by_channel = cfg.prune.granularity == "channel"
+        self.example: torch.Tensor | None = None  # an input for tracing (channels)
+        self.groups: list[channels.ChannelGroup] = []
+        self.pruned: dict[str, torch.Tensor] | None = None  # channel indices, cached
 
     def metric_names(self) -> frozenset[str]:
         packed = {"packed_bytes", "fp32_bytes", "compression_ratio"} if self.packs else set()
-        return frozenset({"sparsity", *packed})
+        shrunk = {"channel_sparsity", "params", "macs"} if self.by_channel else set()
+        shrunk_acc = {"test_acc_shrunk"} if self.by_channel and self.packs else set()
+        return frozenset({"sparsity", *packed, *shrunk, *shrunk_acc})
 
     def plan(self, plan: TrainingPlan) -> None:
         self.total_steps = plan.total_steps
+        self.example = plan.example_input()
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        chosen = set(check_prunable(self.cfg, model))
-        compress.attach_masks_(model, lambda m, fqn: fqn in chosen)
+        device = next(model.parameters()).device
+        self.example = self.example.to(device) if self.example is not None else None
+        chosen = check_prunable(self.cfg, model, self.example)
+        if self.by_channel:
+            self.groups = channels.channel_groups(model, self.example, chosen)[0]
+            chosen = [g.root for g in self.groups]
+        compress.attach_masks_(model, lambda m, fqn: fqn in set(chosen))
         self._prune(model, self.schedule.sparsity_at(0, self.total_steps), None)
         return model
 
@@ -71,13 +91,22 @@ class PruneStage(Stage):
                    ) -> None:
         if self.schedule.changes_at(step, self.total_steps):
             self._prune(model, self.schedule.sparsity_at(step, self.total_steps), optimizer)
+        if self.by_channel:  # biases and batch norms carry no mask: hold them at 0
+            if self.pruned is None:
+                self.pruned = channels.pruned_channels(model, self.groups)
+            channels.zero_followers_(model, self.groups, self.pruned, optimizer)
 
     @torch.no_grad()
     def _prune(self, model: nn.Module, sparsity: float,
                optimizer: torch.optim.Optimizer | None) -> None:
         if sparsity <= 0.0:
             return
-        compress.prune_to_(model, sparsity, self.cfg.scope)
+        if self.by_channel:
+            channels.prune_channels_(model, self.groups, sparsity)
+            self.pruned = channels.pruned_channels(model, self.groups)
+            channels.zero_followers_(model, self.groups, self.pruned, optimizer)
+        else:
+            compress.prune_to_(model, sparsity, self.cfg.scope)
         for module in masked_layers(model).values():
             stack = module.parametrizations["weight"]
             mask = next(p for p in stack if isinstance(p, compress.PruneMask)).mask
@@ -93,12 +122,17 @@ class PruneStage(Stage):
 
     def finalize(self, ctx: StageContext) -> dict[str, float]:
         metrics = {"sparsity": compress.sparsity_of(ctx.result)}
+        if self.by_channel:
+            metrics.update(self._shrink(ctx))
         if not self.packs:
             return metrics
         if nonfinite_params(ctx.result):  # diverged: nothing worth packing
             return {**metrics, "packed_bytes": math.nan, "compression_ratio": math.nan}
-        model = compress.bake_masks_(copy.deepcopy(ctx.result))
+        model = ctx.result if self.by_channel else \
+            compress.bake_masks_(copy.deepcopy(ctx.result))
         ctx.result = model
+        if self.by_channel:  # the smaller model's own accuracy: what model.qsw scores
+            metrics["test_acc_shrunk"] = ctx.evaluate(model)["test_acc"]
         metrics["packed_bytes"] = quant.save_packed(model, ctx.out_dir / "model.qsw")
         with tempfile.TemporaryDirectory() as tmp:  # the FP32 baseline, same architecture
             metrics["fp32_bytes"] = quant.state_dict_bytes(model, Path(tmp) / "fp32.pt")
@@ -106,15 +140,75 @@ class PruneStage(Stage):
         return metrics
 
 
-def check_prunable(prune: Any, model: nn.Module) -> list[str]:
+    def _shrink(self, ctx: StageContext) -> dict[str, float]:
+        """Cut the pruned channels out of a copy of the result (its fake-quantizers
+        lifted off and put back on the smaller weights); the copy becomes the result."""
+        model = copy.deepcopy(ctx.result)
+        pruned = channels.pruned_channels(model, self.groups)
+        lifted = channels.lift_weight_parametrizations_(model)
+        kept = channels.shrink_channels_(model, pruned, self.example)
+        for fqn, stack in lifted.items():
+            if fqn in kept:
+                for p in stack:
+                    _cut_channel_state(p, kept[fqn])
+        channels.restore_weight_parametrizations_(model, lifted)
+        ctx.result = model
+        total = sum(g.channels for g in self.groups)
+        return {"channel_sparsity": sum(len(v) for v in pruned.values()) / max(1, total),
+                "params": sum(p.numel() for p in model.parameters()),
+                "macs": macs_of(model, self.example)}
+
+
+def _cut_channel_state(p: nn.Module, kept: torch.Tensor) -> None:
+    """A fake-quantizer's per-output-channel state (LSQ's learned step) to the kept
+    channels; per-tensor state and codebooks stay (the removed values were zeros, inside
+    every range)."""
+    step = getattr(p, "step", None)
+    if isinstance(step, nn.Parameter) and step.ndim == 1 and step.numel() > 1:
+        p.step = nn.Parameter(step.detach()[kept.to(step.device)].clone())
+
+
+@torch.no_grad()
+def macs_of(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass at batch 1 (torch.utils.flop_counter:
+    FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(example)
+    finally:
+        model.train(training)
+    return counter.get_total_flops() // 2
+
+
+def check_prunable(prune: Any, model: nn.Module, example: torch.Tensor | None = None
+                   ) -> list[str]:
     """The layers ``prune`` (the config section) masks in ``model``; a ConfigError naming
-    the field where there are none (checked on the driver before Ray, and here)."""
+    the field where there are none, or (channel pruning, ``example`` an input) where the
+    final sparsity would remove every channel of a layer (checked on the driver before
+    Ray, and here)."""
     layers = compress.prunable_layers(model, prune.exclude_first_last)
     if not layers:
         why = "leaves no Linear/Conv layer to prune once the first and last are kept" \
             if prune.exclude_first_last else "has no Linear/Conv layer to prune"
         raise ConfigError(f"prune.schedule={prune.schedule} is invalid for this model: it "
                           f"{why}")
+    if prune.granularity == "channel" and example is not None:
+        groups, skipped = channels.channel_groups(model, example, layers)
+        if not groups:
+            reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3])
+            raise ConfigError("prune.granularity=channel is invalid for this model: no "
+                              f"layer's channels can be pruned alone ({reasons}); allowed "
+                              "element")
+        for g in groups:
+            if channels.channels_to_prune(g, prune.final_sparsity) >= g.channels:
+                raise ConfigError(
+                    f"prune.final_sparsity={prune.final_sparsity} is invalid with "
+                    f"prune.granularity=channel: it removes all {g.channels} output "
+                    f"channels of {g.root}; allowed < {(g.channels - 0.5) / g.channels:.4g}")
     return layers
 
 
