@@ -5,9 +5,12 @@ sparsity does to inference speed on this CPU.
    through qsweep's own loop: polynomial schedule to 80% with the masks updated every 100
    steps (the default) and every 10 (a stress case), and constant 80% (masks fixed).
 2. Inference of the dense model against the same model 90% pruned (masks baked into plain
-   weights): batch 1 p50 latency and batch 64 throughput, interleaved. Dense kernels
-   multiply the zeros like any other value: expect a ratio of about 1; unstructured
-   sparsity pays in bytes (the packed file), not in speed, without a sparse kernel.
+   weights) and against it with half the channels cut out (``prune.granularity=channel``
+   at 0.5: the smaller dense model): batch 1 p50 latency and batch 64 throughput,
+   interleaved, with parameters and MACs. Dense kernels multiply the zeros like any
+   other value: expect a ratio of about 1 for unstructured sparsity (it pays in bytes,
+   the packed file, not in speed, without a sparse kernel); the channel-pruned model does
+   less work.
 
     QSWEEP_DATA=../shared/data python bench/prune.py                 # LeNet, MNIST
     QSWEEP_DATA=../shared/data python bench/prune.py --case resnet20  # CIFAR-10 JPEG
@@ -23,7 +26,9 @@ import time
 import _util
 from qat_overhead import CASES, COMMON  # the same cases as the QAT overhead
 
-PRUNED = {"polynomial80_f100": ["prune.schedule=polynomial", "prune.final_sparsity=0.8",
+PRUNED = {"channels50": ["prune.schedule=polynomial", "prune.granularity=channel",
+                         "prune.final_sparsity=0.5", "prune.frequency=100"],
+          "polynomial80_f100": ["prune.schedule=polynomial", "prune.final_sparsity=0.8",
                                 "prune.frequency=100"],
           "polynomial80_f10": ["prune.schedule=polynomial", "prune.final_sparsity=0.8",
                                "prune.frequency=10"],
@@ -51,6 +56,7 @@ def inference(base, repeats: int) -> dict[str, dict[str, float]]:
     import torch
 
     import compress
+    from trainables.stages.prune import macs_of
     from trainables.data import load_splits
     from trainables.models import model_for_trial
 
@@ -62,15 +68,37 @@ def inference(base, repeats: int) -> dict[str, dict[str, float]]:
     pruned = compress.attach_masks_(copy.deepcopy(dense))
     compress.prune_to_(pruned, 0.9)
     pruned = compress.bake_masks_(pruned).eval()
-    rows: dict[str, dict[str, list[float]]] = {"dense": {"b1": [], "b64": []},
-                                               "pruned90": {"b1": [], "b64": []}}
+    models = {"dense": dense, "pruned90": pruned,
+              "channels50": channel_pruned(dense, torch.zeros(1, *shape), 0.5)}
+    rows = {name: {"b1": [], "b64": []} for name in models}
     for _ in range(repeats):  # interleaved
-        for name, model in (("dense", dense), ("pruned90", pruned)):
+        for name, model in models.items():
             rows[name]["b1"].append(_latency(model, shape, 1, 50))
             rows[name]["b64"].append(64 / _latency(model, shape, 64, 10))
     return {name: {"p50_ms_b1": 1000 * statistics.median(v["b1"]),
-                   "images_per_s_b64": statistics.median(v["b64"])}
+                   "images_per_s_b64": statistics.median(v["b64"]),
+                   "params": sum(p.numel() for p in models[name].parameters()),
+                   "macs": macs_of(models[name], torch.zeros(1, *shape))}
             for name, v in rows.items()}
+
+
+def channel_pruned(dense, example, sparsity: float):
+    """A copy of ``dense`` with ``sparsity`` of each prunable group's channels (lowest L2
+    norms) cut out, as a channel-pruned trial's final model is."""
+    import copy
+
+    import compress
+    from compress import channels
+
+    model = copy.deepcopy(dense)
+    groups, _ = channels.channel_groups(model, example)
+    compress.attach_masks_(model, lambda m, fqn: fqn in {g.root for g in groups})
+    channels.prune_channels_(model, groups, sparsity)
+    channels.zero_followers_(model, groups)
+    pruned = channels.pruned_channels(model, groups)
+    channels.lift_weight_parametrizations_(model)
+    channels.shrink_channels_(model, pruned, example)
+    return model.eval()
 
 
 def main() -> None:

@@ -2,8 +2,9 @@
 the most accurate model for its packed size? (The card's "sparsity schedule" search.)
 
 Optuna proposes, per trial (define-by-run): the schedule (``prune.schedule`` polynomial
-or oneshot, ``prune.initial_sparsity`` and ``final_sparsity``, ``prune.start`` and its
-length to ``prune.end`` as fractions of training, ``prune.frequency`` in steps), the
+or oneshot, ``prune.granularity`` element or channel, ``prune.initial_sparsity`` and
+``final_sparsity``, ``prune.start`` and its length to ``prune.end`` as fractions of
+training, ``prune.frequency`` in steps), the
 format (int or lns, bits 2..8, per channel or not), PTQ or QAT, and the learning rate.
 Every trial prunes as it trains, quantizes, and reports the quantized model's validation
 accuracy (``val_acc_q``), its packed bytes (pruned weights stored sparse) and
@@ -69,15 +70,22 @@ class ScheduleSpace:
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         schedule = trial.suggest_categorical("prune.schedule", ["polynomial", "oneshot"])
-        trial.suggest_float("prune.final_sparsity", 0.3, 0.95)
-        start = trial.suggest_float("prune.start", 0.0, 0.5)
         built = {}
+        if trial.suggest_categorical("prune.granularity", ["element", "channel"]) == "channel":
+            # Whole channels: a narrower range (a 6-channel layer keeps one up to 0.91),
+            # ranked within each layer.
+            built["prune.final_sparsity"] = trial.suggest_float("space.channel_sparsity",
+                                                                0.3, 0.75)
+            built["prune.scope"] = "layer"
+        else:
+            trial.suggest_float("prune.final_sparsity", 0.3, 0.95)
+            trial.suggest_categorical("prune.scope", ["layer", "global"])
+        start = trial.suggest_float("prune.start", 0.0, 0.5)
         if schedule == "polynomial":
             trial.suggest_float("prune.initial_sparsity", 0.0, 0.3)
             length = trial.suggest_float("space.length", 0.2, 1.0)
             built["prune.end"] = round(start + length * (1.0 - start), 6)
             trial.suggest_categorical("prune.frequency", [10, 50, 100, 200])
-        trial.suggest_categorical("prune.scope", ["layer", "global"])
         trial.suggest_float("optim.lr", *LR, log=True)
         if self.search_format:
             trial.suggest_categorical("quant.format", ["int", "lns"])
@@ -94,7 +102,8 @@ def describe(config: dict[str, Any]) -> str:
     window = f"[{p.start:.2f}, {p.end:.2f}]" if p.schedule == "polynomial" else \
         f"at {p.start:.2f}"
     start = f"{p.initial_sparsity:.2f}->" if p.schedule == "polynomial" else ""
-    return (f"{p.schedule} {start}{p.final_sparsity:.2f} {window} {p.scope} + {q.mode} "
+    scope = "channels" if p.granularity == "channel" else p.scope
+    return (f"{p.schedule} {start}{p.final_sparsity:.2f} {window} {scope} + {q.mode} "
             f"{q.weight_format().name} lr={cfg.optim.lr:.3g}")
 
 

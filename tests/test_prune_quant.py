@@ -28,6 +28,9 @@ def test_help(tmp_path: Path) -> None:
     (["--set", "prune.final_sparsity=1.5"], "prune.final_sparsity=1.5 is invalid"),
     (["--set", "prune.frequency=0"], "prune.frequency=0 is invalid"),
     (["--preset", "seed005"], "invalid choice"),
+    (["--set", "prune.granularity=channel", "--set", "prune.final_sparsity=0.95",
+      "--set", "model.name=lenet", "--set", "model.channels=[6,16]"],
+     "removes all 6 output channels of features.0"),
 ])
 def test_bad_input_stops_before_ray(tmp_path: Path, tiny_root: Path, args: list[str],
                                     says: str) -> None:
@@ -39,8 +42,8 @@ def test_bad_input_stops_before_ray(tmp_path: Path, tiny_root: Path, args: list[
 def test_every_proposed_schedule_is_valid_and_ends_after_it_starts() -> None:
     base = TrialConfig().with_overrides(["prune.schedule=polynomial", "quant.mode=ptq"])
     searched = validate_space(base, ScheduleSpace(), samples=40)
-    assert {"prune.schedule", "prune.final_sparsity", "prune.end", "quant.bits"} <= \
-        set(searched)
+    assert {"prune.schedule", "prune.final_sparsity", "prune.end", "quant.bits",
+            "prune.granularity", "prune.scope"} <= set(searched)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(40):
         trial = study.ask()
@@ -48,6 +51,8 @@ def test_every_proposed_schedule_is_valid_and_ends_after_it_starts() -> None:
         params = {k: v for k, v in trial.params.items() if not k.startswith("space.")}
         cfg = base.replace({**params, **built})
         assert cfg.prune.schedule != "polynomial" or cfg.prune.end > cfg.prune.start
+        if cfg.prune.granularity == "channel":  # LeNet-5's 6 channels keep one
+            assert cfg.prune.scope == "layer" and cfg.prune.final_sparsity <= 0.75
         assert describe(cfg.to_flat()).startswith(cfg.prune.schedule)
         study.tell(trial, 0.0)
     only = validate_space(base, ScheduleSpace(search_format=False))
