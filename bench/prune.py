@@ -56,9 +56,9 @@ def inference(base, repeats: int) -> dict[str, dict[str, float]]:
     import torch
 
     import compress
-    from trainables.stages.prune import macs_of
     from trainables.data import load_splits
     from trainables.models import model_for_trial
+    from trainables.stages.prune import macs_of
 
     splits = load_splits(base.data, seed=0)
     shape = (splits.in_channels, splits.image_size, splits.image_size)
