@@ -1,7 +1,9 @@
 """Codebook (k-means) formats: each weight tensor gets its own ``k`` values and every
 element stores the index of one, at ``ceil(log2 k)`` bits.
 
-The codebook is the optimal 1-D k-means of the tensor's values (least squared error),
+The codebook is the optimal 1-D k-means of the tensor's values (least squared error;
+a tensor holding exact zeros, pruned weights, keeps an entry of exactly 0 for them and
+fits k-1 to the rest),
 from the ``kmeans1d`` package: scalar k-means has an exact dynamic-programming solution
 (O(k n log n)), so no seeded k-means++ restarts are needed and the result does not depend
 on a seed (``bench/codebook.py`` compares the two on real layers: SQNR and time).
@@ -49,6 +51,8 @@ class CodebookFormat:
         if len(unique) <= self.k:  # every value its own centroid (k-means' optimum too)
             centroids = unique
             index = torch.searchsorted(unique, flat)
+        elif bool((flat == 0).any()):
+            centroids, index = _with_zero_entry(flat, self.k)
         else:
             import kmeans1d
 
@@ -73,3 +77,21 @@ class CodebookFormat:
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         return self.dequantize(self.quantize(x), dtype=x.dtype)
+
+
+def _with_zero_entry(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted centroids, index) for a tensor holding exact zeros (pruned weights): the
+    optimal k-1 centroids of the non-zero values, plus an entry of exactly 0 that every
+    zero maps to (Deep Compression's order: prune, then share weights among the rest),
+    so pruning survives the codebook and the packed file stores the zeros by position."""
+    import kmeans1d
+
+    nonzero = flat != 0
+    clusters, centroids = kmeans1d.cluster(flat[nonzero].numpy(), k - 1)
+    centroids = torch.as_tensor(centroids, dtype=torch.float64)
+    at = int(torch.searchsorted(centroids, torch.zeros((), dtype=torch.float64)))
+    index = torch.full(flat.shape, at, dtype=torch.int64)
+    clusters = torch.as_tensor(clusters, dtype=torch.int64)
+    index[nonzero] = clusters + (clusters >= at).to(torch.int64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    return torch.cat([centroids[:at], zero, centroids[at:]]), index

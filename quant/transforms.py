@@ -145,7 +145,12 @@ class WeightFakeQuant(nn.Module):
             return self.fmt.quantize(w, step, torch.zeros_like(step, dtype=torch.int64))
         if not isinstance(self.fmt, CodebookFormat):
             return self.fmt.quantize(w)
-        if int(self.steps) % CODEBOOK_REFIT_EVERY == 0 and (self.training or not self.steps):
+        refit = int(self.steps) % CODEBOOK_REFIT_EVERY == 0 and \
+            (self.training or not self.steps)
+        # Newly pruned weights (exact zeros) and no entry of 0 to keep them: refit now.
+        refit = refit or (self.training and bool((w == 0).any())
+                          and not bool((self.codebook == 0).any()))
+        if refit:
             encoded = self.fmt.quantize(w)
             self.codebook.copy_(encoded.params["codebook"])
         else:

@@ -213,3 +213,45 @@ def test_masks_hold_under_autocast(tiny_root: Path, tmp_path: Path, precision: s
         if key.endswith(".parametrizations.weight.0.mask"):
             stored = weights[key.replace("0.mask", "original")]
             assert bool((stored[mask == 0] == 0).all()) and bool((mask == 0).any())
+
+
+def test_a_codebook_keeps_pruned_weights_at_exactly_zero() -> None:
+    """k-1 centroids fitted to the non-zero values (kmeans1d's optimum on them alone),
+    plus an entry of 0 for the zeros."""
+    import kmeans1d
+
+    from quant import CodebookFormat
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 30, generator=g)
+    w[torch.rand(40, 30, generator=g) < 0.7] = 0.0
+    enc = CodebookFormat(k=4).quantize(w)
+    q = CodebookFormat(k=4).dequantize(enc)
+    assert bool((q[w == 0] == 0).all()) and int((q == 0).sum()) == int((w == 0).sum())
+    _, centroids = kmeans1d.cluster(w[w != 0].double().numpy(), 3)
+    expected = sorted([0.0, *centroids])
+    torch.testing.assert_close(enc.params["codebook"].double(),
+                               torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def test_prune_then_codebook_qat_packs_the_zeros_sparse(tiny_root: Path, tmp_path: Path
+                                                        ) -> None:
+    """Deep Compression's pipeline: 70% pruned, then a 4-entry codebook: the packed model
+    is still 70% zeros (on the 0 entry), its weights stored sparse, and it scores what was
+    evaluated."""
+    from test_quant_stage import packed_accuracy
+
+    import quant
+    from trainables.models import model_for_packed
+
+    cfg = tiny_config(tiny_root, "prune.schedule=polynomial", "prune.final_sparsity=0.7",
+                      "prune.end=0.6", "prune.frequency=2", "quant.mode=qat",
+                      "quant.format=codebook", "quant.k=4", "train.epochs=2")
+    final = run_trial(cfg, LocalSession(checkpoint_dir=tmp_path / "ckpt"))[-1]
+    packed = tmp_path / "ckpt" / "artifacts" / "model.qsw"
+    assert packed_accuracy(cfg, packed) == final["test_acc_q"]
+    model = model_for_packed(cfg, (1, 28, 10), packed)
+    assert compress.sparsity_of(model) >= 0.7
+    header = quant.packed._read_header(packed)[1]
+    weights = [e for e in header["tensors"] if e["name"].endswith("weight")]
+    assert weights and all("sparse" in e and e["bits"] == 2 for e in weights)

@@ -204,3 +204,4 @@ def test_removing_every_channel_of_a_layer_is_refused() -> None:
         check_prunable(cfg.prune, model, torch.zeros(1, 1, 28, 28))
     assert "prune.final_sparsity=0.95 is invalid with prune.granularity=channel: it " \
            "removes all 6 output channels of features.0; allowed < 0.9167" in str(error.value)
+
