@@ -1,5 +1,7 @@
 """Compression transforms beside quantization, pure torch (no Ray, no MLflow): pruning
-masks and sparsity schedules today (low-rank and the LC algorithm next).
+masks and sparsity schedules (``prune``, ``schedule``), whole-channel pruning
+(``channels``), low-rank factorization by truncated SVD (``lowrank``); the LC algorithm
+next.
 
 A sibling of ``quant/`` rather than part of it, as torchao keeps ``sparsity/`` beside
 ``quantization/``: pruning decides which weights exist, quantization how the rest are
