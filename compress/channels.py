@@ -15,8 +15,10 @@ of every block, what Li et al. 2017 (Pruning Filters for Efficient ConvNets) pru
 
 While training, a pruned channel is a row of zeros in the layer's :class:`PruneMask`
 (it stacks with quant's fake-quantizer like any mask), and :func:`zero_followers_` holds
-the layer's bias and its batch norms' scale and shift at 0 for that channel, so the
-channel's output is exactly 0. :func:`shrink_channels_` then removes those channels
+the layer's bias, its batch norms' scale and shift, and the consumers' input columns at
+0 for that channel: the channel's output is exactly 0 and nothing reads it, so the
+masked model computes (and quantizes) exactly what the cut one does.
+:func:`shrink_channels_` then removes those channels
 (``torch-pruning`` slices every dependent tensor): a smaller dense model computing the
 same function, fewer parameters and MACs, faster. A saved shrunk model is rebuilt by
 :func:`shrink_to_shapes_` (the same architecture, its layers cut to the saved shapes)
@@ -43,7 +45,8 @@ from torch import nn
 from compress.prune import _lowest, _mask_of, default_prunable
 
 __all__ = ["ChannelGroup", "channel_groups", "channels_to_prune", "prune_channels_",
-           "zero_followers_", "pruned_channels", "shrink_channels_", "shrink_to_shapes_",
+           "zero_followers_", "held_at_zero", "zero_held_", "pruned_channels",
+           "shrink_channels_", "shrink_to_shapes_",
            "lift_weight_parametrizations_", "restore_weight_parametrizations_"]
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -59,6 +62,15 @@ class ChannelGroup:
     channels: int
     norms: tuple[str, ...]
     consumers: tuple[str, ...]
+    # consumer -> for each root channel, the consumer's input columns it feeds (one, or a
+    # block of them through a flatten)
+    columns: tuple[tuple[str, tuple[tuple[int, ...], ...]], ...] = ()
+
+    def columns_of(self, consumer: str, channels: torch.Tensor) -> torch.Tensor:
+        """The consumer's input columns fed by ``channels`` of the root."""
+        blocks = dict(self.columns)[consumer]
+        picked = [i for c in channels.tolist() for i in blocks[c]]
+        return torch.tensor(picked, dtype=torch.int64)
 
 
 def _graph(model: nn.Module, example_input: torch.Tensor) -> Any:
@@ -83,7 +95,7 @@ def _out_fn(module: nn.Module) -> Any:
 
 def _members(graph: Any, module: nn.Module, idxs: list[int], names: Mapping[nn.Module, str]
              ) -> list[tuple[str, str, int]]:
-    """(name, "out" | "in", number of indices) of every named module in the group."""
+    """(name, "out" | "in", indices) of every named module in the group."""
     group = graph.get_pruning_group(module, _out_fn(module), idxs=idxs)
     found = []
     for dep, member_idxs in group:
@@ -91,8 +103,19 @@ def _members(graph: Any, module: nn.Module, idxs: list[int], names: Mapping[nn.M
         if name is None:  # the tracer's op nodes (relu, flatten, add, pad)
             continue
         side = "in" if "in_channels" in getattr(dep.handler, "__name__", "") else "out"
-        found.append((name, side, len(member_idxs)))
+        found.append((name, side, tuple(int(getattr(i, "idx", i)) for i in member_idxs)))
     return found
+
+
+def _columns(graph: Any, module: nn.Module, n: int, consumers: tuple[str, ...],
+             names: Mapping[nn.Module, str]) -> tuple[tuple[str, tuple[tuple[int, ...], ...]],
+                                                        ...]:
+    """For each consumer, the input columns each root channel feeds (one query per
+    channel: a flatten maps a channel to a block of features)."""
+    per_channel = [{name: idx for name, side, idx in _members(graph, module, [c], names)
+                    if side == "in"} for c in range(n)]
+    return tuple((name, tuple(found.get(name, ()) for found in per_channel))
+                 for name in consumers)
 
 
 def channel_groups(model: nn.Module, example_input: torch.Tensor,
@@ -111,8 +134,10 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor,
         n = module.weight.shape[0]
         members = _members(graph, module, list(range(n)), names)
         outs = [(name, k) for name, side, k in members if side == "out" and name != fqn]
+        # A norm without affine parameters cannot be held at 0 (it outputs -mean/std).
         tied = [name for name, _ in outs
-                if not isinstance(modules[name], _NORMS) or modules[name].num_features != n]
+                if not isinstance(modules[name], _NORMS) or modules[name].num_features != n
+                or not modules[name].affine]
         consumers = tuple(dict.fromkeys(name for name, side, _ in members if side == "in"))
         if tied:
             skipped[fqn] = f"its channels are tied to {', '.join(tied[:3])}" + \
@@ -121,7 +146,8 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor,
         elif not consumers:
             skipped[fqn] = "its outputs are the model's outputs"
         else:
-            groups.append(ChannelGroup(fqn, n, tuple(name for name, _ in outs), consumers))
+            groups.append(ChannelGroup(fqn, n, tuple(name for name, _ in outs), consumers,
+                                       _columns(graph, module, n, consumers, names)))
     return groups, skipped
 
 
@@ -174,15 +200,24 @@ def pruned_channels(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, t
     return found
 
 
-@torch.no_grad()
-def zero_followers_(model: nn.Module, groups: list[ChannelGroup],
-                    pruned: Mapping[str, torch.Tensor] | None = None,
-                    optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Set the root's bias and its batch norms' weight and bias to 0 on the pruned
-    channels, with every optimizer state tensor of their shape (momentum, moments):
-    the channel then outputs exactly 0 (called after every optimizer step, since these
-    1-D tensors carry no mask)."""
+def _stored(module: nn.Module) -> torch.Tensor:
+    """The weight tensor the optimizer updates (under any parametrization)."""
+    from torch.nn.utils import parametrize
+
+    return module.parametrizations["weight"].original \
+        if parametrize.is_parametrized(module, "weight") else module.weight
+
+
+def held_at_zero(model: nn.Module, groups: list[ChannelGroup],
+                 pruned: Mapping[str, torch.Tensor] | None = None
+                 ) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """``(tensor, dim, indices)`` to hold at 0 for the pruned channels: the root's bias and
+    its batch norms' weight and bias (dim 0), and the consumers' stored weight columns
+    (dim 1) that read them. With them at 0 the masked model computes exactly what the
+    cut one does, whatever the activation does at 0 and whatever range a quantizer
+    takes over a consumer's row."""
     pruned = pruned_channels(model, groups) if pruned is None else pruned
+    held = []
     for group in groups:
         idx = pruned[group.root]
         if idx.numel() == 0:
@@ -191,14 +226,31 @@ def zero_followers_(model: nn.Module, groups: list[ChannelGroup],
         for norm in group.norms:
             bn = model.get_submodule(norm)
             tensors += [bn.weight, bn.bias]
-        for t in tensors:
-            if t is None:
-                continue
-            t.index_fill_(0, idx, 0.0)
-            state = optimizer.state.get(t, {}) if optimizer is not None else {}
-            for value in state.values():
-                if torch.is_tensor(value) and value.shape == t.shape:
-                    value.index_fill_(0, idx, 0)
+        held += [(t, 0, idx.to(t.device)) for t in tensors if t is not None]
+        for consumer in group.consumers:
+            stored = _stored(model.get_submodule(consumer))
+            held.append((stored, 1, group.columns_of(consumer, idx).to(stored.device)))
+    return held
+
+
+@torch.no_grad()
+def zero_held_(held: list[tuple[torch.Tensor, int, torch.Tensor]],
+               optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Set each held slice to 0, with every optimizer state tensor of its shape
+    (momentum, moments): called after every optimizer step, since these carry no mask."""
+    for t, dim, idx in held:
+        t.index_fill_(dim, idx, 0.0)
+        state = optimizer.state.get(t, {}) if optimizer is not None else {}
+        for value in state.values():
+            if torch.is_tensor(value) and value.shape == t.shape:
+                value.index_fill_(dim, idx, 0)
+
+
+def zero_followers_(model: nn.Module, groups: list[ChannelGroup],
+                    pruned: Mapping[str, torch.Tensor] | None = None,
+                    optimizer: torch.optim.Optimizer | None = None) -> None:
+    """:func:`zero_held_` of :func:`held_at_zero` (one call)."""
+    zero_held_(held_at_zero(model, groups, pruned), optimizer)
 
 
 def shrink_channels_(model: nn.Module, pruned: Mapping[str, torch.Tensor],

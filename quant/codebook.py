@@ -2,8 +2,8 @@
 element stores the index of one, at ``ceil(log2 k)`` bits.
 
 The codebook is the optimal 1-D k-means of the tensor's values (least squared error;
-a tensor holding exact zeros, pruned weights, keeps an entry of exactly 0 for them and
-fits k-1 to the rest),
+a tensor that is at least 1% exact zeros, pruned weights, keeps an entry of exactly 0
+for them and fits k-1 to the rest, when k >= 3),
 from the ``kmeans1d`` package: scalar k-means has an exact dynamic-programming solution
 (O(k n log n)), so no seeded k-means++ restarts are needed and the result does not depend
 on a seed (``bench/codebook.py`` compares the two on real layers: SQNR and time).
@@ -23,7 +23,9 @@ import torch
 
 from quant.codes import Encoded
 
-__all__ = ["CodebookFormat"]
+__all__ = ["CodebookFormat", "ZERO_SHARE"]
+
+ZERO_SHARE = 0.01  # exact zeros from this share of a tensor on get a 0 entry (pruning)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class CodebookFormat:
         if len(unique) <= self.k:  # every value its own centroid (k-means' optimum too)
             centroids = unique
             index = torch.searchsorted(unique, flat)
-        elif bool((flat == 0).any()):
+        elif self.keeps_zero(flat):
             centroids, index = _with_zero_entry(flat, self.k)
         else:
             import kmeans1d
@@ -63,6 +65,12 @@ class CodebookFormat:
         codebook[: len(centroids)] = centroids.float()
         return Encoded(index.reshape(x.shape).to(x.device), self.bits,
                        {"codebook": codebook.to(x.device)})
+
+    def keeps_zero(self, x: torch.Tensor) -> bool:
+        """Whether a fit to ``x`` reserves an entry of exactly 0: k >= 3 and at least
+        ``ZERO_SHARE`` of ``x`` exact zeros (pruned weights; a stray zero in a dense
+        tensor is not worth one of k entries, and with k = 2 the rest would share one)."""
+        return self.k >= 3 and int((x == 0).sum()) >= ZERO_SHARE * x.numel()
 
     def assign(self, x: torch.Tensor, codebook: torch.Tensor) -> Encoded:
         """Indices of the nearest entries of a given ``codebook`` (QAT between refits)."""

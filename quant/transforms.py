@@ -148,8 +148,8 @@ class WeightFakeQuant(nn.Module):
         refit = int(self.steps) % CODEBOOK_REFIT_EVERY == 0 and \
             (self.training or not self.steps)
         # Newly pruned weights (exact zeros) and no entry of 0 to keep them: refit now.
-        refit = refit or (self.training and bool((w == 0).any())
-                          and not bool((self.codebook == 0).any()))
+        refit = refit or (self.training and not bool((self.codebook == 0).any())
+                          and self.fmt.keeps_zero(w))
         if refit:
             encoded = self.fmt.quantize(w)
             self.codebook.copy_(encoded.params["codebook"])

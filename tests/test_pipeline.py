@@ -219,7 +219,8 @@ def test_prune_then_quantize_in_one_trial_makes_one_packed_model(tiny_root: Path
     final = history[-1]
     # The hooks saw the plan before training, every step with the optimizer.
     steps_per_epoch = math.ceil(320 / 32)
-    assert prune.plan_seen == TrainingPlan(epochs=2, steps_per_epoch=steps_per_epoch)
+    assert prune.plan_seen == TrainingPlan(epochs=2, steps_per_epoch=steps_per_epoch,
+                                             data_shape=(1, 28, 10))
     assert prune.plan_seen.total_steps == 2 * steps_per_epoch
     assert prune.plan_seen.step_at(0.5) == steps_per_epoch
     assert prune.steps == list(range(1, 2 * steps_per_epoch + 1))

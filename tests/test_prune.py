@@ -255,3 +255,23 @@ def test_prune_then_codebook_qat_packs_the_zeros_sparse(tiny_root: Path, tmp_pat
     header = quant.packed._read_header(packed)[1]
     weights = [e for e in header["tensors"] if e["name"].endswith("weight")]
     assert weights and all("sparse" in e and e["bits"] == 2 for e in weights)
+
+
+def test_a_stray_zero_gets_no_entry_and_k2_with_pruning_is_refused() -> None:
+    """Under 1% zeros the fit is plain k-means (kmeans1d over every value); k=2 cannot
+    spare an entry for pruned zeros: refused before any training."""
+    import kmeans1d
+
+    from quant import CodebookFormat
+
+    w = torch.randn(40, 30, generator=torch.Generator().manual_seed(1))
+    w[0, 0] = 0.0
+    enc = CodebookFormat(k=4).quantize(w)
+    _, centroids = kmeans1d.cluster(w.flatten().double().numpy(), 4)
+    torch.testing.assert_close(enc.params["codebook"].double(),
+                               torch.tensor(centroids, dtype=torch.float64), rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError) as error:
+        TrialConfig().with_overrides(["prune.schedule=constant", "quant.mode=qat",
+                                      "quant.format=codebook", "quant.k=2"])
+    assert "quant.k=2 is invalid: allowed >= 3 with prune.schedule=constant" in \
+        str(error.value)

@@ -56,11 +56,12 @@ def test_exact_channel_counts_lowest_l2_norms_and_masks_only_grow() -> None:
     torch.manual_seed(0)
     model = LeNet(1, 28, 10, (6, 16), (120, 84), 5)
     x = torch.randn(4, 1, 28, 28)
+    norms_of = {n: m.weight.detach().reshape(m.weight.shape[0], -1).norm(dim=1)
+                for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     groups, _ = _masked(model, x, 0.5)
     for g in groups:
         layer = model.get_submodule(g.root)
-        stored = layer.parametrizations["weight"].original.detach()
-        norms = stored.reshape(g.channels, -1).norm(dim=1)
+        norms = norms_of[g.root]  # before pruning (zeroed consumer columns change them)
         pruned = channels.pruned_channels(model, groups)[g.root]
         assert len(pruned) == round(0.5 * g.channels)
         oracle = torch.sort(norms, stable=True).indices[:len(pruned)]
@@ -158,6 +159,9 @@ def test_a_channel_pruned_trial_packs_the_smaller_model(tiny_root: Path, tmp_pat
     assert sum(p.numel() for p in model.parameters()) == final["params"]
     acc = packed_accuracy(cfg, tmp_path / "ckpt" / "artifacts" / "model.qsw")
     assert acc == final["test_acc_q" if quant_mode != "none" else "test_acc_shrunk"]
+    # compression against the dense model as configured, not the cut architecture
+    assert final["fp32_bytes"] > 2 * final["params"] * 4
+    assert final["compression_ratio"] == final["fp32_bytes"] / final["packed_bytes"] > 1.8
     if quant_mode == "none":  # the cut model computes what the masked one did (up to
         # float32 rounding, which may flip a near-tie: one tiny test image is 1/64)
         assert final["test_acc_shrunk"] == pytest.approx(final["test_acc"], abs=1 / 64)
@@ -203,5 +207,57 @@ def test_removing_every_channel_of_a_layer_is_refused() -> None:
     with pytest.raises(ConfigError) as error:
         check_prunable(cfg.prune, model, torch.zeros(1, 1, 28, 28))
     assert "prune.final_sparsity=0.95 is invalid with prune.granularity=channel: it " \
-           "removes all 6 output channels of features.0; allowed < 0.9167" in str(error.value)
+           "removes all 6 output channels of features.0; allowed a value that keeps one " \
+           "(round(final_sparsity x 6) < 6)" in str(error.value)
 
+
+
+def test_resume_from_initial_weights_holds_the_checkpoints_channels(tiny_root: Path,
+                                                                    tmp_path: Path) -> None:
+    """Fine-tuning trained weights (train.init_from) with channels pruned from the first
+    step: a resumed run holds the checkpoint's pruned channels at 0, not the ones its
+    prepare chose from the fresh init, and ends as the uninterrupted run does."""
+    pre = tiny_config(tiny_root, "model.batch_norm=true", "train.epochs=1", "train.seed=7")
+    run_trial(pre, LocalSession(checkpoint_dir=tmp_path / "pre"))
+    cfg = tiny_config(tiny_root, "model.batch_norm=true", "train.epochs=3",
+                      f"train.init_from={tmp_path / 'pre'}", "prune.granularity=channel",
+                      "prune.schedule=constant", "prune.final_sparsity=0.5")
+    full = run_trial(cfg, LocalSession())
+    assert_resumes_exactly(cfg, tmp_path / "resume", full)
+
+
+def test_the_cut_qat_model_quantizes_as_the_masked_one_did(tiny_root: Path) -> None:
+    """Per-channel INT4 QAT: the consumers' columns of pruned channels are held at 0, so
+    cutting them leaves every row's min-max range, and the converted cut model gives the
+    masked QAT model's logits."""
+    import quant
+    from trainables.stages import build_pipeline
+    from trainables.stages.base import TrainingPlan
+
+    torch.manual_seed(0)
+    cfg = tiny_config(tiny_root, "prune.granularity=channel", "prune.schedule=constant",
+                      "prune.final_sparsity=0.5", "quant.mode=qat", "quant.bits=4",
+                      "quant.per_channel=true", "model.channels=[6,16]", "model.hidden=[32]")
+    model = LeNet(1, 28, 10, (6, 16), (32,), 3)
+    pipeline = build_pipeline(cfg)
+    pipeline.plan(TrainingPlan(1, 1, (1, 28, 10)))
+    model = pipeline.prepare(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    for step in range(1, 4):  # a few steps: the columns move, then are held at 0 again
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        pipeline.after_step(step, model, optimizer)
+    prune = next(s for s in pipeline if s.name == "prune")
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    cut = copy.deepcopy(model)
+    pruned = channels.pruned_channels(cut, prune.groups)
+    lifted = channels.lift_weight_parametrizations_(cut)
+    channels.shrink_channels_(cut, pruned, x[:1])
+    channels.restore_weight_parametrizations_(cut, lifted)
+    converted = quant.convert_(cut).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), expected, rtol=0, atol=1e-5)

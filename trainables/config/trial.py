@@ -52,6 +52,10 @@ class TrialConfig:
         if q.mode == "qat" and q.qat_start_epoch >= self.train.epochs:
             fail("quant.qat_start_epoch", q.qat_start_epoch,
                   f"a value < train.epochs ({self.train.epochs}): QAT would never start")
+        if q.mode != "none" and q.format == "codebook" and q.k < 3 and \
+                self.prune.schedule != "none":
+            fail("quant.k", q.k, f">= 3 with prune.schedule={self.prune.schedule}: one "
+                 "entry holds the pruned zeros, the rest share the others")
 
     # -- construction -------------------------------------------------------------------
     @classmethod

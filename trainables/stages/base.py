@@ -48,8 +48,8 @@ from torch import nn
 
 from trainables.config import TrialConfig
 
-__all__ = ["Stage", "StageContext", "FinalizeContext", "TrainingPlan", "nonfinite_params",
-           "diverged_reason"]
+__all__ = ["Stage", "StageContext", "FinalizeContext", "TrainingPlan", "fp32_bytes",
+           "nonfinite_params", "diverged_reason"]
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,12 @@ class TrainingPlan:
     epochs: int
     steps_per_epoch: int
     # (input channels, image size, classes): an example input for tracing the model.
-    data_shape: tuple[int, int, int] = (1, 28, 10)
+    data_shape: tuple[int, int, int] | None = None
 
-    def example_input(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """One zero image of the trial's input shape (batch 1)."""
+    def example_input(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """One zero image of the trial's input shape (batch 1); None without a shape."""
+        if self.data_shape is None:
+            return None
         channels, size, _ = self.data_shape
         return torch.zeros(1, channels, size, size, device=device)
 
@@ -140,6 +142,20 @@ class Stage:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def fp32_bytes(ctx: StageContext) -> int:
+    """Bytes on disk of the trial's model as configured, FP32, before any stage changed
+    its architecture (a channel-pruned or factorized model is compared with the dense
+    one): ``compression_ratio``'s numerator."""
+    import tempfile
+
+    import quant
+    from trainables.models import model_for_trial
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return quant.state_dict_bytes(model_for_trial(ctx.cfg, ctx.data_shape),
+                                      Path(tmp) / "fp32.pt")
 
 
 def nonfinite_params(model: nn.Module) -> list[str]:

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import copy
 import math
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,7 +46,13 @@ import quant
 from compress import channels
 from compress.prune import masked_layers
 from trainables.config import ConfigError, TrialConfig
-from trainables.stages.base import Stage, StageContext, TrainingPlan, nonfinite_params
+from trainables.stages.base import (
+    Stage,
+    StageContext,
+    TrainingPlan,
+    fp32_bytes,
+    nonfinite_params,
+)
 
 __all__ = ["PruneStage", "build_prune_stage", "check_prunable"]
 
@@ -64,7 +68,10 @@ class PruneStage(Stage):
         self.by_channel = cfg.prune.granularity == "channel"
         self.example: torch.Tensor | None = None  # an input for tracing (channels)
         self.groups: list[channels.ChannelGroup] = []
-        self.pruned: dict[str, torch.Tensor] | None = None  # channel indices, cached
+        # What holds the pruned channels at 0, cached between mask changes; rebuilt
+        # lazily (after prepare, later stages re-parametrize weights; after a resume,
+        # the checkpoint's masks replace the ones prepare made).
+        self.held: list[tuple[torch.Tensor, int, torch.Tensor]] | None = None
 
     def metric_names(self) -> frozenset[str]:
         packed = {"packed_bytes", "fp32_bytes", "compression_ratio"} if self.packs else set()
@@ -77,8 +84,10 @@ class PruneStage(Stage):
         self.example = plan.example_input()
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        device = next(model.parameters()).device
-        self.example = self.example.to(device) if self.example is not None else None
+        if self.example is None:
+            raise RuntimeError("prune stage: plan() must come before prepare() (the input "
+                               "shape traces the model)")
+        self.example = self.example.to(next(model.parameters()).device)
         chosen = check_prunable(self.cfg, model, self.example)
         if self.by_channel:
             self.groups = channels.channel_groups(model, self.example, chosen)[0]
@@ -91,10 +100,13 @@ class PruneStage(Stage):
                    ) -> None:
         if self.schedule.changes_at(step, self.total_steps):
             self._prune(model, self.schedule.sparsity_at(step, self.total_steps), optimizer)
-        if self.by_channel:  # biases and batch norms carry no mask: hold them at 0
-            if self.pruned is None:
-                self.pruned = channels.pruned_channels(model, self.groups)
-            channels.zero_followers_(model, self.groups, self.pruned, optimizer)
+        if self.by_channel:  # biases, batch norms, consumers' columns: held at 0
+            if self.held is None:
+                self.held = channels.held_at_zero(model, self.groups)
+            channels.zero_held_(self.held, optimizer)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.held = None  # the restored masks may differ from prepare's
 
     @torch.no_grad()
     def _prune(self, model: nn.Module, sparsity: float,
@@ -103,8 +115,8 @@ class PruneStage(Stage):
             return
         if self.by_channel:
             channels.prune_channels_(model, self.groups, sparsity)
-            self.pruned = channels.pruned_channels(model, self.groups)
-            channels.zero_followers_(model, self.groups, self.pruned, optimizer)
+            channels.zero_followers_(model, self.groups, None, optimizer)
+            self.held = None
         else:
             compress.prune_to_(model, sparsity, self.cfg.scope)
         for module in masked_layers(model).values():
@@ -134,8 +146,7 @@ class PruneStage(Stage):
         if self.by_channel:  # the smaller model's own accuracy: what model.qsw scores
             metrics["test_acc_shrunk"] = ctx.evaluate(model)["test_acc"]
         metrics["packed_bytes"] = quant.save_packed(model, ctx.out_dir / "model.qsw")
-        with tempfile.TemporaryDirectory() as tmp:  # the FP32 baseline, same architecture
-            metrics["fp32_bytes"] = quant.state_dict_bytes(model, Path(tmp) / "fp32.pt")
+        metrics["fp32_bytes"] = fp32_bytes(ctx)
         metrics["compression_ratio"] = metrics["fp32_bytes"] / metrics["packed_bytes"]
         return metrics
 
@@ -208,7 +219,8 @@ def check_prunable(prune: Any, model: nn.Module, example: torch.Tensor | None = 
                 raise ConfigError(
                     f"prune.final_sparsity={prune.final_sparsity} is invalid with "
                     f"prune.granularity=channel: it removes all {g.channels} output "
-                    f"channels of {g.root}; allowed < {(g.channels - 0.5) / g.channels:.4g}")
+                    f"channels of {g.root}; allowed a value that keeps one "
+                    f"(round(final_sparsity x {g.channels}) < {g.channels})")
     return layers
 
 

@@ -10,8 +10,9 @@
 - ``ptq``: training is untouched.
 - At the end (both): a copy of the trained model is converted (QAT) or quantized (PTQ),
   evaluated on the test split (``test_acc_q``, ``test_loss_q``), and written packed
-  (``model.qsw``); metrics ``packed_bytes``, ``fp32_bytes`` (``torch.save`` of the same
-  architecture's FP32 ``state_dict``), ``compression_ratio``, ``weight_sqnr_db_mean``, and
+  (``model.qsw``); metrics ``packed_bytes``, ``fp32_bytes`` (``torch.save`` of the
+  configured architecture's FP32 ``state_dict``, before channels are cut),
+  ``compression_ratio``, ``weight_sqnr_db_mean``, and
   ``quant.json`` with each layer's format and SQNR (dB) of the quantized against the float
   weights, ``weights_q.png`` (per-layer histograms, float and quantized),
   ``confusion_q.png`` (the quantized model on the test split), and ``efficiency_score`` =
@@ -31,8 +32,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,7 +41,13 @@ import quant
 from quant.metrics import sqnr_db
 from trainables.config import ConfigError, TrialConfig
 from trainables.plots import plot_confusion, plot_weight_histograms
-from trainables.stages.base import Stage, StageContext, diverged_reason, nonfinite_params
+from trainables.stages.base import (
+    Stage,
+    StageContext,
+    diverged_reason,
+    fp32_bytes,
+    nonfinite_params,
+)
 
 __all__ = ["QuantStage", "quant_config", "quantizable_layers", "build_quant_stage"]
 
@@ -181,8 +186,7 @@ class QuantStage(Stage):
         metrics["weight_sqnr_db_mean"] = sum(finite) / len(finite) if finite else math.nan
         packed = ctx.out_dir / "model.qsw"
         metrics["packed_bytes"] = quant.save_packed(model, packed)
-        with tempfile.TemporaryDirectory() as tmp:  # the FP32 baseline, same architecture
-            metrics["fp32_bytes"] = quant.state_dict_bytes(model, Path(tmp) / "fp32.pt")
+        metrics["fp32_bytes"] = fp32_bytes(ctx)
         metrics["compression_ratio"] = metrics["fp32_bytes"] / metrics["packed_bytes"]
         confusion = _confusion(model, ctx)
         chance = 1.0 / len(confusion)
