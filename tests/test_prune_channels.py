@@ -261,3 +261,17 @@ def test_the_cut_qat_model_quantizes_as_the_masked_one_did(tiny_root: Path) -> N
     converted = quant.convert_(cut).eval()
     with torch.no_grad():
         torch.testing.assert_close(converted(x), expected, rtol=0, atol=1e-5)
+
+
+def test_a_model_with_no_channel_prunable_alone_is_refused() -> None:
+    """One Linear: its outputs are the model's; nothing can lose channels."""
+    from trainables.stages.prune import check_prunable
+
+    cfg = TrialConfig().with_overrides(["prune.granularity=channel",
+                                        "prune.schedule=constant"])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    with pytest.raises(ConfigError) as error:
+        check_prunable(cfg.prune, model, torch.zeros(1, 1, 28, 28))
+    assert "prune.granularity=channel is invalid for this model: no layer's channels can " \
+           "be pruned alone (1: its outputs are the model's outputs); allowed element" in \
+        str(error.value)
