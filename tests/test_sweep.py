@@ -158,7 +158,10 @@ def fixed_lr(trial) -> None:
     # Masks grown by magnitude on every rank alike: DDP keeps the weights in step.
     (["prune.schedule=polynomial", "prune.final_sparsity=0.7", "prune.end=0.7",
       "prune.frequency=2"], "sparsity", "model.qsw"),
-], ids=["fp32+rounding", "qat-int4", "prune"])
+    # Channels: every rank traces the same graph and holds the same slices at 0.
+    (["prune.granularity=channel", "prune.schedule=polynomial", "prune.final_sparsity=0.5",
+      "prune.end=0.7", "prune.frequency=2"], "test_acc_shrunk", "model.qsw"),
+], ids=["fp32+rounding", "qat-int4", "prune", "prune-channel"])
 def test_two_worker_ddp_trial_equals_one_worker_with_the_global_batch(
         tiny_root: Path, tmp_path: Path, stage: list[str], metric: str, artifact: str) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
