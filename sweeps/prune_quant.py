@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+import compress
 from sweeps import quant_bits
 from sweeps.cli import (
     base_config,
@@ -58,6 +59,26 @@ SEED004 = ["data.name=cifar10_jpeg", "model.name=resnet20", "optim.lr=0.1",
            "prune.end=0.8", "prune.frequency=100", "quant.mode=ptq", "quant.bits=8",
            "quant.per_channel=true"]
 LR = (0.01, 0.3)
+CHANNEL_MIN, CHANNEL_MAX = 0.3, 0.75  # whole-channel sparsity searched
+
+
+def channel_limit(base: TrialConfig) -> float:
+    """The largest searched channel sparsity that keeps a channel in every layer of the
+    base config's model (CHANNEL_MAX, or less for narrow layers: 2 channels, 0.5)."""
+    from compress import channels
+    from trainables.models import data_shape_of, model_for_trial
+    from trainables.stages.base import TrainingPlan
+
+    shape = data_shape_of(base)
+    model = model_for_trial(base, shape)
+    layers = compress.prunable_layers(model, base.prune.exclude_first_last)
+    groups, _ = channels.channel_groups(model, TrainingPlan(1, 1, shape).example_input(),
+                                        layers)
+    limit = CHANNEL_MAX
+    for g in groups:  # largest s on a 0.01 grid with round(s x n) < n
+        while limit > 0 and channels.channels_to_prune(g, limit) >= g.channels:
+            limit = round(limit - 0.01, 2)
+    return limit if groups else 0.0
 
 
 @dataclass(frozen=True)
@@ -67,15 +88,19 @@ class ScheduleSpace:
     so that end > start always holds."""
 
     search_format: bool = True
+    # The most channel sparsity that leaves every layer a channel (channel_limit); below
+    # CHANNEL_MIN, whole channels are not searched.
+    channel_max: float = CHANNEL_MAX
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         schedule = trial.suggest_categorical("prune.schedule", ["polynomial", "oneshot"])
         built = {}
-        if trial.suggest_categorical("prune.granularity", ["element", "channel"]) == "channel":
-            # Whole channels: a narrower range (a 6-channel layer keeps one up to 0.91),
-            # ranked within each layer.
-            built["prune.final_sparsity"] = trial.suggest_float("space.channel_sparsity",
-                                                                0.3, 0.75)
+        granularities = ["element", "channel"] if self.channel_max >= CHANNEL_MIN \
+            else ["element"]
+        if trial.suggest_categorical("prune.granularity", granularities) == "channel":
+            # Whole channels, ranked within each layer: a narrower range.
+            built["prune.final_sparsity"] = trial.suggest_float(
+                "space.channel_sparsity", CHANNEL_MIN, self.channel_max)
             built["prune.scope"] = "layer"
         else:
             trial.suggest_float("prune.final_sparsity", 0.3, 0.95)
@@ -153,7 +178,8 @@ def _sweep(args: argparse.Namespace, base: TrialConfig) -> Sweep:
         points = tuple({"prune.final_sparsity": s} for s in (0.6, 0.7))
         return Sweep(points=points, metric="val_acc_q", mode="max",
                      resume_run_id=resume_run_id(args, NAME, "points"), **common)
-    return Sweep(space=ScheduleSpace(search_format=not args.schedule_only),
+    return Sweep(space=ScheduleSpace(search_format=not args.schedule_only,
+                                     channel_max=channel_limit(base)),
                  num_samples=args.num_samples, metric="val_acc_q", mode="max",
                  objectives=(("val_acc_q", "max"), ("packed_bytes", "min")),
                  resume_run_id=resume_run_id(args, NAME, "search"), **common)

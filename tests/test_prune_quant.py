@@ -75,3 +75,20 @@ def test_smoke_sweep_records_the_front(tmp_path: Path, tiny_root: Path) -> None:
                for t in trials)
     assert {"pareto.md", "pareto.table.csv", "pareto.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_channel_sparsity_is_searched_only_as_far_as_every_layer_keeps_a_channel(
+        tiny_root: Path) -> None:
+    """round(s x 2) < 2 up to 0.74 for a 2-channel layer; a space whose limit is below
+    the searched minimum proposes element pruning only."""
+    from sweeps.prune_quant import DEFAULTS, channel_limit
+
+    base = TrialConfig().with_overrides([*DEFAULTS, f"data.root={tiny_root}",
+                                         "model.channels=[2,4]"])
+    assert channel_limit(base) == 0.74
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
+    for _ in range(20):
+        trial = study.ask()
+        built = ScheduleSpace(channel_max=0.2)(trial)
+        assert trial.params["prune.granularity"] == "element"
+        assert "space.channel_sparsity" not in trial.params and "prune.scope" not in built
