@@ -95,9 +95,7 @@ def channel_pruned(dense, example, sparsity: float):
     compress.attach_masks_(model, lambda m, fqn: fqn in {g.root for g in groups})
     channels.prune_channels_(model, groups, sparsity)
     channels.zero_followers_(model, groups)
-    pruned = channels.pruned_channels(model, groups)
-    channels.lift_weight_parametrizations_(model)
-    channels.shrink_channels_(model, pruned, example)
+    channels.cut_pruned_channels_(model, groups, example)
     return model.eval()
 
 

@@ -52,6 +52,13 @@ ROWS = {
     "pruned 95% + QAT int4": [*PRUNE, "prune.final_sparsity=0.95", "quant.mode=qat",
                               "quant.bits=4", "quant.per_channel=true"],
 }
+
+MNIST_ROWS = ("fp32", "pruned 92%", "pruned 92% + QAT int4",
+              "pruned 92% + QAT int4 (first/last int8)", "pruned 95% + QAT int4")
+DEFAULT_ROWS = {"lenet300": MNIST_ROWS, "lenet5": MNIST_ROWS,
+                "resnet20": ("fp32", "pruned 70%", "pruned 70% + QAT int8")}
+
+
 def entropy_coded(path: Path) -> dict[str, int]:
     """Bytes of the packed file after a general-purpose entropy coder (zlib level 9,
     LZMA preset 9): what coding the packed stream would still save (Deep Compression's
@@ -61,12 +68,6 @@ def entropy_coded(path: Path) -> dict[str, int]:
     data = path.read_bytes()
     return {"zlib_bytes": len(zlib.compress(data, 9)), "lzma_bytes": len(lzma.compress(
         data, preset=9))}
-
-
-MNIST_ROWS = ("fp32", "pruned 92%", "pruned 92% + QAT int4",
-              "pruned 92% + QAT int4 (first/last int8)", "pruned 95% + QAT int4")
-DEFAULT_ROWS = {"lenet300": MNIST_ROWS, "lenet5": MNIST_ROWS,
-                "resnet20": ("fp32", "pruned 70%", "pruned 70% + QAT int8")}
 
 
 def main() -> None:

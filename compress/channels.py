@@ -30,8 +30,7 @@ Example::
     attach_masks_(model, lambda m, fqn: fqn in {g.root for g in groups})
     prune_channels_(model, groups, 0.5)        # half the channels of each group's root
     zero_followers_(model, groups)             # biases and batch norms of those channels
-    bake_masks_(model)
-    shrink_channels_(model, pruned_channels(model, groups), torch.zeros(1, 3, 32, 32))
+    cut_pruned_channels_(model, groups, torch.zeros(1, 3, 32, 32))  # smaller, dense
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ from compress.prune import _lowest, _mask_of, default_prunable
 
 __all__ = ["ChannelGroup", "channel_groups", "channels_to_prune", "prune_channels_",
            "zero_followers_", "held_at_zero", "zero_held_", "pruned_channels",
-           "shrink_channels_", "shrink_to_shapes_",
+           "shrink_channels_", "cut_pruned_channels_", "shrink_to_shapes_",
            "lift_weight_parametrizations_", "restore_weight_parametrizations_"]
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -270,6 +269,18 @@ def shrink_channels_(model: nn.Module, pruned: Mapping[str, torch.Tensor],
         if drop:
             graph.get_pruning_group(module, _out_fn(module), idxs=drop).prune()
     return kept
+
+
+def cut_pruned_channels_(model: nn.Module, groups: list[ChannelGroup],
+                         example_input: torch.Tensor
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, list[nn.Module]]]:
+    """Cut each group's pruned channels (mask rows of zeros) out of a masked model, in
+    place: masks baked, other weight parametrizations lifted off, channels removed.
+    Returns (root -> kept channel indices, the lifted parametrizations: cut their
+    per-channel state, then :func:`restore_weight_parametrizations_`)."""
+    pruned = pruned_channels(model, groups)
+    lifted = lift_weight_parametrizations_(model)
+    return shrink_channels_(model, pruned, example_input), lifted
 
 
 def shrink_to_shapes_(model: nn.Module, shapes: Mapping[str, list[int]],

@@ -60,8 +60,7 @@ def check_initial_weights(base: TrialConfig, points: tuple[Mapping[str, Any], ..
 def check_prunable_models(base: TrialConfig, points: tuple[Mapping[str, Any], ...]) -> None:
     """Every pruned config's model has layers to prune (built once per data and model
     here on the driver): a schedule that would mask nothing stops before Ray."""
-    from trainables.models import data_shape_of, model_for_trial
-    from trainables.stages.base import TrainingPlan
+    from trainables.models import data_shape_of, example_input, model_for_trial
     from trainables.stages.prune import check_prunable
 
     seen = set()
@@ -70,8 +69,7 @@ def check_prunable_models(base: TrialConfig, points: tuple[Mapping[str, Any], ..
         if cfg.prune.schedule != "none" and key not in seen:
             seen.add(key)
             shape = data_shape_of(cfg)
-            check_prunable(cfg.prune, model_for_trial(cfg, shape),
-                           TrainingPlan(1, 1, shape).example_input())
+            check_prunable(cfg.prune, model_for_trial(cfg, shape), example_input(shape))
 
 
 def resolve_run_checkpoints(sweep: Sweep, base: TrialConfig, tracker: SweepTracker

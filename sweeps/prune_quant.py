@@ -66,14 +66,12 @@ def channel_limit(base: TrialConfig) -> float:
     """The largest searched channel sparsity that keeps a channel in every layer of the
     base config's model (CHANNEL_MAX, or less for narrow layers: 2 channels, 0.5)."""
     from compress import channels
-    from trainables.models import data_shape_of, model_for_trial
-    from trainables.stages.base import TrainingPlan
+    from trainables.models import data_shape_of, example_input, model_for_trial
 
     shape = data_shape_of(base)
     model = model_for_trial(base, shape)
     layers = compress.prunable_layers(model, base.prune.exclude_first_last)
-    groups, _ = channels.channel_groups(model, TrainingPlan(1, 1, shape).example_input(),
-                                        layers)
+    groups, _ = channels.channel_groups(model, example_input(shape), layers)
     limit = CHANNEL_MAX
     for g in groups:  # largest s on a 0.01 grid with round(s x n) < n
         while limit > 0 and channels.channels_to_prune(g, limit) >= g.channels:

@@ -125,9 +125,7 @@ def test_resnet20_at_half_its_channels_has_fewer_parameters_and_macs() -> None:
     model = _warm(CifarResNet(20, 3, 10), x)
     dense = (sum(p.numel() for p in model.parameters()), macs_of(model, x[:1]))
     groups, _ = _masked(model, x, 0.5)
-    pruned = channels.pruned_channels(model, groups)
-    channels.lift_weight_parametrizations_(model)
-    channels.shrink_channels_(model, pruned, x[:1])
+    channels.cut_pruned_channels_(model, groups, x[:1])
     cut = (sum(p.numel() for p in model.parameters()), macs_of(model, x[:1]))
     assert 0.45 < cut[0] / dense[0] < 0.6 and 0.45 < cut[1] / dense[1] < 0.6
     assert model(x).shape == (2, 10)
@@ -254,9 +252,7 @@ def test_the_cut_qat_model_quantizes_as_the_masked_one_did(tiny_root: Path) -> N
     with torch.no_grad():
         expected = model(x)
     cut = copy.deepcopy(model)
-    pruned = channels.pruned_channels(cut, prune.groups)
-    lifted = channels.lift_weight_parametrizations_(cut)
-    channels.shrink_channels_(cut, pruned, x[:1])
+    _, lifted = channels.cut_pruned_channels_(cut, prune.groups, x[:1])
     channels.restore_weight_parametrizations_(cut, lifted)
     converted = quant.convert_(cut).eval()
     with torch.no_grad():

@@ -26,8 +26,8 @@ from torch import nn
 
 from trainables.config import ModelConfig, TrialConfig
 
-__all__ = ["build_model", "model_for_trial", "model_for_packed", "data_shape_of", "MLP",
-           "LeNet", "CifarResNet"]
+__all__ = ["build_model", "model_for_trial", "model_for_packed", "data_shape_of",
+           "example_input", "MLP", "LeNet", "CifarResNet"]
 
 SMALL_IMAGE = 64
 
@@ -188,9 +188,16 @@ def model_for_packed(cfg: TrialConfig, data_shape: tuple[int, int, int], path: A
     from compress.channels import shrink_to_shapes_
 
     model = model_for_trial(cfg, data_shape)
-    channels, size, _ = data_shape
-    shrink_to_shapes_(model, quant.packed_shapes(path), torch.zeros(1, channels, size, size))
+    shrink_to_shapes_(model, quant.packed_shapes(path), example_input(data_shape))
     return quant.load_packed(path, model).eval()
+
+
+def example_input(data_shape: tuple[int, int, int], device: torch.device | str = "cpu"
+                  ) -> torch.Tensor:
+    """One zero image of ``data_shape`` (input channels, image size, classes), batch 1:
+    what traces a model (its dependency graph, its MACs)."""
+    channels, size, _ = data_shape
+    return torch.zeros(1, channels, size, size, device=device)
 
 
 def data_shape_of(cfg: TrialConfig) -> tuple[int, int, int]:

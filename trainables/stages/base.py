@@ -63,10 +63,9 @@ class TrainingPlan:
 
     def example_input(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """One zero image of the trial's input shape (batch 1); None without a shape."""
-        if self.data_shape is None:
-            return None
-        channels, size, _ = self.data_shape
-        return torch.zeros(1, channels, size, size, device=device)
+        from trainables.models import example_input
+
+        return None if self.data_shape is None else example_input(self.data_shape, device)
 
     @property
     def total_steps(self) -> int:

@@ -88,9 +88,9 @@ class PruneStage(Stage):
             raise RuntimeError("prune stage: plan() must come before prepare() (the input "
                                "shape traces the model)")
         self.example = self.example.to(next(model.parameters()).device)
-        chosen = check_prunable(self.cfg, model, self.example)
+        chosen = check_prunable(self.cfg, model)
         if self.by_channel:
-            self.groups = channels.channel_groups(model, self.example, chosen)[0]
+            self.groups = channel_groups_of(self.cfg, model, self.example, chosen)
             chosen = [g.root for g in self.groups]
         compress.attach_masks_(model, lambda m, fqn: fqn in set(chosen))
         self._prune(model, self.schedule.sparsity_at(0, self.total_steps), None)
@@ -150,14 +150,11 @@ class PruneStage(Stage):
         metrics["compression_ratio"] = metrics["fp32_bytes"] / metrics["packed_bytes"]
         return metrics
 
-
     def _shrink(self, ctx: StageContext) -> dict[str, float]:
         """Cut the pruned channels out of a copy of the result (its fake-quantizers
         lifted off and put back on the smaller weights); the copy becomes the result."""
         model = copy.deepcopy(ctx.result)
-        pruned = channels.pruned_channels(model, self.groups)
-        lifted = channels.lift_weight_parametrizations_(model)
-        kept = channels.shrink_channels_(model, pruned, self.example)
+        kept, lifted = channels.cut_pruned_channels_(model, self.groups, self.example)
         for fqn, stack in lifted.items():
             if fqn in kept:
                 for p in stack:
@@ -165,7 +162,8 @@ class PruneStage(Stage):
         channels.restore_weight_parametrizations_(model, lifted)
         ctx.result = model
         total = sum(g.channels for g in self.groups)
-        return {"channel_sparsity": sum(len(v) for v in pruned.values()) / max(1, total),
+        cut = total - sum(len(v) for v in kept.values())
+        return {"channel_sparsity": cut / max(1, total),
                 "params": sum(p.numel() for p in model.parameters()),
                 "macs": macs_of(model, self.example)}
 
@@ -208,20 +206,28 @@ def check_prunable(prune: Any, model: nn.Module, example: torch.Tensor | None = 
         raise ConfigError(f"prune.schedule={prune.schedule} is invalid for this model: it "
                           f"{why}")
     if prune.granularity == "channel" and example is not None:
-        groups, skipped = channels.channel_groups(model, example, layers)
-        if not groups:
-            reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3])
-            raise ConfigError("prune.granularity=channel is invalid for this model: no "
-                              f"layer's channels can be pruned alone ({reasons}); allowed "
-                              "element")
-        for g in groups:
-            if channels.channels_to_prune(g, prune.final_sparsity) >= g.channels:
-                raise ConfigError(
-                    f"prune.final_sparsity={prune.final_sparsity} is invalid with "
-                    f"prune.granularity=channel: it removes all {g.channels} output "
-                    f"channels of {g.root}; allowed a value that keeps one "
-                    f"(round(final_sparsity x {g.channels}) < {g.channels})")
+        channel_groups_of(prune, model, example, layers)
     return layers
+
+
+def channel_groups_of(prune: Any, model: nn.Module, example: torch.Tensor,
+                      layers: list[str]) -> list[channels.ChannelGroup]:
+    """The channel groups rooted at ``layers``; a ConfigError naming the field where there
+    are none, or where ``prune.final_sparsity`` would remove every channel of one."""
+    groups, skipped = channels.channel_groups(model, example, layers)
+    if not groups:
+        reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3])
+        raise ConfigError("prune.granularity=channel is invalid for this model: no "
+                          f"layer's channels can be pruned alone ({reasons}); allowed "
+                          "element")
+    for g in groups:
+        if channels.channels_to_prune(g, prune.final_sparsity) >= g.channels:
+            raise ConfigError(
+                f"prune.final_sparsity={prune.final_sparsity} is invalid with "
+                f"prune.granularity=channel: it removes all {g.channels} output "
+                f"channels of {g.root}; allowed a value that keeps one "
+                f"(round(final_sparsity x {g.channels}) < {g.channels})")
+    return groups
 
 
 def build_prune_stage(cfg: TrialConfig) -> Stage | None:
