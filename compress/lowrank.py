@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 __all__ = ["matrix_of", "select_rank", "factorized", "factorize_", "choose_ranks", "ranks_in",
-           "factorizable_layers", "LowRank"]
+           "factorizable_layers", "LowRank", "factorize_to_shapes_"]
 
 
 class LowRank(nn.Sequential):
@@ -151,3 +151,16 @@ def factorize_(model: nn.Module, ranks: Mapping[str, int]) -> nn.Module:
 def ranks_in(model: nn.Module) -> dict[str, int]:
     """{layer: rank} of every factorized layer: what rebuilds the architecture."""
     return {fqn: m.rank for fqn, m in model.named_modules() if isinstance(m, LowRank)}
+
+
+def factorize_to_shapes_(model: nn.Module, shapes: Mapping[str, list[int]]) -> nn.Module:
+    """Factorize every layer that ``shapes`` (state_dict key -> shape, e.g. a packed file's
+    :func:`quant.packed_shapes`) holds as a :class:`LowRank` pair (``fc1.0.weight`` and
+    ``fc1.1.weight`` where the model has ``fc1.weight``), at the rank those shapes
+    record; in place. The weights are placeholders until a state_dict is loaded."""
+    ranks = {}
+    for fqn in factorizable_layers(model):
+        first, second = f"{fqn}.0.weight", f"{fqn}.1.weight"
+        if f"{fqn}.weight" not in shapes and first in shapes and second in shapes:
+            ranks[fqn] = int(shapes[first][0])
+    return factorize_(model, ranks)

@@ -38,7 +38,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -73,18 +73,31 @@ def pick_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int,
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+                   steps_per_epoch: int,
+                   segment: Callable[[int], tuple[int, int, float] | None] | None = None
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step multiplier of the base learning rate.
 
     - constant: 1.
     - step: ``gamma ** (epoch // step_epochs)``.
     - cosine: linear warm-up over ``warmup_fraction`` of all steps, then cosine to 0.
     - onecycle: linear warm-up from 0.1 to 1, then linear decay to 0 (the fast recipe).
+
+    ``segment(step)`` (the stages' :meth:`~trainables.stages.Stage.lr_segment`) restarts
+    the schedule: (first step, length, scale) of the segment holding ``step``, over which
+    the schedule runs as over all of training, times ``scale``; None: all of training.
     """
-    total = max(1, epochs * steps_per_epoch)
-    warmup = int(cfg.warmup_fraction * total)
+    whole = max(1, epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
+        found = segment(step) if segment is not None else None
+        if found is None:
+            return base(step, whole)
+        first, length, scale = found
+        return scale * base(step - first, max(1, length))
+
+    def base(step: int, total: int) -> float:
+        warmup = int(cfg.warmup_fraction * total)
         if cfg.schedule == "constant":
             return 1.0
         if cfg.schedule == "step":
@@ -180,7 +193,7 @@ class _Trainer:
         self.optimizer = optim.build_for_model(o.name, model, bias_lr=o.bias_group_lr(),
                                                bias_mode=o.bias_mode, **o.hparams())
         self.scheduler = build_schedule(self.optimizer, o, cfg.train.epochs,
-                                        len(self.train_loader))
+                                        len(self.train_loader), stages.lr_segment)
         mode = cfg.precision.mode
         self.amp_dtype = _AMP_DTYPES.get(mode)
         # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range.

@@ -183,12 +183,16 @@ def model_for_packed(cfg: TrialConfig, data_shape: tuple[int, int, int], path: A
                      ) -> nn.Module:
     """The model a trial's packed file (``model.qsw``) holds, in eval mode: ``cfg``'s
     architecture rebuilt, cut to the file's shapes where channels were pruned
-    (``prune.granularity=channel``), its weights loaded."""
+    (``prune.granularity=channel``), factorized where layers were (LC's low-rank: the
+    ranks are the factors' shapes), its weights loaded."""
     import quant
     from compress.channels import shrink_to_shapes_
+    from compress.lowrank import factorize_to_shapes_
 
     model = model_for_trial(cfg, data_shape)
-    shrink_to_shapes_(model, quant.packed_shapes(path), example_input(data_shape))
+    shapes = quant.packed_shapes(path)
+    shrink_to_shapes_(model, shapes, example_input(data_shape))
+    factorize_to_shapes_(model, shapes)
     return quant.load_packed(path, model).eval()
 
 

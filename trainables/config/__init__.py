@@ -1,7 +1,8 @@
 """One frozen, validated trial configuration, from sweep script to Ray worker.
 
 The config is a tree of frozen dataclasses, one section per module here (``data``,
-``model``, ``optim``, ``precision``, ``train``, ``evaluate``, ``prune``, ``quant``). It flattens to
+``model``, ``optim``, ``precision``, ``train``, ``evaluate``, ``prune``, ``lc``,
+``quant``). It flattens to
 dotted keys (``optim.lr``) for Ray Tune's ``param_space``, Optuna and MLflow params, and
 is rebuilt from them on the first line of the worker. Every field is type-checked and
 range-checked at construction: a bad value raises :class:`ConfigError` naming the field,
@@ -18,6 +19,7 @@ Example::
 from trainables.config.base import ConfigError, Section
 from trainables.config.data import AUGMENTATIONS, DATASETS, DataConfig
 from trainables.config.evaluate import EvaluateConfig
+from trainables.config.lc_section import LCSection
 from trainables.config.model import MODELS, ModelConfig
 from trainables.config.optim_section import SCHEDULES, OptimConfig
 from trainables.config.precision import PRECISIONS, PrecisionConfig
@@ -38,6 +40,7 @@ __all__ = [
     "EvaluateConfig",
     "QuantSection",
     "PruneSection",
+    "LCSection",
     "PRUNE_SCHEDULES",
     "TrialConfig",
     "SECTIONS",

@@ -23,6 +23,7 @@ import optim
 from trainables.config.base import ConfigError, Section, fail
 from trainables.config.data import DataConfig
 from trainables.config.evaluate import EvaluateConfig
+from trainables.config.lc_section import LCSection
 from trainables.config.model import ModelConfig
 from trainables.config.optim_section import OptimConfig
 from trainables.config.precision import PrecisionConfig
@@ -45,6 +46,7 @@ class TrialConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     prune: PruneSection = field(default_factory=PruneSection)
+    lc: LCSection = field(default_factory=LCSection)
     quant: QuantSection = field(default_factory=QuantSection)
 
     def __post_init__(self) -> None:
@@ -56,6 +58,15 @@ class TrialConfig:
                 self.prune.schedule != "none":
             fail("quant.k", q.k, f">= 3 with prune.schedule={self.prune.schedule}: one "
                  "entry holds the pruned zeros, the rest share the others")
+        if self.lc.enabled:
+            # LC compresses through its own C steps (codebook, prune, int bits among them).
+            if q.mode != "none":
+                fail("quant.mode", q.mode, "none with lc (LC quantizes through its own "
+                     "C step: lc.conv / lc.linear = int:bits=B or codebook:k=K)")
+            if self.prune.schedule != "none":
+                fail("prune.schedule", self.prune.schedule, "none with lc (LC prunes "
+                     "through its own C step: lc.conv / lc.linear = prune:keep=F)")
+            self.lc.check_epochs(self.train.epochs, self.train.init_from)
 
     # -- construction -------------------------------------------------------------------
     @classmethod

@@ -15,7 +15,9 @@ MLflow: it returns metrics and writes files; the session carries them. The loop
   gradients). The gradients are as the loss scaler left them: scaled under
   ``amp_fp16`` (fine for masking; unscale them before taking norms).
 - ``after_step(step, model, optimizer)``: after every optimizer step (``step`` counts
-  from 1): re-apply masks, clear the optimizer state of pruned weights, LC's mu.
+  from 1): re-apply masks, clear the optimizer state of pruned weights, LC's C steps.
+- ``lr_segment(step)``: where the learning-rate schedule restarts (LC's L steps); the
+  first stage that returns one decides.
 - ``epoch_end(ctx) -> metrics``: after each epoch's evaluation, on every rank.
 - ``finalize(ctx) -> metrics``: after the last epoch, on every rank (its evaluations are
   collective), once the training state is checkpointed. ``ctx.result`` is the model as
@@ -129,6 +131,13 @@ class Stage:
     def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
                    ) -> None:
         pass
+
+    def lr_segment(self, step: int) -> tuple[int, int, float] | None:
+        """Where the learning-rate schedule restarts: (first step, length in steps, lr
+        scale) of the segment holding optimizer step ``step`` (0-based), within which
+        ``optim.schedule`` runs as over a whole training; None: one segment, all of
+        training (LC: each L step its own)."""
+        return None
 
     def epoch_end(self, ctx: StageContext) -> dict[str, float]:
         return {}

@@ -115,6 +115,14 @@ class Pipeline:
         for stage in self.stages:
             stage.after_step(step, model, optimizer)
 
+    def lr_segment(self, step: int) -> tuple[int, int, float] | None:
+        """The first stage's schedule segment holding ``step`` (None: all of training)."""
+        for stage in self.stages:
+            segment = stage.lr_segment(step)
+            if segment is not None:
+                return segment
+        return None
+
     def epoch_end(self, ctx: StageContext, metrics: dict[str, Any]) -> None:
         """Each stage's epoch metrics, added to ``metrics`` (the epoch's report)."""
         for stage in self.stages:
