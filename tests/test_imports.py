@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("quant", "compress", "optim", "trainables", "sweeps")
-ALLOWED = {"quant": {"quant"}, "compress": {"compress"}, "optim": {"optim", "quant"},
+ALLOWED = {"quant": {"quant"}, "compress": {"compress", "quant"}, "optim": {"optim", "quant"},
            "trainables": {"trainables", "quant", "compress", "optim"},
            "sweeps": {"sweeps", "trainables", "quant", "compress", "optim"}}
 
