@@ -58,18 +58,25 @@ def check_initial_weights(base: TrialConfig, points: tuple[Mapping[str, Any], ..
 
 
 def check_prunable_models(base: TrialConfig, points: tuple[Mapping[str, Any], ...]) -> None:
-    """Every pruned config's model has layers to prune (built once per data and model
-    here on the driver): a schedule that would mask nothing stops before Ray."""
+    """Every pruned config's model has layers to prune, and every LC config's compression
+    map names layers of its model that each compression fits (built once per data, model
+    and section here on the driver): such a config stops before Ray."""
     from trainables.models import data_shape_of, example_input, model_for_trial
+    from trainables.stages.lc import lc_tasks
     from trainables.stages.prune import check_prunable
 
     seen = set()
     for cfg in ([base.replace(p) for p in points] if points else [base]):
-        key = (cfg.data, cfg.model, cfg.prune)
-        if cfg.prune.schedule != "none" and key not in seen:
-            seen.add(key)
-            shape = data_shape_of(cfg)
-            check_prunable(cfg.prune, model_for_trial(cfg, shape), example_input(shape))
+        key = (cfg.data, cfg.model, cfg.prune, cfg.lc)
+        if key in seen or (cfg.prune.schedule == "none" and not cfg.lc.enabled):
+            continue
+        seen.add(key)
+        shape = data_shape_of(cfg)
+        model = model_for_trial(cfg, shape)
+        if cfg.prune.schedule != "none":
+            check_prunable(cfg.prune, model, example_input(shape))
+        if cfg.lc.enabled:
+            lc_tasks(cfg, model)
 
 
 def resolve_run_checkpoints(sweep: Sweep, base: TrialConfig, tracker: SweepTracker
