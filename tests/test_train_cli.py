@@ -55,6 +55,11 @@ def test_help_of_qsweep_and_of_each_command(tmp_path: Path) -> None:
     (["--set", "model.name=mlp", "--set", "model.widths=[16]", "--set",
       "prune.schedule=constant", "--set", "prune.exclude_first_last=true"],
      "prune.schedule=constant is invalid for this model: it leaves no Linear/Conv layer"),
+    (["--epochs", "3", "--set", "model.name=mlp", "--set", "lc.conv=prune:0.1",
+      "--set", "lc.steps=1"], "lc.conv='prune:0.1' names no layer: mlp has no Conv2d"),
+    (["--epochs", "3", "--set", "model.name=mlp", "--set", "model.widths=[8]",
+      "--set", "lc.linear=lowrank:rank=9", "--set", "lc.steps=1"],
+     "lowrank:rank=9 is invalid for net.1 (8x784): allowed 1..8"),
 ])
 def test_bad_input_stops_before_ray(tmp_path: Path, tiny_root: Path, args: list[str],
                                     fragment: str) -> None:
