@@ -11,7 +11,8 @@ linear layers, nearly all of LeNet-5's weights, always get one) and its paramete
 Every trial reports the compressed model's validation accuracy (``val_acc_lc``) each
 epoch, and at the end its test accuracy (``test_acc_lc``) and packed bytes. NSGA-II ranks
 (val_acc_lc max, packed_bytes min); the study's run holds the Pareto front
-(pareto.md / .table.csv / .png: test error against compression ratio).
+(pareto.md / .table.csv / .png: test error against compression ratio) and every
+trial's compression, test error and ratio (compressions.md / .table.csv).
 
 - ``--preset seed003``: seed 003's table as explicit points: each pure compression on
   every layer at two strengths, then seed 003's mixes by layer type (linear k=2 + conv
@@ -25,6 +26,7 @@ epoch, and at the end its test accuracy (``test_acc_lc``) and packed bytes. NSGA
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     outcome = run_sweep(_sweep(args, base))
     print_summary(outcome)
     configs = {r.metrics.get("trial_id"): r.config for r in outcome.results if r.metrics}
-    rows = [{**r, "lc.linear": configs.get(r.get("trial_id"), {}).get("lc.linear", "")}
+    finals = {r.metrics.get("trial_id"): r.metrics for r in outcome.results if r.metrics}
+    rows = [{**r, "lc.linear": configs.get(r.get("trial_id"), {}).get("lc.linear", ""),
+             "test_acc_lc": finals.get(r.get("trial_id"), {}).get("test_acc_lc", math.nan)}
             for r in outcome.rows]
     front = pareto_front(rows, acc="val_acc_lc")
     if not front:
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def line(r: dict[str, Any]) -> dict[str, Any]:
         return {"setting": describe(configs[r["trial_id"]]), "val_acc_lc": r["val_acc_lc"],
-                "test_error_pct": 100 * (1 - r.get("test_acc_lc", float("nan"))),
+                "test_error_pct": 100 * (1 - r["test_acc_lc"]),
                 "packed_bytes": r["packed_bytes"], "compression_ratio": fp32 / r["packed_bytes"],
                 "mlflow_run_id": r["mlflow_run_id"]}
 
@@ -192,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     everything = sorted((line(r) for r in rows if r.get("trial_id") in configs and
                          "packed_bytes" in r and "val_acc_lc" in r),
                         key=lambda r: -r["compression_ratio"])
-    tracker.log_table(outcome.parent_run_id, everything, "trials",
-                      describe="every finished trial, by compression ratio")
+    tracker.log_table(outcome.parent_run_id, everything, "compressions",
+                      describe="every finished trial's compression, by compression ratio")
     with tempfile.TemporaryDirectory() as tmp:
         tracker.log_artifact(outcome.parent_run_id,
                              plot_front(rows, front, Path(tmp) / "pareto.png", fp32))

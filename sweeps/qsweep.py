@@ -33,6 +33,7 @@ SWEEPS = {
     "baseline": "FP32 LeNet on MNIST: lr and weight decay by TPE + ASHA",
     "quant_bits": "bit-width search: accuracy vs packed bytes (NSGA-II Pareto front)",
     "prune_quant": "sparsity schedule x bit width: accuracy vs packed bytes (Pareto front)",
+    "lc_mix": "LC compression per layer type: test error vs compression (Pareto front)",
 }
 _HERE = Path(__file__).resolve().parent
 

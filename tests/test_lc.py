@@ -179,8 +179,10 @@ def test_direct_compression_is_lc_with_no_steps(tiny_root: Path) -> None:
     """lc.steps=0: train, then one C step: the baseline (train-then-compress)."""
     cfg = tiny_config(tiny_root, "train.epochs=2", "lc.linear=prune:keep=0.1")
     history = run_trial(cfg, LocalSession())
-    assert "test_acc_lc" not in history[0]  # not compressed before the end of training
-    assert history[-1]["lc_step"] == -1 and "test_acc_lc" in history[-1]
+    # Before the end of training: a preview of direct compression, not a C step.
+    assert "lc_distance" not in history[0] and "test_acc_lc" in history[0]
+    assert history[-1]["lc_step"] == -1 and 0 < history[-1]["lc_distance"] < 1  # 90% pruned
+    assert history[-1]["packed_bytes"] < history[-1]["fp32_bytes"] / 2
 
 
 @pytest.mark.parametrize("overrides, says", [

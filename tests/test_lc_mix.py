@@ -86,8 +86,7 @@ def test_smoke_sweep_records_the_front_and_every_trial(tmp_path: Path,
         assert t.data.tags["lc"].startswith("lc-")
         assert {"test_acc_lc", "val_acc_lc", "packed_bytes", "lc_distance"} <= \
             set(t.data.metrics)
-        assert "model.qsw" in {a.path for a in client.list_artifacts(t.info.run_id,
-                                                                       "artifacts")} or \
-            any(a.path.endswith("model.qsw") for a in client.list_artifacts(t.info.run_id))
-    assert {"pareto.md", "pareto.table.csv", "pareto.png", "trials.md"} <= {
+        assert {"model.qsw", "lc.json"} <= {a.path for a in
+                                            client.list_artifacts(t.info.run_id)}
+    assert {"pareto.md", "pareto.table.csv", "pareto.png", "compressions.md"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}

@@ -12,8 +12,10 @@ Training is cut into segments of optimizer steps, known at ``plan``: the referen
 - At the end of L step k (``after_step`` on its last optimizer step): the C step with
   ``mu_k`` and the multiplier update.
 - Every epoch: ``lc_step`` (the L step in progress, -1 while training the reference),
-  ``lc_mu``, ``lc_distance`` (``||w - Delta(theta)||^2 / ||w||^2``) and the compressed
-  model's accuracy on the selection split (``val_acc_lc``; test without one).
+  ``lc_mu``, ``lc_distance`` (``||w - Delta(theta)||^2 / ||w||^2``), and the compressed
+  model's accuracy on the selection split (``val_acc_lc``; test without one) and its
+  ``packed_bytes`` (before the first C step: of direct compression of the weights so
+  far, a preview that changes nothing).
 - ``finalize``: the compressed model ``Delta(theta)`` of the last C step becomes the
   trial's result: low-rank layers factorized (:class:`compress.lowrank.LowRank`, their
   ranks read back from the file's shapes), codebook and int layers encoded, pruned ones
@@ -148,6 +150,9 @@ class LCStage(Stage):
         return self.c_steps - 1 if 1 <= self.c_steps <= self.cfg.lc.steps else None
 
     def _c_steps_due(self, step: int, model: nn.Module) -> None:
+        if self.c_steps < len(self.bounds) and step == self.bounds[self.c_steps] and \
+                nonfinite_params(model):
+            return  # diverged: the loop stops the trial; nothing to project
         while self.c_steps < len(self.bounds) and step == self.bounds[self.c_steps]:
             self.lc.c_step(model, self.c_steps - 1)  # k = -1: the direct compression
             self.c_steps += 1
@@ -172,17 +177,26 @@ class LCStage(Stage):
         return self.bounds[k], lc.epochs_per_step * self.steps_per_epoch, lc.lr_decay ** k
 
     def epoch_end(self, ctx: StageContext) -> dict[str, float]:
+        """Every epoch (what a search ranks trials by): the compressed model's accuracy on
+        the selection split and its packed bytes; before the first C step, those of
+        direct compression of the weights so far (a preview: the state is unchanged)."""
         # The L step this epoch trained in (-1: the reference model's training).
         k = (self.epochs_done - self.reference_epochs) // self.cfg.lc.epochs_per_step \
             if self.epochs_done >= self.reference_epochs else -1
         self.epochs_done += 1
-        metrics = {"lc_step": k, "lc_mu": self.lc.mu(k) if k >= 0 else 0.0}
-        if not self.lc.targets:
-            return metrics
         split = "val" if "val" in ctx.splits else "test"
-        metrics["lc_distance"] = self.lc.distance(ctx.model)
-        compressed = self.lc.compressed_(copy.deepcopy(ctx.model))
+        metrics = {"lc_step": k, "lc_mu": self.lc.mu(k) if k >= 0 else 0.0}
+        if nonfinite_params(ctx.model):  # diverged: nothing to compress (NaN, not a crash)
+            return {**metrics, f"{split}_acc_lc": math.nan, "packed_bytes": math.nan}
+        lc = self.lc
+        if lc.targets:
+            metrics["lc_distance"] = lc.distance(ctx.model)
+        else:
+            lc = LC(lc.tasks, lc.mu0, lc.growth, lc.lagrangian)
+            lc.c_step(ctx.model, -1)
+        compressed = encode_compressed_(copy.deepcopy(ctx.model), lc)
         metrics[f"{split}_acc_lc"] = ctx.evaluate(compressed, split)[f"{split}_acc"]
+        metrics["packed_bytes"] = quant.save_packed(compressed, ctx.out_dir / "epoch.qsw")
         return metrics
 
     # -- the end ----------------------------------------------------------------------------
