@@ -117,7 +117,7 @@ class Compression:
                                  "value > 0")
 
     def __str__(self) -> str:
-        fields = [f"{f}={getattr(self, f):g}" for f in COMPRESSIONS[self.kind][0]
+        fields = [f"{f}={getattr(self, f):.10g}" for f in COMPRESSIONS[self.kind][0]
                   if getattr(self, f) is not None]
         return self.kind + (":" + ",".join(fields) if fields else "")
 
@@ -179,9 +179,18 @@ def parse_layer_map(text: str) -> dict[str, Compression]:
 
 # -- the projections (C steps) ----------------------------------------------------------
 def _codebook(w: torch.Tensor, k: int) -> torch.Tensor:
-    from quant.codebook import CodebookFormat
+    """The optimal k-means of the values (kmeans1d: exact in 1-D). Plain k-means, not
+    quant's codebook with its reserved 0 entry for pruned tensors: the C step is the
+    nearest point of the set of k-valued tensors, whatever share of zeros w holds."""
+    import kmeans1d
 
-    return CodebookFormat(k).fake_quantize(w)
+    flat = w.detach().flatten().double().cpu()
+    unique = torch.unique(flat)
+    if len(unique) <= k:  # already k-valued: its own projection
+        return w.detach().clone()
+    clusters, centroids = kmeans1d.cluster(flat.numpy(), k)
+    values = torch.as_tensor(centroids, dtype=torch.float64)[torch.as_tensor(clusters)]
+    return values.to(w.dtype).reshape(w.shape).to(w.device)
 
 
 def _prune(w: torch.Tensor, kept: int) -> torch.Tensor:
@@ -331,6 +340,15 @@ class LC:
                 "multipliers": {n: t.clone() for n, t in self.multipliers.items()},
                 "encodings": {n: dict(e) for n, e in self.encodings.items()}}
 
+    def to_(self, device: torch.device | str) -> "LC":
+        """Move the targets, multipliers and scales to ``device`` (a checkpoint is read
+        onto the CPU; the model may be on a GPU)."""
+        self.targets = {n: t.to(device) for n, t in self.targets.items()}
+        self.multipliers = {n: t.to(device) for n, t in self.multipliers.items()}
+        self.encodings = {n: {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                              for k, v in e.items()} for n, e in self.encodings.items()}
+        return self
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.targets = {n: t.clone() for n, t in state["targets"].items()}
         self.multipliers = {n: t.clone() for n, t in state["multipliers"].items()}
@@ -343,9 +361,10 @@ def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
         module = model.get_submodule(name)
     except AttributeError:
         module = None
-    if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
-        raise ValueError(f"layer {name!r} is not in the model: allowed "
-                         f"{', '.join(_layers(model))}")
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        what = "not in the model" if module is None else \
+            f"a {type(module).__name__}, not a Linear or Conv2d"
+        raise ValueError(f"layer {name!r} is {what}: allowed {', '.join(_layers(model))}")
     return module.weight
 
 

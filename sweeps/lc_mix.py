@@ -2,7 +2,8 @@
 (seed 003: LeNet-5 on MNIST).
 
 Every trial trains the reference model (``train.epochs - lc.steps x lc.epochs_per_step``
-epochs, or none with ``--set train.init_from=...``), then runs LC: L steps pulling the
+epochs; with ``--set train.init_from=...`` and ``--epochs`` = ``lc.steps x
+lc.epochs_per_step``, none: LC starts from that model), then runs LC: L steps pulling the
 weights towards their compressed form, C steps compressing them (:mod:`compress.lc`).
 Optuna proposes per trial (define-by-run), for the convolutions and for the linear layers
 each, the compression (``none``, ``codebook``, ``prune``, ``lowrank``, ``int``; the

@@ -112,6 +112,39 @@ def test_penalty_gradient_and_multipliers_follow_the_augmented_lagrangian() -> N
     torch.testing.assert_close(lc.multipliers["0"], -1.0 * (w1 - lc.targets["0"]))
 
 
+def test_the_multipliers_shift_both_the_penalty_and_the_c_step() -> None:
+    """With lambda set: d penalty / dw = mu (w - Delta) - lambda, and the C step projects
+    w - lambda / mu (the augmented Lagrangian), float64 by hand."""
+    model = nn.Sequential(nn.Linear(5, 3)).double()
+    lc = LC({"0": Compression("prune", kappa=4)}, mu0=0.5, growth=2.0)
+    lc.c_step(model, -1)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    lc.c_step(model, 0)  # mu_0 = 0.5: lambda = -0.5 (w - Delta)
+    w = model[0].weight.detach().clone()
+    lam = lc.multipliers["0"]
+    assert bool((lam != 0).any())
+    model[0].weight.grad = None
+    lc.penalty(model, 1).backward()  # mu_1 = 1.0
+    torch.testing.assert_close(model[0].weight.grad,
+                               1.0 * (w - lc.targets["0"]) - lam, rtol=0, atol=1e-6)
+    lc.c_step(model, 1)
+    torch.testing.assert_close(lc.targets["0"], project(Compression("prune", kappa=4),
+                                                        w - lam / 1.0))
+
+
+def test_the_codebook_c_step_is_plain_k_means_even_with_many_zeros() -> None:
+    """A pruned reference (2% exact zeros) gets k-means' optimum, not quant's reserved 0."""
+    import kmeans1d
+
+    w = torch.cat([torch.full((2,), 0.0), torch.linspace(0.9, 1.1, 33),
+                   torch.linspace(1.9, 2.1, 33), torch.linspace(2.9, 3.1, 32)])
+    got = project(Compression("codebook", k=3), w)
+    _, centroids = kmeans1d.cluster(w.double().numpy(), 3)
+    assert sorted(torch.unique(got).tolist()) == pytest.approx(centroids, abs=1e-6)
+    assert 0.0 not in torch.unique(got).tolist()
+
+
 def test_lc_with_a_large_mu_converges_to_the_compressed_model(tiny_root: Path) -> None:
     """mu grows 10 -> 2560 (the lr falling as 1/mu keeps the penalty's gradient steps
     stable): the L step's weights end on their compressed values."""
@@ -212,15 +245,33 @@ def test_bad_lc_settings_name_the_field(overrides: list[str], says: str) -> None
      "lowrank:rank=9 is invalid for net.1 (8x784): allowed 1..8"),
     (["model.name=mlp", "model.widths=[8]", "lc.layers=net.3=prune:kappa=100"],
      "prune:kappa=100 is invalid for net.3: allowed 1..80"),
+    (["model.name=resnet20", "lc.layers=blocks.0.bn1=lowrank:rank=1"],
+     "layer 'blocks.0.bn1' is a BatchNorm2d, not a Linear or Conv2d"),
+    (["model.name=mlp", "lc.linear=codebook:2", "lc.layers=net.1=none;net.3=none;net.5=none"],
+     "leaving LC nothing to compress"),
+    (["model.name=mobilenet_v3_small", "lc.layers=features.1.block.0.0=lowrank:rank=2"],
+     "lc.layers='features.1.block.0.0=lowrank:rank=2' is invalid: lowrank is invalid for "
+     "features.1.block.0.0 (a grouped convolution"),
 ])
 def test_a_compression_map_that_does_not_fit_the_model_names_the_field(
         overrides: list[str], says: str) -> None:
     from trainables.models import model_for_trial
 
     cfg = TrialConfig().with_overrides(["train.epochs=2", *overrides])
+    shape = (3, 32, 10) if "resnet" in cfg.model.name or "mobile" in cfg.model.name \
+        else (1, 28, 10)
     with pytest.raises(ConfigError) as info:
-        lc_tasks(cfg, model_for_trial(cfg, (1, 28, 10)))
+        lc_tasks(cfg, model_for_trial(cfg, shape))
     assert says in str(info.value)
+
+
+def test_a_type_wide_low_rank_leaves_depthwise_convolutions_alone() -> None:
+    from trainables.models import model_for_trial
+
+    cfg = TrialConfig().with_overrides(["model.name=mobilenet_v3_small", "lc.conv=lowrank:2"])
+    model = model_for_trial(cfg, (3, 32, 10))
+    tasks = lc_tasks(cfg, model)
+    assert tasks and all(model.get_submodule(n).groups == 1 for n in tasks)
 
 
 def test_layer_maps_parse_and_print_back() -> None:
@@ -229,3 +280,33 @@ def test_layer_maps_parse_and_print_back() -> None:
                                                        "fc3": "codebook:k=2"}
     with pytest.raises(ValueError, match="inf or NaN"):
         project(Compression("codebook", k=2), torch.tensor([1.0, float("nan")]))
+
+
+def test_the_lr_schedule_restarts_per_l_step_step_by_step() -> None:
+    """Cosine over 2 reference epochs, then over each 1-epoch L step from lr x 0.5^k
+    (4 steps per epoch): every optimizer step's lr against the formula."""
+    import math
+
+    from trainables.loop import build_schedule
+    from trainables.stages.base import TrainingPlan
+    from trainables.stages.lc import LCStage
+
+    cfg = TrialConfig().with_overrides([
+        "train.epochs=4", "lc.steps=2", "lc.linear=codebook:2", "lc.lr_decay=0.5",
+        "optim.schedule=cosine", "optim.warmup_fraction=0", "optim.lr=1.0"])
+    stage = LCStage(cfg)
+    stage.plan(TrainingPlan(4, 4))
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_schedule(opt, cfg.optim, 4, 4, stage.lr_segment)
+    seen = []
+    for _ in range(16):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+
+    def cosine(i: int, n: int) -> float:
+        return 0.5 * (1 + math.cos(math.pi * i / n))
+
+    expect = [cosine(i, 8) for i in range(8)] + [cosine(i, 4) for i in range(4)] + \
+        [0.5 * cosine(i, 4) for i in range(4)]
+    assert seen == pytest.approx(expect)

@@ -19,7 +19,8 @@ class LCSection(Section):
     ``none``; see :mod:`compress.lc`). LC is on when any layer gets one.
 
     Training is ``train.epochs`` long: the first ``train.epochs - steps x epochs_per_step``
-    train the reference model (0 of them when it comes from ``train.init_from``), then
+    train the reference model (or fine-tune ``train.init_from``'s; set ``train.epochs =
+    steps x epochs_per_step`` to start LC from that model as it is), then
     ``steps`` L steps of ``epochs_per_step`` epochs each, with ``mu_k = mu0 x growth^k``,
     each followed by a C step. ``steps=0`` is direct compression (train, then compress
     once): the baseline LC improves on. Within each L step the learning rate follows

@@ -4,8 +4,9 @@
 Training is cut into segments of optimizer steps, known at ``plan``: the reference epochs
 (``train.epochs - lc.steps x lc.epochs_per_step``), then ``lc.steps`` L steps.
 
-- At the end of the reference epochs (at step 0 when ``train.init_from`` gives the
-  reference): the direct compression, the first C step.
+- At the end of the reference epochs (at step 0 when there are none: ``train.init_from``
+  gives the reference and ``train.epochs = lc.steps x lc.epochs_per_step``): the direct
+  compression, the first C step.
 - During L step k: ``penalty`` adds ``mu_k/2 ||w - Delta(theta) - lambda/mu_k||^2``; the
   learning rate follows ``optim.schedule`` afresh over the L step, from
   ``optim.lr x lc.lr_decay^k`` (``lr_segment``).
@@ -70,7 +71,10 @@ def lc_tasks(cfg: TrialConfig, model: nn.Module) -> dict[str, Compression]:
     for field, (kind, spec) in by_type.items():
         if spec.kind == "none":
             continue
-        names = [n for n, m in model.named_modules() if type(m) is kind]
+        # A type-wide low-rank leaves grouped (depthwise) convolutions as they are: their
+        # weight is not one matrix.
+        names = [n for n, m in model.named_modules() if type(m) is kind and not
+                 (spec.kind == "lowrank" and getattr(m, "groups", 1) != 1)]
         if not names:
             raise ConfigError(f"lc.{field}={getattr(lc, field)!r} names no layer: "
                               f"{cfg.model.name} has no {kind.__name__}")
@@ -84,15 +88,20 @@ def lc_tasks(cfg: TrialConfig, model: nn.Module) -> dict[str, Compression]:
     for name, spec in tasks.items():
         module = model.get_submodule(name)
         if spec.kind == "lowrank" and isinstance(module, nn.Conv2d) and module.groups != 1:
-            raise ConfigError(f"lowrank is invalid for {name} (a grouped convolution: its "
-                              "weight is not one matrix): allowed codebook, prune, int, none")
+            raise ConfigError(f"lc.layers={lc.layers!r} is invalid: lowrank is invalid for "
+                              f"{name} (a grouped convolution: its weight is not one "
+                              "matrix): allowed codebook, prune, int, none")
         try:
             spec.check_layer(name, module.weight)
         except ValueError as exc:
             field = _field_of(cfg, name, module)
             raise ConfigError(f"lc.{field}={getattr(lc, field)!r} is invalid: {exc}") \
                 from None
-    return {n: s for n, s in tasks.items() if s.kind != "none"}
+    tasks = {n: s for n, s in tasks.items() if s.kind != "none"}
+    if not tasks:
+        raise ConfigError(f"lc.layers={lc.layers!r} is invalid: it sets every layer lc.conv "
+                          "/ lc.linear compress to none, leaving LC nothing to compress")
+    return tasks
 
 
 def _field_of(cfg: TrialConfig, name: str, module: nn.Module) -> str:
@@ -113,6 +122,7 @@ class LCStage(Stage):
         self.reference_epochs = 0
         self.epochs_done = 0
         self.example: torch.Tensor | None = None
+        self.device = torch.device("cpu")
 
     def metric_names(self) -> frozenset[str]:
         return frozenset({"lc_step", "lc_mu", "lc_distance", "val_acc_lc", "test_acc_lc",
@@ -129,6 +139,7 @@ class LCStage(Stage):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         lc = self.cfg.lc
+        self.device = next(model.parameters()).device
         self.lc = LC(lc_tasks(self.cfg, model), lc.mu0, lc.growth, lc.lagrangian)
         self._c_steps_due(0, model)  # no reference epochs: compress train.init_from's model
         return model
@@ -142,6 +153,7 @@ class LCStage(Stage):
         self.epochs_done = int(state["epochs_done"])
         if self.lc is not None and state["lc"] is not None:
             self.lc.load_state_dict(state["lc"])
+            self.lc.to_(self.device)  # read onto the CPU; the model may be on a GPU
 
     # -- training -------------------------------------------------------------------------
     def _l_step(self) -> int | None:
