@@ -29,7 +29,9 @@ from pathlib import Path
 import _util
 
 MODELS = {"lenet300": ["model.name=mlp", "model.widths=[300,100]", "data.name=mnist"],
-          # Caffe's LeNet-5, as the LC toolkit's: conv 20, conv 50, fc 500, fc 10.
+          # The LC toolkit's LeNet-5 widths (conv 20, conv 50, fc 500, fc 10), but qsweep's
+          # LeNet pads its 5x5 convs ("same"): fc1 reads 50x7x7, 2450x500 weights, so the
+          # net holds 1.26M parameters, not Caffe's 431k.
           "lenet5": ["model.name=lenet", "model.channels=[20,50]", "model.hidden=[500]",
                      "model.kernel_size=5", "data.name=mnist"]}
 REFERENCE = ["optim.name=sgd", "optim.lr=0.1", "optim.schedule=onecycle",

@@ -51,7 +51,8 @@ from trainables.config import TrialConfig
 from trainables.plots import pyplot
 
 NAME = "lc_mix"
-# Caffe's LeNet-5 (the LC toolkit's): conv 20, conv 50, fc 500, fc 10; SGD with Nesterov
+# LeNet-5 at the LC toolkit's widths (conv 20, conv 50, fc 500, fc 10; qsweep's convs are
+# padded, so fc1 is 2450x500 and fc layers hold 97% of the weights); SGD with Nesterov
 # momentum; each L step's lr one-cycle afresh from lr x 0.98^k.
 DEFAULTS = ["data.name=mnist", "model.name=lenet", "model.channels=[20,50]",
             "model.hidden=[500]", "model.kernel_size=5", "optim.name=sgd", "optim.lr=0.05",
