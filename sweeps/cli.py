@@ -111,7 +111,8 @@ def base_config(args: argparse.Namespace, defaults: Sequence[str],
         flags += ["train.use_gpu=true", f"train.gpus_per_worker={args.gpus_per_trial}"]
     if args.data_root:
         flags.append(f"data.root={args.data_root}")
-    cfg = cfg.with_overrides(flags).with_overrides(args.overrides)
+    # One validated step: --epochs 4 with --set lc.steps=2 is checked as a whole.
+    cfg = cfg.with_overrides([*flags, *args.overrides])
     check_trial_fits(args, cfg)
     return cfg
 

@@ -90,3 +90,13 @@ def test_smoke_sweep_records_the_front_and_every_trial(tmp_path: Path,
                                             client.list_artifacts(t.info.run_id)}
     assert {"pareto.md", "pareto.table.csv", "pareto.png", "compressions.md"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_epochs_and_set_are_validated_together(tiny_root: Path) -> None:
+    """--epochs 4 below the default 6 L steps is fine when --set lowers lc.steps too."""
+    from sweeps.cli import base_config
+    from sweeps.lc_mix import SMOKE, parse_args
+
+    args = parse_args(["--epochs", "4", "--set", "lc.steps=2", "--data-root", str(tiny_root)])
+    cfg = base_config(args, DEFAULTS, SMOKE)
+    assert (cfg.train.epochs, cfg.lc.steps) == (4, 2)
