@@ -20,8 +20,10 @@ trial's compression, test error and ratio (compressions.md / .table.csv).
   pruned; linear low-rank + conv pruned).
 
     python sweeps/lc_mix.py --smoke-test
-    python sweeps/lc_mix.py --num-samples 16 --epochs 12
-    python sweeps/lc_mix.py --preset seed003 --epochs 20 --set lc.steps=10
+    python sweeps/lc_mix.py --num-samples 16       # 6 reference epochs + 12 L steps each
+    python sweeps/lc_mix.py --num-samples 8 --epochs 10 --set lc.steps=6 \
+        --set data.train_subset=20000              # a quicker look
+    python sweeps/lc_mix.py --preset seed003
 """
 
 from __future__ import annotations
@@ -53,12 +55,13 @@ from trainables.plots import pyplot
 NAME = "lc_mix"
 # LeNet-5 at the LC toolkit's widths (conv 20, conv 50, fc 500, fc 10; qsweep's convs are
 # padded, so fc1 is 2450x500 and fc layers hold 97% of the weights); SGD with Nesterov
-# momentum; each L step's lr one-cycle afresh from lr x 0.98^k.
+# momentum; each L step's lr one-cycle afresh from lr x 0.98^k; mu from 1e-3 x 1.8^k to
+# 0.64 (bench/lc_mnist.py's LeNet-5 schedule: w meets Delta(theta) by the last step).
 DEFAULTS = ["data.name=mnist", "model.name=lenet", "model.channels=[20,50]",
             "model.hidden=[500]", "model.kernel_size=5", "optim.name=sgd", "optim.lr=0.05",
             "optim.schedule=onecycle", "data.batch_size=128", "data.val_fraction=0.1",
-            "train.epochs=12", "lc.steps=6", "lc.epochs_per_step=1", "lc.mu0=9e-5",
-            "lc.growth=1.5", "lc.lr_decay=0.98", "lc.linear=codebook:2"]
+            "train.epochs=18", "lc.steps=12", "lc.epochs_per_step=1", "lc.mu0=1e-3",
+            "lc.growth=1.8", "lc.lr_decay=0.98", "lc.linear=codebook:2"]
 SMOKE = ["data.train_subset=2000", "data.test_subset=1000", "train.epochs=2", "lc.steps=1"]
 KINDS = ("none", "codebook", "prune", "lowrank", "int")
 # seed 003's table: each compression alone on every layer, two strengths, then the mixes.

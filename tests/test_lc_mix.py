@@ -30,7 +30,7 @@ def test_help(tmp_path: Path) -> None:
     (["--set", "lc.mu0=0"], "lc.mu0=0.0 is invalid: allowed a value > 0.0"),
     (["--set", "lc.growth=0.5"], "lc.growth=0.5 is invalid"),
     (["--set", "lc.linear=codebook:1"], "codebook:k=1 is invalid"),
-    (["--epochs", "3"], "lc.steps=6 is invalid: allowed at most 3"),
+    (["--epochs", "3"], "lc.steps=12 is invalid: allowed at most 3"),
     (["--set", "lc.layers=fc9=prune:0.1"], "layer 'fc9' is not in the model"),
     (["--preset", "seed002"], "invalid choice"),
 ])
