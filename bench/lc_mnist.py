@@ -52,7 +52,7 @@ ROWS = {
         "pruned to 5%": ["lc.linear=prune:keep=0.05", "lc.conv=prune:keep=0.05"],
         "low-rank alpha=1e-6": ["lc.linear=lowrank:alpha=1e-6"],
         "linear k=2 + conv pruned 10%": ["lc.linear=codebook:2", "lc.conv=prune:keep=0.1"],
-        "linear low-rank + conv pruned 10%": ["lc.linear=lowrank:alpha=1e-5",
+        "linear low-rank + conv pruned 10%": ["lc.linear=lowrank:alpha=1e-6",
                                               "lc.conv=prune:keep=0.1"],
     },
 }
