@@ -57,8 +57,7 @@ def inference(base, repeats: int) -> dict[str, dict[str, float]]:
 
     import compress
     from trainables.data import load_splits
-    from trainables.models import model_for_trial
-    from trainables.stages.prune import macs_of
+    from trainables.models import macs_of, model_for_trial
 
     splits = load_splits(base.data, seed=0)
     shape = (splits.in_channels, splits.image_size, splits.image_size)

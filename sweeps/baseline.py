@@ -18,7 +18,7 @@ from sweeps.cli import (
     main_guard,
     print_summary,
     resume_run_id,
-    tracking_uri,
+    sweep_options,
 )
 from sweeps.runner import run_sweep
 from sweeps.spec import Sweep
@@ -45,12 +45,9 @@ def main() -> int:
     args = parser.parse_args()
     base = base_config(args, DEFAULTS, SMOKE)
     num_samples = min(args.num_samples, 4) if args.smoke_test else args.num_samples
-    sweep = Sweep(name="baseline", base=base, space=space, num_samples=num_samples,
-                  max_concurrent=args.max_concurrent, metric=METRIC, mode=MODE,
-                  seed=args.seed, tracking_uri=tracking_uri(args),
-                  storage_path=args.storage_path, address=args.address,
+    sweep = Sweep(base=base, space=space, num_samples=num_samples, metric=METRIC, mode=MODE,
                   resume_run_id=resume_run_id(args, "baseline", "search"),
-                  auto_gpus=args.gpus_per_trial == "auto", max_failures=args.max_failures)
+                  **sweep_options(args, "baseline"))
     print_summary(run_sweep(sweep))
     return 0
 

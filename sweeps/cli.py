@@ -14,8 +14,8 @@ from sweeps.tracking import default_tracking_uri, existing_store
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import DataNotFoundError
 
-__all__ = ["common_parser", "add_trial_flags", "base_config", "tracking_uri", "print_summary",
-           "main_guard", "resume_run_id", "resume_command"]
+__all__ = ["common_parser", "add_trial_flags", "base_config", "tracking_uri", "sweep_options",
+           "print_summary", "main_guard", "resume_run_id", "resume_command"]
 
 
 def common_parser(description: str, num_samples: int, max_concurrent: int,
@@ -188,6 +188,14 @@ def check_trial_fits(args: argparse.Namespace, cfg: TrialConfig) -> None:
             f"{t.num_workers * _units(per_worker) / RAY_UNITS:g} {kind} per trial (Ray counts "
             f"1/{RAY_UNITS} units); {where} has {have}: allowed "
             f"num_workers x {field_name} <= {have}{hint}, or --address of a larger cluster")
+
+
+def sweep_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The :class:`~sweeps.spec.Sweep` fields every script takes from the common flags."""
+    return dict(name=name, max_concurrent=args.max_concurrent, seed=args.seed,
+                tracking_uri=tracking_uri(args), storage_path=args.storage_path,
+                address=args.address, auto_gpus=args.gpus_per_trial == "auto",
+                max_failures=args.max_failures)
 
 
 def tracking_uri(args: argparse.Namespace) -> str:

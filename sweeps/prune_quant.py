@@ -40,14 +40,14 @@ from sweeps.cli import (
     main_guard,
     print_summary,
     resume_run_id,
-    tracking_uri,
+    sweep_options,
 )
 from sweeps.quant_bits import fp32_bytes, pareto_front
 from sweeps.runner import run_sweep
 from sweeps.spec import Sweep
 from sweeps.tracking import SweepTracker, rows_to_markdown
 from trainables.config import TrialConfig
-from trainables.plots import pyplot
+from trainables.plots import pyplot, save_figure
 
 NAME = "prune_quant"
 # quant_bits' model, data and PTQ default, pruned, INT8 per-channel unless searched.
@@ -144,12 +144,7 @@ def plot_front(rows: list[dict[str, Any]], front: list[dict[str, Any]], path: Pa
     ax.set_xscale("log")
     ax.set_xlabel("packed bytes")
     ax.set_ylabel("validation accuracy, pruned + quantized")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -168,10 +163,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _sweep(args: argparse.Namespace, base: TrialConfig) -> Sweep:
-    common = dict(name=NAME, base=base, max_concurrent=args.max_concurrent,
-                  seed=args.seed, tracking_uri=tracking_uri(args),
-                  storage_path=args.storage_path, address=args.address,
-                  auto_gpus=args.gpus_per_trial == "auto", max_failures=args.max_failures)
+    common = dict(base=base, **sweep_options(args, NAME))
     if args.preset == "seed004":
         points = tuple({"prune.final_sparsity": s} for s in (0.6, 0.7))
         return Sweep(points=points, metric="val_acc_q", mode="max",

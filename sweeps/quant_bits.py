@@ -44,13 +44,13 @@ from sweeps.cli import (
     main_guard,
     print_summary,
     resume_run_id,
-    tracking_uri,
+    sweep_options,
 )
 from sweeps.runner import run_sweep
 from sweeps.spec import Sweep
 from sweeps.tracking import SweepTracker, rows_to_markdown
 from trainables.config import ConfigError, TrialConfig
-from trainables.plots import pyplot
+from trainables.plots import pyplot, save_figure
 
 NAME = "quant_bits"
 DEFAULTS = ["data.name=mnist", "model.name=lenet", "model.channels=[16,32]",
@@ -167,12 +167,7 @@ def plot_pareto(rows: list[dict[str, Any]], front: list[dict[str, Any]], path: P
     ax.set_xscale("log")
     ax.set_xlabel("packed bytes")
     ax.set_ylabel("validation accuracy, quantized")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)
 
 
 def describe(config: dict[str, Any]) -> str:
@@ -228,20 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.objective == "budget":
         budget = args.byte_budget or fp32 // 8
         base = base.replace({"quant.byte_budget": budget})
-        sweep = Sweep(name=NAME, base=base, space=space, num_samples=args.num_samples,
-                      max_concurrent=args.max_concurrent, metric="budget_score", mode="max",
-                      seed=args.seed, tracking_uri=tracking_uri(args),
-                      storage_path=args.storage_path, address=args.address,
-                      resume_run_id=resume, auto_gpus=args.gpus_per_trial == "auto",
-                      max_failures=args.max_failures)
+        sweep = Sweep(base=base, space=space, num_samples=args.num_samples,
+                      metric="budget_score", mode="max", resume_run_id=resume,
+                      **sweep_options(args, NAME))
     else:
-        sweep = Sweep(name=NAME, base=base, space=space, num_samples=args.num_samples,
-                      max_concurrent=args.max_concurrent, metric="val_acc_q", mode="max",
+        sweep = Sweep(base=base, space=space, num_samples=args.num_samples,
+                      metric="val_acc_q", mode="max",
                       objectives=(("val_acc_q", "max"), ("packed_bytes", "min")),
-                      seed=args.seed, tracking_uri=tracking_uri(args),
-                      storage_path=args.storage_path, address=args.address,
-                      resume_run_id=resume, auto_gpus=args.gpus_per_trial == "auto",
-                      max_failures=args.max_failures)
+                      resume_run_id=resume, **sweep_options(args, NAME))
     outcome = run_sweep(sweep)
     print_summary(outcome)
     front = pareto_front(outcome.rows)

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from compress import lowrank
-from trainables.models import MLP, LeNet
-from trainables.stages.prune import macs_of
+from trainables.models import MLP, LeNet, macs_of
 
 
 @pytest.mark.parametrize("layer, x", [

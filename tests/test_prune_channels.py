@@ -86,7 +86,7 @@ def test_exact_channel_counts_lowest_l2_norms_and_masks_only_grow() -> None:
 def test_the_cut_model_computes_what_the_masked_one_did(build, shape) -> None:
     """Fewer parameters and MACs, the same outputs (float32 rounding), and a fresh model
     cut to the saved shapes loads the weights and gives the same outputs again."""
-    from trainables.stages.prune import macs_of
+    from trainables.models import macs_of
 
     torch.manual_seed(0)
     x = torch.randn(8, *shape)
@@ -119,7 +119,7 @@ def test_the_cut_model_computes_what_the_masked_one_did(build, shape) -> None:
 def test_resnet20_at_half_its_channels_has_fewer_parameters_and_macs() -> None:
     """A channel-pruned ResNet-20 (half of every block's inner channels) runs; parameters
     and MACs fall by about a third (the inner convs are half the network)."""
-    from trainables.stages.prune import macs_of
+    from trainables.models import macs_of
 
     x = torch.randn(2, 3, 32, 32)
     model = _warm(CifarResNet(20, 3, 10), x)

@@ -27,7 +27,7 @@ from torch import nn
 from trainables.config import ModelConfig, TrialConfig
 
 __all__ = ["build_model", "model_for_trial", "model_for_packed", "data_shape_of",
-           "example_input", "MLP", "LeNet", "CifarResNet"]
+           "example_input", "macs_of", "MLP", "LeNet", "CifarResNet"]
 
 SMALL_IMAGE = 64
 
@@ -211,3 +211,18 @@ def data_shape_of(cfg: TrialConfig) -> tuple[int, int, int]:
 
     splits = load_splits(cfg.data, seed=cfg.train.seed)
     return (splits.in_channels, splits.image_size, splits.num_classes)
+
+
+def macs_of(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass at batch 1 (torch.utils.flop_counter:
+    FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(example)
+    finally:
+        model.train(training)
+    return counter.get_total_flops() // 2

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["pyplot", "plot_weight_histograms", "plot_confusion"]
+__all__ = ["pyplot", "save_figure", "plot_weight_histograms", "plot_confusion"]
 
 
 def pyplot() -> Any:
@@ -26,6 +26,17 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, ax: Any, path: Path) -> Path:
+    """A light grid and small legend on ``ax``, then ``fig`` written to ``path`` and
+    closed (the ending every scatter-with-front plot shares)."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return path
 
 
 def plot_weight_histograms(floats: dict[str, torch.Tensor], model: nn.Module,

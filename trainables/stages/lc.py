@@ -48,6 +48,7 @@ import quant
 from compress.lc import LC, Compression, layer_weight, parse_compression, parse_layer_map
 from compress.lowrank import factorize_
 from trainables.config import ConfigError, TrialConfig
+from trainables.models import macs_of
 from trainables.stages.base import (
     Stage,
     StageContext,
@@ -56,7 +57,6 @@ from trainables.stages.base import (
     fp32_bytes,
     nonfinite_params,
 )
-from trainables.stages.prune import macs_of
 
 __all__ = ["LCStage", "build_lc_stage", "lc_tasks", "encode_compressed_"]
 
@@ -232,7 +232,7 @@ class LCStage(Stage):
         metrics["compression_ratio"] = metrics["fp32_bytes"] / metrics["packed_bytes"]
         metrics["params"] = sum(p.numel() for p in model.parameters())
         if self.example is not None:
-            metrics["macs"] = macs_of(model, self.example.to(_device_of(model)))
+            metrics["macs"] = macs_of(model, self.example.to(self.device))
         chance = 1.0 / ctx.data_shape[2]
         metrics["efficiency_score"] = metrics["compression_ratio"] * max(
             0.0, (metrics["test_acc_lc"] - chance) / (1.0 - chance))
@@ -241,10 +241,6 @@ class LCStage(Stage):
                 {"layers": describe_layers(self.lc, model), **metrics,
                  "data_shape": list(ctx.data_shape)}, indent=1))
         return metrics
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def encode_compressed_(model: nn.Module, lc: LC) -> nn.Module:

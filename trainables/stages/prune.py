@@ -46,6 +46,7 @@ import quant
 from compress import channels
 from compress.prune import masked_layers
 from trainables.config import ConfigError, TrialConfig
+from trainables.models import macs_of
 from trainables.stages.base import (
     Stage,
     StageContext,
@@ -178,21 +179,6 @@ def _cut_channel_state(p: nn.Module, kept: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def macs_of(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass at batch 1 (torch.utils.flop_counter:
-    FLOPs / 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(example)
-    finally:
-        model.train(training)
-    return counter.get_total_flops() // 2
-
-
 def check_prunable(prune: Any, model: nn.Module, example: torch.Tensor | None = None
                    ) -> list[str]:
     """The layers ``prune`` (the config section) masks in ``model``; a ConfigError naming
