@@ -60,7 +60,7 @@ from torch import nn
 from compress.lowrank import select_rank
 
 __all__ = ["Compression", "COMPRESSIONS", "parse_compression", "parse_layer_map", "project",
-           "LC"]
+           "LC", "layer_weight"]
 
 # kind -> (its fields, the main field ``kind:value`` sets)
 COMPRESSIONS: dict[str, tuple[tuple[str, ...], str | None]] = {

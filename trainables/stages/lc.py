@@ -238,7 +238,7 @@ class LCStage(Stage):
             0.0, (metrics["test_acc_lc"] - chance) / (1.0 - chance))
         if ctx.is_chief:
             (ctx.out_dir / "lc.json").write_text(json.dumps(
-                {"layers": describe_layers(self.lc, model), **metrics,
+                {"layers": describe_layers(self.lc), **metrics,
                  "data_shape": list(ctx.data_shape)}, indent=1))
         return metrics
 
@@ -271,7 +271,7 @@ def encode_compressed_(model: nn.Module, lc: LC) -> nn.Module:
     return factorize_(model, ranks)
 
 
-def describe_layers(lc: LC, model: nn.Module) -> dict[str, dict[str, Any]]:
+def describe_layers(lc: LC) -> dict[str, dict[str, Any]]:
     """Per compressed layer: its compression, rank, non-zeros and distinct values."""
     out = {}
     ranks = lc.ranks()
