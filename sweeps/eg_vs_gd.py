@@ -15,7 +15,8 @@ model's accuracy); ``--set optim.bias_mode=all`` applies each optimizer to every
 parameter, biases included, as the research code (seed 000) did.
 
     python sweeps/eg_vs_gd.py --smoke-test            # MNIST + MLP, tiny subset, minutes
-    python sweeps/eg_vs_gd.py                         # everything, full data (1.5 h, 2 cores)
+    python sweeps/eg_vs_gd.py                         # everything, full data (2 cores)
+    python sweeps/eg_vs_gd.py --rungs none            # no early stopping: every point to the end
     python sweeps/eg_vs_gd.py --datasets mnist --optimizers gd eg --models cnn
     ray submit cluster/gpu.yaml sweeps/eg_vs_gd.py -- --max-concurrent 16  # GPUs: auto
 """
@@ -37,7 +38,10 @@ PAIRS = (("eg", "gd"), ("eg", "gd_sign"), ("gd_sign", "gd"), ("egpm", "gd"),
          ("adam_eg", "adam_gd"), ("lns_madam", "madam"))
 DATASETS = ("mnist", "fashion_mnist")
 MODELS = {"mlp": ["model.name=mlp", "model.widths=[256,128]"],
-          "cnn": ["model.name=lenet", "model.channels=[16,32]", "model.hidden=[128]"]}
+          # Channels-last: a LeNet step is ~1.6x faster on this CPU (max-pooling in the
+          # default layout takes a third of it; bench/trial_overhead.py --layout).
+          "cnn": ["model.name=lenet", "model.channels=[16,32]", "model.hidden=[128]",
+                  "train.channels_last=true"]}
 # Learning-rate ranges (log-uniform). Multiplicative lrs are relative changes per step,
 # additive ones absolute: the ranges differ by orders of magnitude. Calibrated by one
 # epoch on 20k MNIST images (closing note of the optimizers issue); lns_madam needs
@@ -79,6 +83,16 @@ def _no_op(key: tuple[str, ...], args: argparse.Namespace) -> dict[str, str]:
     return {} if changed else NO_OP.get(key[-1], {})
 
 
+def _rungs(text: str) -> tuple[int, ...] | str:
+    if text in ("auto", "none"):
+        return "auto" if text == "auto" else ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--rungs={text!r} is invalid: allowed auto, none or epochs like 1,2") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common_parser(__doc__.splitlines()[0], num_samples=8, max_concurrent=2, epochs=3)
     parser.add_argument("--datasets", nargs="+", default=None, choices=DATASETS,
@@ -89,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         choices=OPTIMIZERS)
     parser.add_argument("--seeds", type=int, default=3,
                         help="re-runs of each cell's picked config, with seeds seed+1..seed+N")
+    parser.add_argument("--rungs", default="auto", type=_rungs, metavar="auto|none|E,E",
+                        help="each cell's search: synchronous successive halving, the "
+                             "epochs at which its points are ranked and the better half go "
+                             "on (auto: 1,2 for 8 points over 3 epochs); none: every point "
+                             "to its last epoch")
     parser.add_argument("--report-from", default=None, metavar="RUN_ID",
                         help="train nothing: rebuild the table and plots of this finished "
                              "study run from its MLflow runs and Tune folders")
@@ -123,7 +142,7 @@ def study(args: argparse.Namespace) -> Study:
         name=STUDY, cells=tuple(cells), key_names=("dataset", "model", "optimizer"),
         num_samples=args.num_samples, seeds=args.seeds, seed=args.seed,
         extra_metrics=ROUNDED, pairs=PAIRS, notes=lambda key: _no_op(key, args),
-        max_concurrent=args.max_concurrent,
+        max_concurrent=args.max_concurrent, rungs=args.rungs,
         tracking_uri=tracking_uri(args), storage_path=args.storage_path, address=args.address,
         resume_run_id=resume_run_id(args, STUDY, "study"),
         auto_gpus=args.gpus_per_trial == "auto", max_failures=args.max_failures,

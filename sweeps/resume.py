@@ -117,21 +117,22 @@ def nested_run_of_folder(tracker: SweepTracker, parent: str, folder: str) -> Any
 
 
 def resume_or_restart(tracker: SweepTracker, storage_path: str, earlier: Any | None,
-                      folder: str) -> str | None:
+                      folder: str, afresh: bool = False) -> str | None:
     """The unfinished sweep run (``earlier``) to resume in a resumed study; None to run it
-    afresh (none yet, or interrupted before Tune saved a state with a trial: that run ends
-    KILLED, saying so, and its folder, which nothing can restore, is cleared)."""
+    afresh (none yet, ``afresh`` asked, or interrupted before Tune saved a state with a
+    trial: that run ends KILLED, saying so, and its folder is cleared)."""
     if earlier is None:
         return None
     path = Path(storage_path).resolve() / folder
     if not path.exists():
         raise ConfigError(f"--resume: the study's Tune folder {path} is missing (was "
                           "--storage-path different?); allowed the --storage-path it ran with")
-    if restorable(path):
+    if restorable(path) and not afresh:
         return earlier.info.run_id
-    tracker.set_tags(earlier.info.run_id, {"mlflow.note.content": "Interrupted before Tune "
-                     "saved a state with a trial in it; the resumed study ran this sweep "
-                     "again as a new run."})
+    why = ("Interrupted; its successive-halving decisions are not in Tune's saved state"
+           if afresh else "Interrupted before Tune saved a state with a trial in it")
+    tracker.set_tags(earlier.info.run_id, {"mlflow.note.content": f"{why}; the resumed "
+                     "study ran this sweep again as a new run."})
     tracker.end_run(earlier.info.run_id, "KILLED")
     shutil.rmtree(path, ignore_errors=True)
     return None

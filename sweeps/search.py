@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from ray.tune.search.optuna import OptunaSearch
 
+from sweeps.halving import SynchronousHalving
 from sweeps.init_weights import absolute_paths
 from sweeps.samplers import NSGAIISampler, TPESampler
 from sweeps.spec import SPACE_PREFIX, SpaceFn, Sweep
@@ -105,6 +106,13 @@ def build_search(sweep: Sweep, base: TrialConfig) -> tuple[Any, Any, int]:
 
     if sweep.points:
         points = [absolute_paths(base.replace(p)).to_flat() for p in sweep.points]
+        if sweep.rungs:
+            # No limit in the generator: it counts paused trials as running, and the
+            # trials waiting at a rung would hold back the rest. The cluster's CPUs limit.
+            return (BasicVariantGenerator(points_to_evaluate=points),
+                    SynchronousHalving(sweep.metric, sweep.mode, sweep.rungs,
+                                       int(sweep.reduction_factor), len(points)),
+                    len(points))
         # Its own limit: Tune ignores max_concurrent_trials for this search algorithm
         # ("max_concurrent_trials will be ignored") and would start every point at once.
         return (BasicVariantGenerator(points_to_evaluate=points,
@@ -144,6 +152,11 @@ def fixed_config(sweep: Sweep, base: TrialConfig) -> TrialConfig:
 
 def describe_search(sweep: Sweep) -> tuple[str, str]:
     """(searcher, scheduler) as the sweep run's params say them."""
+    if sweep.points and sweep.rungs:
+        return "points (each as given)", (
+            f"synchronous successive halving (rungs at epochs "
+            f"{', '.join(map(str, sweep.rungs))}; the best 1/{sweep.reduction_factor:g} of "
+            "the points go on, ties to the earlier point)")
     if sweep.points:
         return "points (each as given)", "FIFO (every trial to its last epoch)"
     if sweep.objectives:

@@ -64,6 +64,9 @@ class Sweep:
     # ``metric`` stays the column the table and the best_* summary use.
     objectives: tuple[tuple[str, str], ...] = ()
     early_stopping: bool = True  # ASHA for a space search; False: every trial to the end
+    # Points only: synchronous successive halving (sweeps.halving) at these epochs, the
+    # best 1/reduction_factor going on at each; (): every point to its last epoch.
+    rungs: tuple[int, ...] = ()
     tags: Mapping[str, str] = field(default_factory=dict)  # more tags on the sweep's run
     params: Mapping[str, Any] = field(default_factory=dict)  # more params on the sweep's run
     # The sweep run's name in MLflow (default: run_name, which also names the Tune folder;
@@ -81,6 +84,19 @@ class Sweep:
     # folder is restored (finished trials are not re-run, the searcher keeps its
     # history) and its MLflow runs are reused.
     resume_run_id: str | None = None
+
+    def _check_rungs(self) -> None:
+        epochs = self.base.train.epochs
+        if not self.points:
+            raise ConfigError("rungs is invalid for a searched space: allowed with points "
+                              "(a space search stops early through ASHA)")
+        if list(self.rungs) != sorted(set(self.rungs)) or not 1 <= self.rungs[0] or \
+                self.rungs[-1] >= epochs:
+            raise ConfigError(f"rungs={list(self.rungs)} is invalid: allowed increasing "
+                              f"epochs from 1 to train.epochs - 1 ({epochs - 1})")
+        if self.reduction_factor != int(self.reduction_factor):
+            raise ConfigError(f"reduction_factor={self.reduction_factor} is invalid with "
+                              "rungs: allowed a whole number >= 2")
 
     @property
     def phase(self) -> str:
@@ -103,6 +119,8 @@ class Sweep:
         if self.reduction_factor <= 1:
             raise ConfigError(f"reduction_factor={self.reduction_factor} is invalid: "
                               "allowed > 1")
+        if self.rungs:
+            self._check_rungs()
         for metric, mode in self.objectives:
             if mode not in ("max", "min"):
                 raise ConfigError(f"objective {metric} mode={mode!r} is invalid: allowed max "

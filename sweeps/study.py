@@ -152,6 +152,11 @@ class Study:
     # Go on with this interrupted study run: finished cells are read back (not re-run),
     # the interrupted one resumes, the rest run.
     resume_run_id: str | None = None
+    # Synchronous successive halving in each cell's search (sweeps.halving): the epochs
+    # at which its points are ranked and the best 1/reduction go on; "auto": halve down
+    # to 2 finishers (8 points over 3 epochs: rungs 1, 2); (): every point to the end.
+    rungs: tuple[int, ...] | str = "auto"
+    reduction: int = 2
 
     def __post_init__(self) -> None:
         if not self.cells:
@@ -167,6 +172,21 @@ class Study:
                                   f"{len(self.key_names)} parts ({', '.join(self.key_names)})")
         if not self.pick_within >= 0:
             raise ConfigError(f"pick_within={self.pick_within} is invalid: allowed >= 0")
+        if self.reduction < 2:
+            raise ConfigError(f"reduction={self.reduction} is invalid: allowed >= 2")
+        if isinstance(self.rungs, str) and self.rungs != "auto":
+            raise ConfigError(f"rungs={self.rungs!r} is invalid: allowed 'auto' or epochs")
+
+    def cell_rungs(self, cell: Cell) -> tuple[int, ...]:
+        """The rungs of a cell's search (its epochs decide the automatic ones)."""
+        if self.rungs != "auto":
+            return tuple(self.rungs)
+        return auto_rungs(self.num_samples, cell.base.train.epochs, self.reduction)
+
+    @property
+    def design(self) -> str:
+        halving = self.rungs == "auto" or bool(self.rungs)
+        return "sobol+halving" if halving else "sobol+fifo"
 
     def validate(self) -> None:
         """Every config the study will run is valid, and its data exists: before Ray."""
@@ -174,12 +194,27 @@ class Study:
             try:
                 validate_points(cell.base, tuple(cell.space.points(self.num_samples,
                                                                    self.seed)))
+                rungs = self.cell_rungs(cell)
+                if rungs:  # checked as the cell's sweep will be
+                    _sweep(self, base=cell.base, points=({},), rungs=rungs,
+                           reduction_factor=self.reduction)
             except ConfigError as exc:
                 raise ConfigError(f"cell {cell.label}: {exc}") from None
         for data in {cell.base.data for cell in self.cells}:
             prepare_data(data)
         for cell in self.cells:  # train.init_from: the file, and that it fits the model
             check_initial_weights(absolute_paths(cell.base), ())
+
+
+def auto_rungs(points: int, epochs: int, reduction: int = 2) -> tuple[int, ...]:
+    """Rungs that halve ``points`` down to two finishers (at least one halving), spaced
+    geometrically over ``epochs`` (epochs / reduction^k, rounded up); () where training
+    is one epoch long."""
+    if points < 2:
+        return ()
+    halvings = max(1, math.floor(math.log(max(points, 1), reduction) + 1e-9) - 1)
+    rungs = {math.ceil(epochs / reduction ** k) for k in range(1, halvings + 1)}
+    return tuple(sorted(r for r in rungs if 1 <= r < epochs))
 
 
 def run_study(study: Study) -> StudyOutcome:
@@ -194,7 +229,8 @@ def run_study(study: Study) -> StudyOutcome:
             params={"study.num_samples": study.num_samples, "study.seeds": study.seeds,
                     "study.seed": study.seed, "study.search_metric": study.search_metric,
                     "study.metric": study.metric, "study.pick_within": study.pick_within,
-                    "study.backoff_key": study.backoff_key, "study.design": "sobol+fifo",
+                    "study.backoff_key": study.backoff_key, "study.design": study.design,
+                    "study.rungs": str(study.rungs), "study.reduction": study.reduction,
                     "study.cells": len(study.cells), **study.params},
             tags={"sweep": study.name, "kind": "study", "stamp": stamp})
     lock = driver_lock(Path(study.storage_path).resolve() / f"{study.name}-{stamp}.lock",
@@ -231,6 +267,17 @@ def _prune_search_checkpoints(study: Study, stamp: str) -> None:
               flush=True)
 
 
+def search_base(study: Study, cell: Cell) -> TrialConfig:
+    """A cell's config for its search trials. Choosing on a validation split, they skip
+    what only the seed re-runs report: the test split after every epoch and the end
+    stages' evaluations (weight rounding). The picked config gets them back
+    (``study_results.SEARCH_ONLY``)."""
+    if not study.search_metric.startswith("val_") or cell.base.data.val_fraction == 0:
+        return cell.base
+    return cell.base.replace({"evaluate.weight_rounding": (),
+                              "evaluate.test_each_epoch": False})
+
+
 def _sweep(study: Study, **kwargs: Any) -> Sweep:
     return Sweep(name=study.name, max_concurrent=study.max_concurrent,
                  auto_gpus=study.auto_gpus, max_failures=study.max_failures,
@@ -253,13 +300,18 @@ def _search_cells(study: Study, tracker: SweepTracker, parent: str, stamp: str
                                         configs, earlier.data.tags.get("picked_trial_id")))
             print(f"finished before the interrupt: read back from {folder}", flush=True)
             continue
+        rungs = study.cell_rungs(cell)
         try:
             outcome = run_sweep(_sweep(
-                study, base=cell.base, points=points, metric=study.search_metric,
+                study, base=search_base(study, cell), points=points,
+                metric=study.search_metric, rungs=rungs, reduction_factor=study.reduction,
                 kind="search", tags={"cell": cell.label}, parent_run_id=parent,
                 run_name=folder, title=f"search {cell.label}",
                 params=_design_params(study, cell), log_checkpoints=False,
-                resume_run_id=resume_or_restart(tracker, study.storage_path, earlier, folder)))
+                # Halving's rung decisions are not in Tune's saved state: such a cell
+                # runs again from its start.
+                resume_run_id=resume_or_restart(tracker, study.storage_path, earlier, folder,
+                                                afresh=bool(rungs))))
         except RuntimeError as exc:  # every trial failed: record it, go on with the rest
             print(f"cell {cell.label} failed: {exc}", flush=True)
             continue

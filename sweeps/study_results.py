@@ -38,7 +38,12 @@ from trainables.sessions import load_state_file
 if TYPE_CHECKING:  # the study module imports this one
     from sweeps.study import Study
 
-__all__ = ["StudyOutcome", "pick_config", "cell_result", "with_searched", "restored_rows",
+# Config fields a study's search trials set otherwise than the cell (sweeps.study's
+# search_base): they score only the validation split.
+SEARCH_ONLY = ("evaluate.weight_rounding", "evaluate.test_each_epoch")
+
+__all__ = ["SEARCH_ONLY", "StudyOutcome", "pick_config", "cell_result", "with_searched",
+           "restored_rows",
            "add_seed_results", "report", "report_from"]
 
 
@@ -99,7 +104,10 @@ def cell_result(study: Study, key: tuple[str, ...], rows: list[dict[str, Any]],
                                               _or_inf(r.get(study.search_metric))))
         picked_id = picked["trial_id"]
     cell = next(c for c in study.cells if c.key == key)
-    return CellResult(key, rows, dict(configs[picked_id]), picked_trial_id=picked_id,
+    # What the search left out (sweeps.study.search_base) comes back for the re-runs.
+    picked = {**configs[picked_id], **{k: v for k, v in cell.base.to_flat().items()
+                                       if k in SEARCH_ONLY}}
+    return CellResult(key, rows, picked, picked_trial_id=picked_id,
                       chance=_chance(cell.base.data), asked=study.seeds)
 
 

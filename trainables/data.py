@@ -62,7 +62,8 @@ class Splits:
         return int(self.train.x.shape[-1])
 
     def loader(self, split: str, batch_size: int, device: torch.device, seed: int,
-               rank: int = 0, world_size: int = 1) -> "BatchLoader":
+               rank: int = 0, world_size: int = 1, channels_last: bool = False
+               ) -> "BatchLoader":
         arrays = {"train": self.train, "val": self.val, "test": self.test,
                   "extra": self.extra}[split]
         if arrays is None:
@@ -71,7 +72,8 @@ class Splits:
         training = split == "train"
         return BatchLoader(arrays, batch_size, self.mean, self.std, device, seed=seed,
                            shuffle=training, augment=training and self.augment,
-                           drop_uneven=training, rank=rank, world_size=world_size)
+                           drop_uneven=training, rank=rank, world_size=world_size,
+                           channels_last=channels_last)
 
 
 def _subset(arrays: Arrays, n: int, generator: torch.Generator) -> Arrays:
@@ -149,13 +151,14 @@ class BatchLoader:
     def __init__(self, arrays: Arrays, batch_size: int, mean: tuple[float, ...],
                  std: tuple[float, ...], device: torch.device, seed: int = 0,
                  shuffle: bool = False, augment: bool = False, drop_uneven: bool = False,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, channels_last: bool = False) -> None:
         self.x = arrays.x.to(device)
         self.y = arrays.y.to(device)
         self.batch_size, self.seed = batch_size, seed
         self.shuffle, self.augment = shuffle, augment
         self.rank, self.world_size = rank, world_size
         self.drop_uneven = drop_uneven
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         # (x/255 - mean)/std folded into one multiply-add per pixel.
@@ -194,7 +197,8 @@ class BatchLoader:
             x = self.x[index]
             if self.augment:
                 x = random_crop_flip(x, padding=4, generator=g)
-            yield torch.addcmul(self.shift, x.float(), self.scale), self.y[index]
+            x = torch.addcmul(self.shift, x.float(), self.scale)
+            yield x.contiguous(memory_format=self.memory_format), self.y[index]
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:

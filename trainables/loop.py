@@ -169,12 +169,17 @@ class _Trainer:
         torch.manual_seed(cfg.train.seed)  # model init is identical on every rank
         self.splits = load_splits(cfg.data, seed=cfg.train.seed)
         model = model_for_trial(cfg, self._data_shape()).to(self.device)
+        if cfg.train.channels_last:  # 4-d weights; the inputs follow in the loaders
+            model = model.to(memory_format=torch.channels_last)
         # Before the stages (QAT re-parametrizes the weights); not when resuming: the
         # trial's own checkpoint replaces them (and the source may be gone by then).
         if cfg.train.init_from and not resuming:
             load_initial_weights(model, cfg.train.init_from)
         self.train_loader = self._loader("train", cfg.data.batch_size)
         self.eval_loaders = {"test": self._loader("test", cfg.data.test_batch_size)}
+        # Scored after each epoch (the stages may score any of eval_loaders at the end).
+        self.epoch_splits = [s for s in ("test", "val", "extra")
+                             if s != "test" or cfg.evaluate.test_each_epoch]
         if self.splits.val is not None:
             self.eval_loaders["val"] = self._loader("val", cfg.data.test_batch_size)
         if self.splits.extra is not None:
@@ -211,7 +216,8 @@ class _Trainer:
     def _loader(self, split: str, batch_size: int) -> BatchLoader:
         return self.splits.loader(split, batch_size, self.device, seed=self.cfg.train.seed,
                                   rank=self.session.world_rank,
-                                  world_size=self.session.world_size)
+                                  world_size=self.session.world_size,
+                                  channels_last=self.cfg.train.channels_last)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -294,8 +300,10 @@ class _Trainer:
                                    "train_acc": train_acc, "lr": lr}
         # Steps the optimizer skipped for an inf/NaN gradient this epoch (optim.base).
         metrics["skipped_steps"] = getattr(self.optimizer, "skipped_steps", 0) - skipped
-        for split, loader in self.eval_loaders.items():
-            metrics[f"{split}_loss"], metrics[f"{split}_acc"] = self.evaluate(loader)
+        for split in self.epoch_splits:
+            if split in self.eval_loaders:
+                metrics[f"{split}_loss"], metrics[f"{split}_acc"] = \
+                    self.evaluate(self.eval_loaders[split])
         metrics.update(train_seconds=train_seconds, images_per_s=n / max(train_seconds, 1e-9),
                        epoch_seconds=time.perf_counter() - epoch_start)
         if self.diverged_at is not None:

@@ -45,8 +45,9 @@ class MLflowSweepCallback(Callback):
 
     def __init__(self, tracker: SweepTracker, log_checkpoint: bool = True,
                  varied: Iterable[str] = (), phase: str = "search",
-                 resumed: Mapping[str, Any] | None = None) -> None:
+                 resumed: Mapping[str, Any] | None = None, stopper: str = "ASHA") -> None:
         self.tracker = tracker
+        self.stopper = stopper  # the scheduler that stops trials early, as runs name it
         self.log_checkpoint = log_checkpoint
         self.varied = tuple(varied)
         self.phase = phase
@@ -179,8 +180,8 @@ class MLflowSweepCallback(Callback):
         epochs = len(self.histories.get(trial.trial_id, []))
         planned = int(trial.config.get("train.epochs", 0))
         if status == "KILLED":
-            return {"stopped_early": f"ASHA at epoch {epochs}",
-                    "mlflow.note.content": f"Stopped early by the ASHA scheduler at epoch "
+            return {"stopped_early": f"{self.stopper} at epoch {epochs}",
+                    "mlflow.note.content": f"Stopped early by {self.stopper} at epoch "
                     f"{epochs} of {planned}: its result ranked below the cut of that rung. "
                     "Not an error."}
         if status == "FAILED" and self.diverged(trial):

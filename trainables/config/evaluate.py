@@ -18,10 +18,15 @@ class EvaluateConfig(Section):
     ``weight_rounding``: number formats (``lns8``, ``lns4``) to round every 2+-dim weight
     tensor to (weight-only post-training rounding, scale = max |w| per tensor); each adds
     the metric ``test_acc_<format>`` and the file ``weight_rounding.json``.
+
+    ``test_each_epoch``: score the test split after every epoch (``test_loss``,
+    ``test_acc``). False: only the stages score it, at the end (a study's search trials,
+    which choose on the validation split, skip it); needs ``data.val_fraction > 0``.
     """
 
     section: ClassVar[str] = "evaluate"
     weight_rounding: tuple[str, ...] = ()
+    test_each_epoch: bool = True
 
     def _validate(self) -> None:
         for i, name in enumerate(self.weight_rounding):

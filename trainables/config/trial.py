@@ -67,6 +67,9 @@ class TrialConfig:
                 fail("prune.schedule", self.prune.schedule, "none with lc (LC prunes "
                      "through its own C step: lc.conv / lc.linear = prune:keep=F)")
             self.lc.check_epochs(self.train.epochs, self.train.init_from)
+        if not self.evaluate.test_each_epoch and self.data.val_fraction == 0:
+            fail("evaluate.test_each_epoch", False, "true unless data.val_fraction > 0 "
+                 "(the validation split must score the epochs)")
 
     # -- construction -------------------------------------------------------------------
     @classmethod

@@ -1,0 +1,181 @@
+"""Synchronous successive halving over a fixed list of points: early stopping whose
+decisions do not depend on which trial finished first.
+
+Every point trains to the first rung (an epoch count); only when all of them are there
+(or ended: diverged, failed) are they ranked by the metric, ties broken by the point's
+index, and the better ``1/reduction`` (rounded up) go on to the next rung; the rest stop.
+Trials that reach a rung early wait there, paused (Tune keeps their last checkpoint and
+resumes them from it, to the same numbers as an uninterrupted run). The decisions depend
+only on the metrics at each rung, so the same points give the same survivors whatever
+the order the trials ran in, the machine's speed or the number running at once.
+
+ASHA (asynchronous) promotes a trial as soon as it beats the trials that reached its
+rung *so far*: a slow starter could be stopped in one run and promoted in another.
+
+Example::
+
+    scheduler = SynchronousHalving("val_acc", "max", rungs=(1, 2), reduction=2, trials=8)
+    # 8 points: all train 1 epoch, the best 4 a second, the best 2 to the end.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
+
+__all__ = ["SynchronousHalving", "point_index", "survivors", "halving_epochs"]
+
+
+def point_index(trial: Any) -> int:
+    """The trial's place in the sweep's points: Tune numbers trials in the order its
+    search algorithm created them (``<experiment>_00003``), and restores keep the id."""
+    return int(str(trial.trial_id).rsplit("_", 1)[-1])
+
+
+def survivors(scores: dict[int, float], cohort: int, reduction: int, mode: str
+              ) -> list[int]:
+    """The point indices that go on from a rung: of ``scores`` (index -> metric at the
+    rung; non-finite is worst), the best ``ceil(cohort / reduction)`` finite ones, ties
+    to the lower index."""
+    keep = max(1, math.ceil(cohort / reduction))
+    sign = -1.0 if mode == "max" else 1.0
+    ranked = sorted((i for i, v in scores.items() if math.isfinite(v)),
+                    key=lambda i: (sign * scores[i], i))
+    return sorted(ranked[:keep])
+
+
+def halving_epochs(points: int, rungs: tuple[int, ...], reduction: int, epochs: int) -> int:
+    """Epochs trained in all, every point to the first rung, the survivors onward."""
+    total, alive, done = 0, points, 0
+    for rung in (*rungs, epochs):
+        total += alive * (rung - done)
+        alive, done = max(1, math.ceil(alive / reduction)), rung
+    return total
+
+
+class SynchronousHalving(TrialScheduler):
+    """See the module docstring. ``trials`` is the number of points: a rung is decided
+    once every point still in the running has reported it or ended."""
+
+    def __init__(self, metric: str, mode: str, rungs: tuple[int, ...], reduction: int,
+                 trials: int) -> None:
+        super().__init__()
+        if reduction < 2 or list(rungs) != sorted(set(rungs)) or not rungs or rungs[0] < 1:
+            raise ValueError(f"rungs={rungs} reduction={reduction}: allowed increasing "
+                             "epochs >= 1 and a reduction >= 2")
+        self._metric, self._mode = metric, mode
+        self.rungs, self.reduction, self.trials = tuple(rungs), reduction, trials
+        self.scores: dict[int, dict[int, float]] = {r: {} for r in self.rungs}
+        self.promoted: dict[int, list[int]] = {}  # rung -> indices going on (decided)
+        self.ended: set[int] = set()  # finished, diverged, failed or stopped
+        self.stopped: set[int] = set()  # stopped by a decision
+        self._deciding = False
+
+    def set_search_properties(self, metric: str | None, mode: str | None,
+                              **spec: Any) -> bool:
+        return True  # metric and mode are the sweep's, given at construction
+
+    # -- the rungs ------------------------------------------------------------------------
+    def _cohort(self, rung: int) -> list[int]:
+        """The indices due at ``rung``: every point at the first, then the survivors of
+        the rung before (once decided; None-like empty before that)."""
+        k = self.rungs.index(rung)
+        return list(range(self.trials)) if k == 0 else self.promoted.get(self.rungs[k - 1], [])
+
+    def _open_rung(self) -> int | None:
+        """The first rung not decided yet whose cohort is known."""
+        for rung in self.rungs:
+            if rung not in self.promoted:
+                k = self.rungs.index(rung)
+                return rung if k == 0 or self.rungs[k - 1] in self.promoted else None
+        return None
+
+    def _ready(self, rung: int) -> bool:
+        return all(i in self.scores[rung] or i in self.ended for i in self._cohort(rung))
+
+    def _decide(self, controller: Any, rung: int) -> None:
+        """Rank the rung; stop the paused trials that do not go on (the running one, if
+        any, is told by on_trial_result's answer)."""
+        cohort = self._cohort(rung)
+        scores = {i: v for i, v in self.scores[rung].items()
+                  if i in cohort and i not in self.ended}
+        self.promoted[rung] = survivors(scores, len(cohort), self.reduction, self._mode)
+        self._deciding = True
+        try:
+            for trial in controller.get_trials():
+                i = point_index(trial)
+                if i in scores and i not in self.promoted[rung]:
+                    self.stopped.add(i)
+                    if trial.status == Trial.PAUSED or trial.is_saving:
+                        controller.stop_trial(trial)
+        finally:
+            self._deciding = False
+
+    def _settle(self, controller: Any) -> None:
+        """Decide every rung that is ready (a trial ending can complete one)."""
+        rung = self._open_rung()
+        while rung is not None and self._ready(rung):
+            self._decide(controller, rung)
+            rung = self._open_rung()
+
+    # -- Tune's hooks ---------------------------------------------------------------------
+    def on_trial_add(self, controller: Any, trial: Trial) -> None:
+        pass
+
+    def on_trial_result(self, controller: Any, trial: Trial, result: dict) -> str:
+        i = point_index(trial)
+        if i in self.stopped:
+            return TrialScheduler.STOP
+        epoch = result.get("epoch")
+        if epoch not in self.scores or self.scores[epoch].get(i) is not None:
+            return TrialScheduler.CONTINUE
+        value = result.get(self._metric)
+        finite = isinstance(value, (int, float)) and math.isfinite(value) \
+            and not result.get("diverged")
+        self.scores[epoch][i] = float(value) if finite else math.nan
+        if not finite:  # a diverged trial ends itself after this report
+            return TrialScheduler.CONTINUE
+        if epoch == self._open_rung() and self._ready(epoch):
+            self._decide(controller, epoch)
+            self._settle(controller)
+            return TrialScheduler.STOP if i in self.stopped else TrialScheduler.CONTINUE
+        return TrialScheduler.PAUSE
+
+    def on_trial_complete(self, controller: Any, trial: Trial, result: dict) -> None:
+        self.on_trial_remove(controller, trial)
+
+    def on_trial_error(self, controller: Any, trial: Trial) -> None:
+        self.on_trial_remove(controller, trial)
+
+    def on_trial_remove(self, controller: Any, trial: Trial) -> None:
+        self.ended.add(point_index(trial))
+        if not self._deciding:
+            self._settle(controller)
+
+    def choose_trial_to_run(self, controller: Any) -> Trial | None:
+        """Pending trials in point order; then paused ones a decision let go on."""
+        trials = sorted(controller.get_trials(), key=point_index)
+        for trial in trials:
+            if trial.status == Trial.PENDING:
+                return trial
+        going_on = {i for kept in self.promoted.values() for i in kept}
+        for trial in trials:
+            i = point_index(trial)
+            if trial.status == Trial.PAUSED and i in going_on and i not in self.stopped \
+                    and self._waiting_rung(i) is None:
+                return trial
+        return None
+
+    def _waiting_rung(self, i: int) -> int | None:
+        """The undecided rung point ``i`` is paused at (None: free to go on)."""
+        for rung in self.rungs:
+            if i in self.scores[rung] and rung not in self.promoted:
+                return rung
+        return None
+
+    def debug_string(self) -> str:
+        decided = ", ".join(f"epoch {r}: {len(k)} go on" for r, k in self.promoted.items())
+        return f"Synchronous successive halving (rungs {self.rungs}): {decided or 'none yet'}"
