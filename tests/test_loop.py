@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_config
 
 import optim
-from trainables.config import OptimConfig, TrialConfig
+from trainables.config import ConfigError, OptimConfig, TrialConfig
 from trainables.loop import build_schedule, run_trial
 from trainables.sessions import LocalSession, load_state_file
 
@@ -132,6 +132,35 @@ def test_validation_split_is_reported(tiny_root: Path) -> None:
     history = run_trial(tiny(tiny_root, "train.epochs=1", "data.val_fraction=0.2"),
                         LocalSession())
     assert {"val_loss", "val_acc"} <= set(history[0])
+
+
+def test_without_the_test_split_each_epoch_the_stages_still_score_it(tiny_root: Path
+                                                                     ) -> None:
+    """A study's search trial: val_* every epoch, no test_*; a stage still evaluates the
+    test split at the end (weight rounding)."""
+    history = run_trial(tiny(tiny_root, "train.epochs=2", "data.val_fraction=0.2",
+                             "evaluate.test_each_epoch=false",
+                             "evaluate.weight_rounding=[int8]"), LocalSession())
+    assert all("val_acc" in h and "test_acc" not in h and "test_loss" not in h
+               for h in history)
+    assert 0.0 <= history[-1]["test_acc_int8"] <= 1.0
+    with pytest.raises(ConfigError, match="evaluate.test_each_epoch=False is invalid: "
+                                          "allowed true unless data.val_fraction > 0"):
+        tiny(tiny_root, "evaluate.test_each_epoch=false")
+
+
+def test_channels_last_trains_to_the_same_numbers_up_to_float_rounding(tiny_root: Path,
+                                                                     tmp_path: Path) -> None:
+    """Another memory layout, other convolution kernels: the same training to float
+    rounding (not bit for bit); the weights are stored channels-last and resume works."""
+    dense = run_trial(tiny(tiny_root, "train.epochs=2"), LocalSession())
+    session = LocalSession(checkpoint_dir=tmp_path / "cl")
+    last = run_trial(tiny(tiny_root, "train.epochs=2", "train.channels_last=true"), session)
+    for a, b in zip(dense, last, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["test_acc"] == pytest.approx(a["test_acc"], abs=2 / 200)
+    conv = load_state_file(tmp_path / "cl")["model"]["features.0.weight"]
+    assert conv.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("mode", ["amp_bf16", "amp_fp16"])
