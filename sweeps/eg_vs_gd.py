@@ -39,7 +39,7 @@ PAIRS = (("eg", "gd"), ("eg", "gd_sign"), ("gd_sign", "gd"), ("egpm", "gd"),
 DATASETS = ("mnist", "fashion_mnist")
 MODELS = {"mlp": ["model.name=mlp", "model.widths=[256,128]"],
           # Channels-last: a LeNet step is ~1.6x faster on this CPU (max-pooling in the
-          # default layout takes a third of it; bench/trial_overhead.py --layout).
+          # default layout takes a third of it; bench/layout.py).
           "cnn": ["model.name=lenet", "model.channels=[16,32]", "model.hidden=[128]",
                   "train.channels_last=true"]}
 # Learning-rate ranges (log-uniform). Multiplicative lrs are relative changes per step,
@@ -57,7 +57,10 @@ WEIGHT_DECAY_RANGE = (1e-6, 1e-3)
 BIAS_LR = {"eg": 0.05, "adam_eg": 1e-3, "madam": 0.01, "lns_madam": 0.01}
 # Plain updates (gd and eg take no momentum by default), so a pair differs only in the
 # update's form; every trial rounds its final weights to two log formats.
+# Test batches of 256: a LeNet evaluates ~2x faster than in batches of 1000 here
+# (bench/layout.py); accuracies do not depend on it.
 COMMON = ["optim.schedule=onecycle", "data.batch_size=128", "data.val_fraction=0.1",
+          "data.test_batch_size=256",
           "train.threads=1", "evaluate.weight_rounding=[lns8,lns4,int8,int4]"]
 ROUNDED = ("test_acc_lns8", "test_acc_lns4", "test_acc_int8", "test_acc_int4", "test_acc_q")
 # LNS-Madam's weights live on the LNS-8 grid (8 bits, 3 fractional: weight rounding's

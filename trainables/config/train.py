@@ -35,7 +35,7 @@ class TrainConfig(Section):
     # step skipped); the trial then stops within its epoch (trainables/loop.py).
     nonfinite_streak: int = 20
     # Convolution weights and activations in channels-last (NHWC) layout. On this CPU a
-    # LeNet step is ~1.6x faster (bench/trial_overhead.py --case layout); results equal
+    # LeNet step is ~1.6x faster (bench/layout.py); results equal
     # the default layout's to float rounding, not bit for bit.
     channels_last: bool = False
 
