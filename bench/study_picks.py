@@ -46,23 +46,30 @@ def search_cells(client: Any, study_id: str) -> dict[str, dict[str, Any]]:
 
 
 def halving_pick(trials: dict[str, dict[str, Any]], rungs: tuple[int, ...], reduction: int,
-                 within: float) -> str | None:
-    """The trial synchronous halving keeps to the end and the study's rule picks."""
+                 within: float, margin: float) -> tuple[str | None, int]:
+    """The trial synchronous halving keeps to the end and the study's rule picks, and
+    the epochs halving trains (a diverged trial's up to where it diverged)."""
     epochs = max(len(t["curve"]) for t in trials.values())
     alive = {point_index(_Id(tid)): tid for tid in trials}
+    trained, done = 0, 0
     for rung in rungs:
+        trained += sum(min(len(trials[t]["curve"]), rung) - done for t in alive.values()
+                       if len(trials[t]["curve"]) > done)
+        done = rung
         scores = {}
         for i, tid in alive.items():
             curve = trials[tid]["curve"]
             ok = len(curve) >= rung and not (trials[tid]["diverged"] and len(curve) == rung)
             scores[i] = curve[rung - 1] if ok else math.nan
-        kept = survivors(scores, len(alive), reduction, "max")
+        kept = survivors(scores, len(alive), reduction, "max", margin)
         alive = {i: alive[i] for i in kept}
     rows = [{"trial_id": tid, "status": trials[tid]["status"], "diverged": trials[tid]["diverged"],
              "optim.lr": trials[tid]["lr"], "val_acc": trials[tid]["curve"][-1]}
             for tid in alive.values() if len(trials[tid]["curve"]) == epochs]
+    trained += sum(len(trials[t]["curve"]) - done for t in alive.values()
+                   if len(trials[t]["curve"]) > done)
     picked = pick_config(rows, "val_acc", within, "optim.lr")
-    return picked["trial_id"] if picked else None
+    return (picked["trial_id"] if picked else None), trained
 
 
 class _Id:
@@ -86,6 +93,9 @@ def main() -> None:
     parser.add_argument("--rungs", default="1,2")
     parser.add_argument("--reduction", type=int, default=2)
     parser.add_argument("--pick-within", type=float, default=0.003)
+    parser.add_argument("--margin", type=float, default=None,
+                        help="halving keeps points within this of a rung's cut "
+                             "(default: --pick-within, as a study does)")
     args = parser.parse_args()
     from mlflow.tracking import MlflowClient
 
@@ -95,14 +105,19 @@ def main() -> None:
     a = search_cells(client, args.runs[0])
     b = search_cells(MlflowClient(args.tracking_uri_b or args.tracking_uri), args.runs[1]) \
         if len(args.runs) > 1 else {}
-    counts = {"cells": 0, "a_equals_b": 0, "a_equals_halving_of_a": 0}
+    counts = {"cells": 0, "a_equals_b": 0, "a_equals_halving_of_a": 0,
+              "epochs_a": 0, "epochs_halving_of_a": 0}
     for label in sorted(a):
         cell = a[label]
         every_point = all(len(t["curve"]) == max(len(u["curve"]) for u in
                                                  cell["trials"].values()) or t["diverged"]
                           for t in cell["trials"].values())
-        simulated = halving_pick(cell["trials"], rungs, args.reduction, args.pick_within) \
-            if every_point else None
+        margin = args.pick_within if args.margin is None else args.margin
+        simulated, epochs = halving_pick(cell["trials"], rungs, args.reduction,
+                                         args.pick_within, margin) \
+            if every_point else (None, 0)
+        counts["epochs_a"] += sum(len(t["curve"]) for t in cell["trials"].values())
+        counts["epochs_halving_of_a"] += epochs
         other = b.get(label)
         columns = {"a": _config(cell, cell["picked"]),
                    "b": _config(other, other["picked"]) if other else "-",

@@ -3,7 +3,8 @@ decisions do not depend on which trial finished first.
 
 Every point trains to the first rung (an epoch count); only when all of them are there
 (or ended: diverged, failed) are they ranked by the metric, ties broken by the point's
-index, and the better ``1/reduction`` (rounded up) go on to the next rung; the rest stop.
+index, and the better ``1/reduction`` (rounded up) go on to the next rung, with any
+other within ``margin`` of the last of them; the rest stop.
 Trials that reach a rung early wait there, paused (Tune keeps their last checkpoint and
 resumes them from it, to the same numbers as an uninterrupted run). The decisions depend
 only on the metrics at each rung, so the same points give the same survivors whatever
@@ -35,16 +36,22 @@ def point_index(trial: Any) -> int:
     return int(str(trial.trial_id).rsplit("_", 1)[-1])
 
 
-def survivors(scores: dict[int, float], cohort: int, reduction: int, mode: str
-              ) -> list[int]:
+def survivors(scores: dict[int, float], cohort: int, reduction: int, mode: str,
+              margin: float = 0.0) -> list[int]:
     """The point indices that go on from a rung: of ``scores`` (index -> metric at the
     rung; non-finite is worst), the best ``ceil(cohort / reduction)`` finite ones, ties
-    to the lower index."""
+    to the lower index, and every other one within ``margin`` of the last of those (a
+    study picks among the configs within a margin of the best: one a hair behind at a
+    rung must not be cut where it would be picked)."""
     keep = max(1, math.ceil(cohort / reduction))
     sign = -1.0 if mode == "max" else 1.0
     ranked = sorted((i for i, v in scores.items() if math.isfinite(v)),
                     key=lambda i: (sign * scores[i], i))
-    return sorted(ranked[:keep])
+    if not ranked:
+        return []
+    cut = sign * scores[ranked[min(keep, len(ranked)) - 1]]
+    return sorted(ranked[:keep] + [i for i in ranked[keep:]
+                                   if sign * scores[i] <= cut + margin])
 
 
 def halving_epochs(points: int, rungs: tuple[int, ...], reduction: int, epochs: int) -> int:
@@ -61,13 +68,14 @@ class SynchronousHalving(TrialScheduler):
     once every point still in the running has reported it or ended."""
 
     def __init__(self, metric: str, mode: str, rungs: tuple[int, ...], reduction: int,
-                 trials: int) -> None:
+                 trials: int, margin: float = 0.0) -> None:
         super().__init__()
         if reduction < 2 or list(rungs) != sorted(set(rungs)) or not rungs or rungs[0] < 1:
             raise ValueError(f"rungs={rungs} reduction={reduction}: allowed increasing "
                              "epochs >= 1 and a reduction >= 2")
         self._metric, self._mode = metric, mode
         self.rungs, self.reduction, self.trials = tuple(rungs), reduction, trials
+        self.margin = margin
         self.scores: dict[int, dict[int, float]] = {r: {} for r in self.rungs}
         self.promoted: dict[int, list[int]] = {}  # rung -> indices going on (decided)
         self.ended: set[int] = set()  # finished, diverged, failed or stopped
@@ -102,7 +110,8 @@ class SynchronousHalving(TrialScheduler):
         cohort = self._cohort(rung)
         scores = {i: v for i, v in self.scores[rung].items()
                   if i in cohort and i not in self.ended}
-        self.promoted[rung] = survivors(scores, len(cohort), self.reduction, self._mode)
+        self.promoted[rung] = survivors(scores, len(cohort), self.reduction, self._mode,
+                                        self.margin)
         self._deciding = True
         try:
             for trial in controller.get_trials():

@@ -111,7 +111,8 @@ def build_search(sweep: Sweep, base: TrialConfig) -> tuple[Any, Any, int]:
             # trials waiting at a rung would hold back the rest. The cluster's CPUs limit.
             return (BasicVariantGenerator(points_to_evaluate=points),
                     SynchronousHalving(sweep.metric, sweep.mode, sweep.rungs,
-                                       int(sweep.reduction_factor), len(points)),
+                                       int(sweep.reduction_factor), len(points),
+                                       sweep.rung_margin),
                     len(points))
         # Its own limit: Tune ignores max_concurrent_trials for this search algorithm
         # ("max_concurrent_trials will be ignored") and would start every point at once.
@@ -156,7 +157,8 @@ def describe_search(sweep: Sweep) -> tuple[str, str]:
         return "points (each as given)", (
             f"synchronous successive halving (rungs at epochs "
             f"{', '.join(map(str, sweep.rungs))}; the best 1/{sweep.reduction_factor:g} of "
-            "the points go on, ties to the earlier point)")
+            f"the points go on, ties to the earlier point, and any within "
+            f"{sweep.rung_margin:g} of the last of them)")
     if sweep.points:
         return "points (each as given)", "FIFO (every trial to its last epoch)"
     if sweep.objectives:

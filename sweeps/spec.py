@@ -67,6 +67,7 @@ class Sweep:
     # Points only: synchronous successive halving (sweeps.halving) at these epochs, the
     # best 1/reduction_factor going on at each; (): every point to its last epoch.
     rungs: tuple[int, ...] = ()
+    rung_margin: float = 0.0  # halving also keeps points within this of a rung's cut
     tags: Mapping[str, str] = field(default_factory=dict)  # more tags on the sweep's run
     params: Mapping[str, Any] = field(default_factory=dict)  # more params on the sweep's run
     # The sweep run's name in MLflow (default: run_name, which also names the Tune folder;

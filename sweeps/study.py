@@ -153,8 +153,9 @@ class Study:
     # the interrupted one resumes, the rest run.
     resume_run_id: str | None = None
     # Synchronous successive halving in each cell's search (sweeps.halving): the epochs
-    # at which its points are ranked and the best 1/reduction go on; "auto": halve down
-    # to 2 finishers (8 points over 3 epochs: rungs 1, 2); (): every point to the end.
+    # at which its points are ranked and the best 1/reduction go on (with any within
+    # pick_within of the last of them); "auto": halve down to 2 finishers (8 points over
+    # 3 epochs: rungs 1, 2); (): every point to the end.
     rungs: tuple[int, ...] | str = "auto"
     reduction: int = 2
 
@@ -305,6 +306,8 @@ def _search_cells(study: Study, tracker: SweepTracker, parent: str, stamp: str
             outcome = run_sweep(_sweep(
                 study, base=search_base(study, cell), points=points,
                 metric=study.search_metric, rungs=rungs, reduction_factor=study.reduction,
+                # A point a hair behind at a rung may be the one the pick backs off to.
+                rung_margin=study.pick_within,
                 kind="search", tags={"cell": cell.label}, parent_run_id=parent,
                 run_name=folder, title=f"search {cell.label}",
                 params=_design_params(study, cell), log_checkpoints=False,

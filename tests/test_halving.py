@@ -31,6 +31,12 @@ def test_survivors_rank_by_the_metric_ties_to_the_earlier_point():
     assert survivors({0: math.nan, 1: math.inf}, 2, 2, "max") == []  # nothing finite
     # A cohort counts its ended members: 7 due, 2 reported -> ceil(7/2) = 4 may go on.
     assert survivors({0: 0.1, 6: 0.2}, 7, 2, "max") == [0, 6]
+    # A margin keeps whatever is within it of the last survivor (the study's pick_within:
+    # the config the pick backs off to may be a hair behind at a rung).
+    close = {0: 0.9657, 1: 0.9655, 2: 0.9670, 3: 0.9563, 4: 0.9620}
+    assert survivors(close, 4, 2, "max") == [0, 2]
+    assert survivors(close, 4, 2, "max", margin=0.003) == [0, 1, 2]
+    assert survivors(close, 4, 2, "min", margin=0.003) == [3, 4]
 
 
 def test_epochs_trained_and_the_automatic_rungs():
