@@ -50,8 +50,9 @@ def survivors(scores: dict[int, float], cohort: int, reduction: int, mode: str,
     if not ranked:
         return []
     cut = sign * scores[ranked[min(keep, len(ranked)) - 1]]
-    return sorted(ranked[:keep] + [i for i in ranked[keep:]
-                                   if sign * scores[i] <= cut + margin])
+    close = [i for i in ranked[keep:] if sign * scores[i] <= cut + margin] if margin > 0 \
+        else []
+    return sorted(ranked[:keep] + close)
 
 
 def halving_epochs(points: int, rungs: tuple[int, ...], reduction: int, epochs: int) -> int:
