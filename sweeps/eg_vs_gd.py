@@ -3,7 +3,9 @@ ones, and what do their weights look like? Optimizers x datasets x models on rea
 
 Every cell (dataset, model, optimizer) searches its learning rate (a log range per
 optimizer) and weight decay with the same 8 quasi-random points, choosing on a
-validation split (10% of the training set); the picked config of every cell is re-run
+validation split (10% of the training set) with synchronous successive halving (all 8
+train 1 epoch, the best 4 a second, the best 2 to the end; ``--rungs none``: all 8 to
+the end); the picked config of every cell is re-run
 with fresh seeds and its test accuracy reported as mean +- std and a 95% confidence
 interval, every seed counted (ok, diverged, failed), also with the final weights
 quantized to LNS-8, LNS-4, INT8 and INT4 (per channel) inside each trial (weight-only

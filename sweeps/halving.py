@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from ray.tune.experiment import Trial
@@ -102,15 +103,21 @@ class SynchronousHalving(TrialScheduler):
                 return rung if k == 0 or self.rungs[k - 1] in self.promoted else None
         return None
 
-    def _ready(self, rung: int) -> bool:
-        return all(i in self.scores[rung] or i in self.ended for i in self._cohort(rung))
+    def _ready(self, rung: int, gone: set[int]) -> bool:
+        return all(i in self.scores[rung] or i in gone for i in self._cohort(rung))
 
-    def _decide(self, controller: Any, rung: int) -> None:
+    def _gone(self, controller: Any) -> set[int]:
+        """Points whose trial ended: told by a hook, or seen ended (a trial whose reused
+        process failed to reset ends ERROR without one)."""
+        return self.ended | {point_index(t) for t in controller.get_trials()
+                             if t.status in (Trial.ERROR, Trial.TERMINATED)}
+
+    def _decide(self, controller: Any, rung: int, gone: set[int]) -> None:
         """Rank the rung; stop the paused trials that do not go on (the running one, if
         any, is told by on_trial_result's answer)."""
         cohort = self._cohort(rung)
         scores = {i: v for i, v in self.scores[rung].items()
-                  if i in cohort and i not in self.ended}
+                  if i in cohort and i not in gone}
         self.promoted[rung] = survivors(scores, len(cohort), self.reduction, self._mode,
                                         self.margin)
         self._deciding = True
@@ -126,47 +133,55 @@ class SynchronousHalving(TrialScheduler):
 
     def _settle(self, controller: Any) -> None:
         """Decide every rung that is ready (a trial ending can complete one)."""
+        if self._deciding:
+            return
         rung = self._open_rung()
-        while rung is not None and self._ready(rung):
-            self._decide(controller, rung)
+        while rung is not None and self._ready(rung, self._gone(controller)):
+            self._decide(controller, rung, self._gone(controller))
             rung = self._open_rung()
 
     # -- Tune's hooks ---------------------------------------------------------------------
     def on_trial_add(self, controller: Any, trial: Trial) -> None:
-        pass
+        # Tune re-adds a failed trial it restarts (max_failures): it is due again.
+        self.ended.discard(point_index(trial))
 
     def on_trial_result(self, controller: Any, trial: Trial, result: dict) -> str:
         i = point_index(trial)
         if i in self.stopped:
             return TrialScheduler.STOP
         epoch = result.get("epoch")
-        if epoch not in self.scores or self.scores[epoch].get(i) is not None:
+        if epoch not in self.scores:
             return TrialScheduler.CONTINUE
+        diverged = bool(result.get("diverged"))
+        if epoch in self.promoted:  # decided without it (it failed and was restarted)
+            going_on = i in self.promoted[epoch] or diverged  # a diverged one ends itself
+            return TrialScheduler.CONTINUE if going_on else TrialScheduler.STOP
         value = result.get(self._metric)
-        finite = isinstance(value, (int, float)) and math.isfinite(value) \
-            and not result.get("diverged")
+        finite = isinstance(value, numbers.Real) and math.isfinite(value) and not diverged
         self.scores[epoch][i] = float(value) if finite else math.nan
-        if not finite:  # a diverged trial ends itself after this report
-            return TrialScheduler.CONTINUE
-        if epoch == self._open_rung() and self._ready(epoch):
-            self._decide(controller, epoch)
-            self._settle(controller)
-            return TrialScheduler.STOP if i in self.stopped else TrialScheduler.CONTINUE
+        self._settle(controller)
+        if epoch in self.promoted:
+            going_on = i in self.promoted[epoch] or diverged
+            return TrialScheduler.CONTINUE if going_on else TrialScheduler.STOP
+        if not finite:  # never goes on: a diverged trial ends itself, any other stops
+            return TrialScheduler.CONTINUE if diverged else TrialScheduler.STOP
         return TrialScheduler.PAUSE
 
     def on_trial_complete(self, controller: Any, trial: Trial, result: dict) -> None:
         self.on_trial_remove(controller, trial)
 
     def on_trial_error(self, controller: Any, trial: Trial) -> None:
-        self.on_trial_remove(controller, trial)
+        # Not settled here: Tune may restart it (max_failures; on_trial_add follows at
+        # once) and the rung must wait for it. If not, choose_trial_to_run sees it ERROR.
+        self.ended.add(point_index(trial))
 
     def on_trial_remove(self, controller: Any, trial: Trial) -> None:
         self.ended.add(point_index(trial))
-        if not self._deciding:
-            self._settle(controller)
+        self._settle(controller)
 
     def choose_trial_to_run(self, controller: Any) -> Trial | None:
         """Pending trials in point order; then paused ones a decision let go on."""
+        self._settle(controller)  # a trial may have ended without a hook
         trials = sorted(controller.get_trials(), key=point_index)
         for trial in trials:
             if trial.status == Trial.PENDING:

@@ -91,7 +91,12 @@ class Sweep:
         if not self.points:
             raise ConfigError("rungs is invalid for a searched space: allowed with points "
                               "(a space search stops early through ASHA)")
-        if list(self.rungs) != sorted(set(self.rungs)) or not 1 <= self.rungs[0] or \
+        if self.resume_run_id:
+            raise ConfigError("rungs is invalid with resume_run_id: Tune does not save the "
+                              "halving decisions; allowed a fresh run (a study restarts "
+                              "such a cell)")
+        if not all(isinstance(r, int) for r in self.rungs) or \
+                list(self.rungs) != sorted(set(self.rungs)) or not 1 <= self.rungs[0] or \
                 self.rungs[-1] >= epochs:
             raise ConfigError(f"rungs={list(self.rungs)} is invalid: allowed increasing "
                               f"epochs from 1 to train.epochs - 1 ({epochs - 1})")
@@ -122,6 +127,9 @@ class Sweep:
                               "allowed > 1")
         if self.rungs:
             self._check_rungs()
+        if self.metric.startswith("test_") and not self.base.evaluate.test_each_epoch:
+            raise ConfigError(f"evaluate.test_each_epoch=false is invalid with the sweep "
+                              f"metric {self.metric}: allowed true (or a val_* metric)")
         for metric, mode in self.objectives:
             if mode not in ("max", "min"):
                 raise ConfigError(f"objective {metric} mode={mode!r} is invalid: allowed max "

@@ -186,7 +186,7 @@ class Study:
 
     @property
     def design(self) -> str:
-        halving = self.rungs == "auto" or bool(self.rungs)
+        halving = any(self.cell_rungs(cell) for cell in self.cells)
         return "sobol+halving" if halving else "sobol+fifo"
 
     def validate(self) -> None:
@@ -195,6 +195,11 @@ class Study:
             try:
                 validate_points(cell.base, tuple(cell.space.points(self.num_samples,
                                                                    self.seed)))
+                if self.metric.startswith("test_") and \
+                        not cell.base.evaluate.test_each_epoch:
+                    raise ConfigError(f"evaluate.test_each_epoch=false is invalid with the "
+                                      f"study metric {self.metric}: allowed true (the "
+                                      "search trials skip the test split by themselves)")
                 rungs = self.cell_rungs(cell)
                 if rungs:  # checked as the cell's sweep will be
                     _sweep(self, base=cell.base, points=({},), rungs=rungs,

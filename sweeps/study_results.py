@@ -105,8 +105,9 @@ def cell_result(study: Study, key: tuple[str, ...], rows: list[dict[str, Any]],
         picked_id = picked["trial_id"]
     cell = next(c for c in study.cells if c.key == key)
     # What the search left out (sweeps.study.search_base) comes back for the re-runs.
+    # (Only keys the search trial had: a study run by older code is read back as it ran.)
     picked = {**configs[picked_id], **{k: v for k, v in cell.base.to_flat().items()
-                                       if k in SEARCH_ONLY}}
+                                       if k in SEARCH_ONLY and k in configs[picked_id]}}
     return CellResult(key, rows, picked, picked_trial_id=picked_id,
                       chance=_chance(cell.base.data), asked=study.seeds)
 
@@ -217,10 +218,16 @@ def report_from(study: Study, run_id: str) -> StudyOutcome:
                           f"{study.name} study run with nested search runs")
     order = {c.label: i for i, c in enumerate(study.cells)}
     cells, seeds = [], None
+    # A cell interrupted and run again on --resume left a KILLED search run: the new one
+    # holds its result.
+    rerun = {r.data.tags.get("cell") for r in children if r.data.tags.get("kind") == "search"
+             and r.info.status != "KILLED"}
     for run in children:
         kind, label = run.data.tags.get("kind"), run.data.tags.get("cell", "")
         if kind != "points" and label not in order:
             continue  # a cell this invocation does not ask about
+        if kind == "search" and run.info.status == "KILLED" and label in rerun:
+            continue
         folder = run.data.tags.get("tune_folder", run.info.run_name)
         grid = read_back(study.storage_path, folder)
         if kind == "points":

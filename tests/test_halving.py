@@ -63,11 +63,17 @@ class _Controller:
     scheduler chooses), let a random running trial report its next epoch."""
 
     def __init__(self, scheduler: SynchronousHalving, curves: list[list[float]],
-                 slots: int, seed: int) -> None:
+                 slots: int, seed: int, crash: frozenset = frozenset(),
+                 silent: frozenset = frozenset(), metric: str = "val_acc") -> None:
         self.scheduler, self.curves, self.slots = scheduler, curves, slots
         self.trials = [_Trial(i) for i in range(len(curves))]
         self.random = random.Random(seed)
         self.epochs_run = 0
+        self.metric = metric
+        # (point, epoch): fails once in that epoch and Tune restarts it from its last
+        # checkpoint (on_trial_error, back to PENDING, on_trial_add); silent: ends ERROR
+        # without any hook (a reused process that failed to reset).
+        self.crash, self.silent = set(crash), set(silent)
 
     def get_trials(self) -> list[_Trial]:
         return self.trials
@@ -89,18 +95,29 @@ class _Controller:
             if not running:
                 break
             self._report(self.random.choice(running))
-        stuck = [t.trial_id for t in self.trials if t.status not in (Trial.TERMINATED,)]
+        stuck = [t.trial_id for t in self.trials
+                 if t.status not in (Trial.TERMINATED, Trial.ERROR)]
         assert not stuck, f"trials left waiting: {stuck}"
         return {point_index(t): t.epoch for t in self.trials}
 
     def _report(self, trial: _Trial) -> None:
+        at = (point_index(trial), trial.epoch + 1)
+        if at in self.silent:
+            trial.status = Trial.ERROR
+            return
+        if at in self.crash:
+            self.crash.discard(at)
+            self.scheduler.on_trial_error(self, trial)
+            trial.status = Trial.PENDING
+            self.scheduler.on_trial_add(self, trial)
+            return
         trial.epoch += 1
         self.epochs_run += 1
         value = self.curves[point_index(trial)][trial.epoch - 1]
-        result = {"epoch": trial.epoch, "val_acc": value,
-                  "diverged": 0 if math.isfinite(value) else 1}
+        result = {"epoch": trial.epoch, self.metric: value,
+                  "diverged": 0 if math.isfinite(value) or self.metric != "val_acc" else 1}
         decision = self.scheduler.on_trial_result(self, trial, result)
-        done = trial.epoch == len(self.curves[0]) or not math.isfinite(value)
+        done = trial.epoch == len(self.curves[0]) or bool(result["diverged"])
         if decision == TrialScheduler.STOP or done:
             trial.status = Trial.TERMINATED
             self.scheduler.on_trial_complete(self, trial, result)
@@ -136,6 +153,34 @@ def test_a_rung_is_decided_when_its_last_trial_ends_without_reaching_it():
     assert controller.run() == {0: 2, 1: 2, 2: 1, 3: 1}
 
 
+@pytest.mark.parametrize("crash", [(4, 1), (3, 2), (5, 3), (1, 2)])
+def test_a_failed_trial_tune_restarts_is_due_again(crash):
+    """max_failures: Tune restarts a crashed trial from its checkpoint; the rung waits
+    for it and the survivors are those of a run without the crash."""
+    for seed in range(10):
+        scheduler = SynchronousHalving("val_acc", "max", (1, 2), 2, len(CURVES))
+        epochs = _Controller(scheduler, CURVES, 2, seed, crash=frozenset({crash})).run()
+        assert epochs == {0: 1, 1: 2, 2: 1, 3: 3, 4: 1, 5: 3, 6: 1, 7: 2}, (crash, seed)
+
+
+def test_a_non_finite_loss_that_is_not_divergence_stops_and_the_rung_goes_on():
+    """Mode min on a loss: the last point due at the rung reports inf (not flagged
+    diverged): it stops there, the rung is decided, nothing waits forever."""
+    losses = [[0.5, 0.4], [0.3, 0.2], [0.9, 0.8], [math.inf, math.inf]]
+    for seed in range(10):
+        scheduler = SynchronousHalving("val_loss", "min", (1,), 2, len(losses))
+        epochs = _Controller(scheduler, losses, 1, seed, metric="val_loss").run()
+        assert epochs == {0: 2, 1: 2, 2: 1, 3: 1}
+
+
+def test_a_trial_that_ends_without_a_hook_does_not_hold_the_rung():
+    for seed in range(10):
+        scheduler = SynchronousHalving("val_acc", "max", (1, 2), 2, len(CURVES))
+        controller = _Controller(scheduler, CURVES, 2, seed, silent=frozenset({(6, 1)}))
+        epochs = controller.run()
+        assert epochs[6] == 0 and epochs[3] == 3 and epochs[5] == 3
+
+
 def test_halving_is_refused_where_it_cannot_work(tiny_root):
     base = TrialConfig().with_overrides([f"data.root={tiny_root}", "train.epochs=3"])
     with pytest.raises(ConfigError, match=r"rungs=\[3\] is invalid: allowed increasing "
@@ -147,6 +192,12 @@ def test_halving_is_refused_where_it_cannot_work(tiny_root):
         Sweep(name="s", base=base, space=lambda trial: None, rungs=(1,))
     with pytest.raises(ConfigError, match="reduction_factor=1.5 is invalid with rungs"):
         Sweep(name="s", base=base, points=({},), rungs=(1,), reduction_factor=1.5)
+    with pytest.raises(ConfigError, match="rungs is invalid with resume_run_id"):
+        Sweep(name="s", base=base, points=({},), rungs=(1,), resume_run_id="abc")
+    search = base.with_overrides(["data.val_fraction=0.1", "evaluate.test_each_epoch=false"])
+    with pytest.raises(ConfigError, match="evaluate.test_each_epoch=false is invalid with "
+                                          "the sweep metric test_acc"):
+        Sweep(name="s", base=search, points=({},))
     cell = Cell(("mnist",), base, SearchSpace((("optim.lr", 0.01, 1.0, True),)))
     study = Study(name="s", cells=(cell,), key_names=("dataset",), rungs=(1, 3))
     with pytest.raises(ConfigError, match=r"cell mnist: rungs=\[1, 3\] is invalid"):
