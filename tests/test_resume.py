@@ -187,7 +187,15 @@ def test_an_interrupted_study_resumes_at_its_cell(tmp_path: Path, tiny_root: Pat
     runs = client.search_runs([exp])
     assert client.get_run(study.info.run_id).info.status == "FINISHED"
     assert "RUNNING" not in {r.info.status for r in runs}
-    trials = [r for r in runs if "trial_id" in r.data.tags]
+    # The interrupted cell halves: its search ran again from its start, and the run it
+    # left (if Tune had started it) ended KILLED, saying why.
+    killed = {r.info.run_id for r in runs
+              if r.data.tags.get("kind") == "search" and r.info.status == "KILLED"}
+    for run_id in killed:
+        assert "successive-halving decisions" in \
+            client.get_run(run_id).data.tags["mlflow.note.content"]
+    trials = [r for r in runs if "trial_id" in r.data.tags
+              and r.data.tags.get("mlflow.parentRunId") not in killed]
     assert len(trials) == 2 * 2 + 2 * 2  # 2 cells x 2 searched, 2 cells x 2 seeds
     for run_id, end_time in gd_trials.items():  # gd's search was not run again
         assert client.get_run(run_id).info.end_time == end_time
