@@ -261,7 +261,9 @@ def test_a_halving_study_picks_what_every_point_to_the_end_picks(tmp_path, tiny_
         trials = _search_trials(tmp_path / name)
         assert trials.keys() == fifo.keys()
         finished = {lr for lr, (status, epochs, _) in trials.items() if epochs == 3}
-        assert len(finished) == 2 or any(math.isnan(v[2]) for v in fifo.values())
+        # Halving stopped some (2 go on at the last rung, more where the tiny
+        # validation split ties them within the study's pick_within).
+        assert 2 <= len(finished) < len(fifo), finished
         for lr in finished:
             assert trials[lr][2] == fifo[lr][2], (name, lr)  # bit for bit
         for lr, (status, epochs, _) in trials.items():
