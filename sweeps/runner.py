@@ -82,8 +82,10 @@ def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_n
                                     max_concurrent_trials=None if sweep.points
                                     else sweep.max_concurrent,
                                     # One process runs trial after trial: no process
-                                    # start and imports per trial (~3 s each here).
-                                    reuse_actors=True,
+                                    # start and imports per trial (~3 s each here). Not
+                                    # for DDP trials: their worker group's resources are
+                                    # released when the trial's process ends.
+                                    reuse_actors=_single_worker(sweep, base),
                                     trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
@@ -106,6 +108,12 @@ def _callbacks(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback,
     return [DiskFullWatch(), callback,
             ConsoleProgress(callback, searched, sweep.metric, base.train.epochs),
             *finite_tensorboard_logger(), *sweep.callbacks]
+
+
+def _single_worker(sweep: Sweep, base: TrialConfig) -> bool:
+    """Every trial of the sweep trains in its own process (no Ray Train worker group)."""
+    return base.train.num_workers == 1 and all(
+        base.replace(point).train.num_workers == 1 for point in sweep.points)
 
 
 def _stopper(sweep: Sweep) -> str:

@@ -223,7 +223,10 @@ def test_ray_up_submit_down_on_a_local_cluster(tiny_root: Path) -> None:
         client = MlflowClient(f"sqlite:///{machine.home / 'mlflow.db'}")
         runs = client.search_runs(
             [client.get_experiment_by_name("eg_vs_gd").experiment_id], max_results=1000)
-        assert {r.info.status for r in runs} == {"FINISHED"}
+        # KILLED: search trials halving stopped at their rung (the smoke test's 2 points
+        # per cell: 1 goes on), and they say so.
+        assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}
+        assert all("stopped_early" in r.data.tags for r in runs if r.info.status == "KILLED")
         study = [r for r in runs if r.data.tags.get("kind") == "study"]
         assert len(study) == 1
         seeds = [r for r in runs
