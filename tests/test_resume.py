@@ -23,7 +23,9 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "sweeps" / "baseline.py"
 SAMPLES = 5
-ARGS = ["--num-samples", str(SAMPLES), "--epochs", "3", "--max-concurrent", "1",
+# 30 epochs: with trial processes reused, 3-epoch trials on the tiny data end within
+# the second the tests wait before killing the driver.
+ARGS = ["--num-samples", str(SAMPLES), "--epochs", "30", "--max-concurrent", "1",
         "--address", "local", "--set", "data.batch_size=32", "--set", "model.channels=[4,8]",
         "--set", "model.hidden=[32]"]
 
