@@ -135,10 +135,10 @@ class SynchronousHalving(TrialScheduler):
         """Decide every rung that is ready (a trial ending can complete one)."""
         if self._deciding:
             return
-        rung = self._open_rung()
-        while rung is not None and self._ready(rung, self._gone(controller)):
-            self._decide(controller, rung, self._gone(controller))
-            rung = self._open_rung()
+        rung, gone = self._open_rung(), self._gone(controller)
+        while rung is not None and self._ready(rung, gone):
+            self._decide(controller, rung, gone)
+            rung, gone = self._open_rung(), self._gone(controller)
 
     # -- Tune's hooks ---------------------------------------------------------------------
     def on_trial_add(self, controller: Any, trial: Trial) -> None:
