@@ -180,17 +180,22 @@ class SynchronousHalving(TrialScheduler):
         self._settle(controller)
 
     def choose_trial_to_run(self, controller: Any) -> Trial | None:
-        """Pending trials in point order; then paused ones a decision let go on."""
+        """Paused trials a decision let go on, in point order; then pending ones.
+
+        Paused ones first: Tune makes the chosen trial PENDING until it has a process,
+        and asks again on its next step; a pending trial chosen first would be chosen
+        again and again, and a rung's survivors would resume one at a time on one core.
+        """
         self._settle(controller)  # a trial may have ended without a hook
         trials = sorted(controller.get_trials(), key=point_index)
-        for trial in trials:
-            if trial.status == Trial.PENDING:
-                return trial
         going_on = {i for kept in self.promoted.values() for i in kept}
         for trial in trials:
             i = point_index(trial)
             if trial.status == Trial.PAUSED and i in going_on and i not in self.stopped \
                     and self._waiting_rung(i) is None:
+                return trial
+        for trial in trials:
+            if trial.status == Trial.PENDING:
                 return trial
         return None
 

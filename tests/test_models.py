@@ -45,3 +45,41 @@ def test_mlp_and_lenet_follow_their_config() -> None:
     convs = [m for m in lenet.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.out_channels, c.kernel_size) for c in convs] == [(6, (5, 5)), (16, (5, 5))]
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in lenet.modules())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_lenet_pools_before_relu_with_the_same_numbers(channels_last: bool,
+                                                       batch_norm: bool) -> None:
+    """LeNet pools, then applies ReLU (cheaper); the oracle is the textbook order (ReLU,
+    then pool) with the same weights: outputs and every gradient bit-identical, ties of
+    the pooled window and zeros included."""
+    torch.manual_seed(0)
+    lenet = build_model(ModelConfig(name="lenet", channels=(4, 8), hidden=(16,),
+                                    batch_norm=batch_norm), 1, 12, 3)
+    layers, reference = list(lenet.features), []
+    for module in layers:
+        if isinstance(module, torch.nn.ReLU):  # put each ReLU back before its pool
+            reference.insert(len(reference) - 1, torch.nn.ReLU())
+        else:
+            reference.append(module)
+    assert [type(m) for m in reference] != [type(m) for m in layers]
+    textbook = torch.nn.Sequential(*reference)
+    x = torch.randn(6, 1, 12, 12)
+    x[0] = 0.0  # all-zero maps: every pooled window ties
+    x[1, :, :6] = x[1, :, :1]  # rows repeated: ties among positive values
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    lenet = lenet.to(memory_format=memory)
+    x = x.to(memory_format=memory)
+
+    def run(features: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        lenet.zero_grad(set_to_none=True)
+        out = lenet.classifier(features(x))
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in lenet.parameters()]
+
+    out, grads = run(lenet.features)
+    out_ref, grads_ref = run(textbook)
+    assert torch.equal(out, out_ref)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert torch.equal(g, g_ref)

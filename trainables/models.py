@@ -61,7 +61,10 @@ class LeNet(nn.Module):
                                     bias=not batch_norm))
             if batch_norm:
                 layers.append(nn.BatchNorm2d(out))
-            layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            # Pool, then ReLU: the same numbers as ReLU, then pool (max commutes with a
+            # non-decreasing function, forward and gradient), with the ReLU on a quarter
+            # of the map: a LeNet step is ~1.2x faster on this CPU (bench/layout.py).
+            layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True)]
             in_channels = out
         self.features = nn.Sequential(*layers)
         side = image_size // 2 // 2
