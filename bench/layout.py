@@ -6,12 +6,15 @@ evaluation through qsweep's own loop, interleaved repeats in one run, ratio to N
 
 The default layout's max-pooling is the slow part on this CPU (a third of a training
 step in the profiler); evaluation also compares test batch sizes (accuracy does not
-depend on them).
+depend on them). Last, the order of each conv block's ReLU and pool: qsweep's LeNet pools
+first (the same numbers; tests/test_models.py), timed against the textbook order
+(ReLU on the full map, then pool) in the same training steps, channels-last.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -45,6 +48,45 @@ def eval_images_per_s(cfg, batch_size: int) -> float:
     return len(splits.test.y) / (time.perf_counter() - start)
 
 
+def textbook_order(model):
+    """``model`` with each ReLU moved back before its pool (the same weights)."""
+    import torch
+
+    layers = []
+    for module in model.features:
+        if isinstance(module, torch.nn.ReLU):
+            layers.insert(len(layers) - 1, module)
+        else:
+            layers.append(module)
+    model.features = torch.nn.Sequential(*layers)
+    return model
+
+
+def step_seconds(cfg, textbook: bool, steps: int = 100) -> float:
+    """Seconds per training step (batch of cfg.data.batch_size, plain SGD)."""
+    import torch
+
+    from trainables.data import load_splits
+    from trainables.models import model_for_trial
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    splits = load_splits(cfg.data, seed=0)
+    model = model_for_trial(cfg, (splits.in_channels, splits.image_size, splits.num_classes))
+    model = (textbook_order(model) if textbook else model).to(
+        memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loader = splits.loader("train", cfg.data.batch_size, torch.device("cpu"), seed=0,
+                           channels_last=True)
+    batches = list(itertools.islice(loader, steps))
+    start = time.perf_counter()
+    for x, y in batches:
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return (time.perf_counter() - start) / len(batches)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -76,9 +118,22 @@ def main() -> None:
             rate = max(eval_images_per_s(cfg, batch) for _ in range(args.repeats))
             evaluation[f"{name}_batch{batch}"] = round(rate)
             _util.row(f"{name} batch {batch}", images_per_s=round(rate))
+    print("  conv block order, channels-last training steps (ms, median of the repeats):")
+    order: dict[str, list[float]] = {"relu_then_pool": [], "pool_then_relu": []}
+    for _ in range(args.repeats):  # interleaved
+        for name in order:
+            order[name].append(step_seconds(base, textbook=name == "relu_then_pool"))
+    for name, values in order.items():
+        _util.row(name, step_ms=1e3 * statistics.median(values),
+                  speedup=statistics.median(order["relu_then_pool"]) / statistics.median(values))
     _util.finish(env, {"train": train, "eval_images_per_s": evaluation,
                        "train_speedup_channels_last": round(
-                           1 / train["channels_last"]["ratio_to_nchw"], 3)})
+                           1 / train["channels_last"]["ratio_to_nchw"], 3),
+                       "step_ms": {k: round(1e3 * statistics.median(v), 3)
+                                   for k, v in order.items()},
+                       "step_speedup_pool_first": round(
+                           statistics.median(order["relu_then_pool"])
+                           / statistics.median(order["pool_then_relu"]), 3)})
 
 
 if __name__ == "__main__":
