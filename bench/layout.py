@@ -123,17 +123,15 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved
         for name in order:
             order[name].append(step_seconds(base, textbook=name == "relu_then_pool"))
-    for name, values in order.items():
-        _util.row(name, step_ms=1e3 * statistics.median(values),
-                  speedup=statistics.median(order["relu_then_pool"]) / statistics.median(values))
+    step_s = {name: statistics.median(values) for name, values in order.items()}
+    for name, seconds in step_s.items():
+        _util.row(name, step_ms=1e3 * seconds, speedup=step_s["relu_then_pool"] / seconds)
     _util.finish(env, {"train": train, "eval_images_per_s": evaluation,
                        "train_speedup_channels_last": round(
                            1 / train["channels_last"]["ratio_to_nchw"], 3),
-                       "step_ms": {k: round(1e3 * statistics.median(v), 3)
-                                   for k, v in order.items()},
+                       "step_ms": {k: round(1e3 * v, 3) for k, v in step_s.items()},
                        "step_speedup_pool_first": round(
-                           statistics.median(order["relu_then_pool"])
-                           / statistics.median(order["pool_then_relu"]), 3)})
+                           step_s["relu_then_pool"] / step_s["pool_then_relu"], 3)})
 
 
 if __name__ == "__main__":
