@@ -144,6 +144,31 @@ def test_survivors_do_not_depend_on_the_order_or_the_number_running(slots):
         assert controller.epochs_run == sum(epochs.values())
 
 
+# A second cohort of 4 points with one rung: 0.9, 0.2, 0.5, 0.4 at epoch 1 -> 0 and 2 go on.
+SECOND = [[0.90, 0.10, 0.10], [0.20, 0.95, 0.95], [0.50, 0.50, 0.50], [0.40, 0.60, 0.70]]
+ALONE = {0: 1, 1: 2, 2: 1, 3: 3, 4: 1, 5: 3, 6: 1, 7: 2}  # CURVES ranked by themselves
+
+
+@pytest.mark.parametrize("slots", [1, 2, 5])
+def test_cohorts_are_ranked_apart_each_with_the_survivors_it_has_alone(slots):
+    """Three cells in one run (8, 4 and 8 points; the third the same curves as the
+    first): each is ranked only among itself, with its own rungs, ties to its own
+    earlier point; a cohort without rungs runs every point to the end."""
+    for seed in range(25):
+        scheduler = SynchronousHalving("val_acc", "max", reduction=2,
+                                       cohorts=[(8, (1, 2)), (4, (1,)), (8, (1, 2)), (2, ())])
+        controller = _Controller(scheduler, CURVES + SECOND + CURVES + SECOND[:2],
+                                 slots, seed)
+        epochs = controller.run()
+        assert epochs == {**ALONE, 8: 3, 9: 1, 10: 3, 11: 1,
+                          **{12 + i: e for i, e in ALONE.items()}, 20: 3, 21: 3}, seed
+        assert [c.promoted for c in scheduler.cohorts] == [
+            {1: [1, 3, 5, 7], 2: [3, 5]}, {1: [8, 10]},
+            {1: [13, 15, 17, 19], 2: [15, 17]}, {}]
+    with pytest.raises(ValueError, match="at least one rung"):
+        SynchronousHalving("val_acc", "max", cohorts=[(4, ()), (2, ())])
+
+
 def test_a_rung_is_decided_when_its_last_trial_ends_without_reaching_it():
     """Every other point waits at rung 1; the last one diverges in epoch 1 (it reports
     NaN, then ends): the rung is decided then, and the waiting survivors go on."""
