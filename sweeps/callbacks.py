@@ -50,13 +50,14 @@ class ConsoleProgress(Callback):
     trial's whole config; this prints what a researcher watches.)"""
 
     def __init__(self, tracking: MLflowSweepCallback, searched: list[str], metric: str,
-                 epochs: int) -> None:
+                 epochs: int, label: str = "") -> None:
         self.tracking = tracking  # it already knows how each trial ended
         self.searched, self.metric, self.epochs = searched, metric, epochs
+        self.label = f"({label}) " if label else ""  # which sweep, where several share a run
         self.start = time.time()
 
     def _say(self, trial: Any, text: str) -> None:
-        print(f"[{time.time() - self.start:6.0f}s] {trial} {text}", flush=True)
+        print(f"[{time.time() - self.start:6.0f}s] {trial} {self.label}{text}", flush=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         params = " ".join(f"{k}={format_value(trial.config.get(k))}" for k in self.searched)

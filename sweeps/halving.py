@@ -40,8 +40,10 @@ __all__ = ["SynchronousHalving", "point_index", "survivors", "halving_epochs"]
 
 def point_index(trial: Any) -> int:
     """The trial's place in the sweep's points: Tune numbers trials in the order its
-    search algorithm created them (``<experiment>_00003``), and restores keep the id."""
-    return int(str(trial.trial_id).rsplit("_", 1)[-1])
+    search algorithm created them (``<experiment>_00003``), and restores keep the id.
+    ``trial``: a Tune trial, or its id."""
+    trial_id = trial if isinstance(trial, str) else trial.trial_id
+    return int(str(trial_id).rsplit("_", 1)[-1])
 
 
 def survivors(scores: dict[int, float], cohort: int, reduction: int, mode: str,

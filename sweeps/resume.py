@@ -16,8 +16,8 @@ from sweeps.tracking import SweepTracker
 from trainables.config import ConfigError
 
 __all__ = ["driver_lock", "resumable_folder", "restorable", "find_resumable", "disk_space",
-           "unfinished_run", "reopen_study_run", "nested_run_of_folder", "resume_or_restart",
-           "read_back"]
+           "unfinished_run", "reopen_study_run", "nested_run_of_folder", "nested_cell_run",
+           "resume_or_restart", "retire_run", "read_back", "cell_grid"]
 
 
 @contextlib.contextmanager
@@ -116,6 +116,23 @@ def nested_run_of_folder(tracker: SweepTracker, parent: str, folder: str) -> Any
     return runs[0] if runs else None
 
 
+def nested_cell_run(tracker: SweepTracker, parent: str, label: str) -> Any | None:
+    """The newest search run of cell ``label`` nested under the study run ``parent``."""
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent}' and "
+                                 f"tags.kind = 'search' and tags.cell = '{label}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def retire_run(tracker: SweepTracker, run: Any, why: str) -> None:
+    """An interrupted sweep run that a resumed study runs again as a new run: it ends
+    KILLED, its description saying ``why``."""
+    tracker.set_tags(run.info.run_id, {"mlflow.note.content": f"{why}; the resumed study "
+                     "ran this sweep again as a new run."})
+    tracker.end_run(run.info.run_id, "KILLED")
+
+
 def resume_or_restart(tracker: SweepTracker, storage_path: str, earlier: Any | None,
                       folder: str, afresh: bool = False) -> str | None:
     """The unfinished sweep run (``earlier``) to resume in a resumed study; None to run it
@@ -129,13 +146,13 @@ def resume_or_restart(tracker: SweepTracker, storage_path: str, earlier: Any | N
                           "--storage-path different?); allowed the --storage-path it ran with")
     if restorable(path) and not afresh:
         return earlier.info.run_id
-    why = ("Interrupted; its successive-halving decisions are not in Tune's saved state"
-           if afresh else "Interrupted before Tune saved a state with a trial in it")
-    tracker.set_tags(earlier.info.run_id, {"mlflow.note.content": f"{why}; the resumed "
-                     "study ran this sweep again as a new run."})
-    tracker.end_run(earlier.info.run_id, "KILLED")
+    retire_run(tracker, earlier, HALVING_LOST if afresh else
+               "Interrupted before Tune saved a state with a trial in it")
     shutil.rmtree(path, ignore_errors=True)
     return None
+
+
+HALVING_LOST = "Interrupted; its successive-halving decisions are not in Tune's saved state"
 
 
 def read_back(storage_path: str, folder: str) -> Any:
@@ -143,6 +160,24 @@ def read_back(storage_path: str, folder: str) -> Any:
     from ray.tune import ExperimentAnalysis, ResultGrid
 
     return ResultGrid(ExperimentAnalysis(str(Path(storage_path).resolve() / folder)))
+
+
+def cell_grid(storage_path: str, run: Any, grids: dict[str, Any]) -> list[Any]:
+    """The Tune results of the sweep run ``run`` from its Tune folder (tag
+    ``tune_folder``), only its own where sweeps ran together (tag ``tune_points``,
+    ``start:stop`` of the folder's trials). ``grids`` caches each folder read."""
+    from sweeps.halving import point_index
+    from sweeps.tracking import result_trial_id
+
+    folder = run.data.tags.get("tune_folder", run.info.run_name)
+    if folder not in grids:
+        grids[folder] = list(read_back(storage_path, folder))
+    span = run.data.tags.get("tune_points")
+    if span is None:
+        return grids[folder]
+    start, stop = (int(x) for x in span.split(":"))
+    return [r for r in grids[folder]
+            if start <= point_index(result_trial_id(r)) < stop]
 
 
 def restorable(path: Path) -> bool:

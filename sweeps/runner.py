@@ -23,6 +23,7 @@ import signal
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,21 @@ from sweeps.tracking import (
 from trainables.config import TrialConfig
 from trainables.data import prepare_data
 
-__all__ = ["run_sweep", "mlflow_ui_command"]
+__all__ = ["run_sweep", "mlflow_ui_command", "prepare", "start_run", "sweep_callback",
+           "make_tuner", "fit", "summarize", "TrialRecord"]
 
 
 def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_name: str,
            searched: list[str]):
+    return make_tuner(sweep, base.to_flat(), build_search(sweep, base),
+                      _callbacks(sweep, base, callback, searched), run_name,
+                      reuse_actors=_single_worker(sweep, base))
+
+
+def make_tuner(sweep: Sweep, param_space: dict[str, Any], search: tuple[Any, Any, int],
+               callbacks: list[Any], run_name: str, reuse_actors: bool):
+    """The Tuner of a sweep (or of sweeps run together, with ``sweep`` the first):
+    ``search`` is (searcher, scheduler, num_samples)."""
     from ray import tune
 
     from trainables.tune_trial import trainable
@@ -72,11 +83,10 @@ def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_n
     # Explicit points are whole configs: Tune warns, key by key, that each differs from
     # the base it is laid over (dozens of lines per cell); that is the point of them.
     logging.getLogger("ray.tune.search.variant_generator").setLevel(logging.ERROR)
-    searcher, scheduler, num_samples = build_search(sweep, base)
-    callbacks = _callbacks(sweep, base, callback, searched)
+    searcher, scheduler, num_samples = search
     return tune.Tuner(
         trainable(),
-        param_space=base.to_flat(),
+        param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                     num_samples=num_samples,
                                     max_concurrent_trials=None if sweep.points
@@ -85,7 +95,7 @@ def _tuner(sweep: Sweep, base: TrialConfig, callback: MLflowSweepCallback, run_n
                                     # start and imports per trial (~3 s each here). Not
                                     # for DDP trials: their worker group's resources are
                                     # released when the trial's process ends.
-                                    reuse_actors=_single_worker(sweep, base),
+                                    reuse_actors=reuse_actors,
                                     trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
@@ -128,6 +138,22 @@ def _trial_name(trial: Any) -> str:
 
 def run_sweep(sweep: Sweep) -> SweepOutcome:
     """Validate, run the Tune search, and record the sweep as a parent MLflow run."""
+    sweep, base, searched, design, tracker = prepare(sweep)
+    if sweep.resume_run_id:
+        return _resume(sweep, base, tracker, searched)
+    # The MLflow parent run and the Tune run folder share this name.
+    run_name = sweep.run_name or f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Locked before the MLflow run exists: a second driver on this folder stops with an
+    # error and leaves no run behind.
+    with driver_lock(Path(sweep.storage_path).resolve() / run_name / ".driver.lock",
+                     f"sweep {run_name}"):
+        return _run_new(sweep, base, tracker, searched, design, run_name)
+
+
+def prepare(sweep: Sweep) -> tuple[Sweep, TrialConfig, list[str], dict[str, str],
+                                   SweepTracker]:
+    """Everything checked before Ray starts: (sweep, its base with absolute paths, the
+    keys it varies, its design params, its tracker)."""
     base = absolute_paths(sweep.base)
     if sweep.points:
         searched = validate_points(base, sweep.points)
@@ -147,22 +173,17 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     if RUN_CHECKPOINT in repr((base.train.init_from, sweep.points)):
         sweep, base = resolve_run_checkpoints(sweep, base, tracker)
         check_initial_weights(base, sweep.points, build=sweep.prepare_data)
-    if sweep.resume_run_id:
-        return _resume(sweep, base, tracker, searched)
-    # The MLflow parent run and the Tune run folder share this name.
-    run_name = sweep.run_name or f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    # Locked before the MLflow run exists: a second driver on this folder stops with an
-    # error and leaves no run behind.
-    with driver_lock(Path(sweep.storage_path).resolve() / run_name / ".driver.lock",
-                     f"sweep {run_name}"):
-        return _run_new(sweep, base, tracker, searched, design, run_name)
+    return sweep, base, searched, design, tracker
 
 
-def _run_new(sweep: Sweep, base: TrialConfig, tracker: SweepTracker, searched: list[str],
-             design: dict[str, str], run_name: str) -> SweepOutcome:
+def start_run(sweep: Sweep, base: TrialConfig, tracker: SweepTracker, searched: list[str],
+              design: dict[str, str], run_name: str, tags: dict[str, str] | None = None
+              ) -> str:
+    """The sweep's MLflow run (nested under ``sweep.parent_run_id`` if set): its params
+    say the design, its tags where its Tune folder is (``run_name``)."""
     nested = {"mlflow.parentRunId": sweep.parent_run_id} if sweep.parent_run_id else {}
     searcher, scheduler = describe_search(sweep)
-    parent = tracker.start_sweep(
+    return tracker.start_sweep(
         sweep.title or run_name,
         params={"sweep.num_samples": len(sweep.points) or sweep.num_samples,
                 "sweep.metric": sweep.metric,
@@ -175,15 +196,26 @@ def _run_new(sweep: Sweep, base: TrialConfig, tracker: SweepTracker, searched: l
                 **{k: v for k, v in fixed_config(sweep, base).tracked_params().items()
                    if k not in searched}},
         tags={"sweep": sweep.name, "kind": sweep.kind or ("points" if sweep.points else "search"),
-              "phase": sweep.phase, "tune_folder": run_name, **sweep.tags, **nested})
-    callback = MLflowSweepCallback(tracker, varied=searched, phase=sweep.phase,
-                                   log_checkpoint=sweep.log_checkpoints,
-                                   stopper=_stopper(sweep))
+              "phase": sweep.phase, "tune_folder": run_name, **sweep.tags, **nested,
+              **(tags or {})})
+
+
+def sweep_callback(sweep: Sweep, tracker: SweepTracker, searched: list[str],
+                   resumed: dict[str, Any] | None = None) -> MLflowSweepCallback:
+    return MLflowSweepCallback(tracker, varied=searched, phase=sweep.phase,
+                               log_checkpoint=sweep.log_checkpoints, resumed=resumed,
+                               stopper=_stopper(sweep))
+
+
+def _run_new(sweep: Sweep, base: TrialConfig, tracker: SweepTracker, searched: list[str],
+             design: dict[str, str], run_name: str) -> SweepOutcome:
+    parent = start_run(sweep, base, tracker, searched, design, run_name)
+    callback = sweep_callback(sweep, tracker, searched)
     with tracker.ending(parent):
         init_ray(sweep.address)
         base = with_cluster_gpus(sweep, base, tracker, parent)
-        results = _fit(_tuner(sweep, base, callback, run_name, searched), callback, parent,
-                       sweep.storage_path)
+        results = fit(_tuner(sweep, base, callback, run_name, searched), callback, parent,
+                      sweep.storage_path)
         return _finish_sweep(sweep, results, callback, tracker, parent, searched)
 
 
@@ -209,9 +241,7 @@ def _resume_locked(sweep: Sweep, base: TrialConfig, tracker: SweepTracker,
           flush=True)
     tracker.reopen_run(parent)
     tracker.parent_run_id = parent  # new trials nest under it
-    callback = MLflowSweepCallback(tracker, varied=searched, phase=sweep.phase,
-                                   log_checkpoint=sweep.log_checkpoints, resumed=children,
-                                   stopper=_stopper(sweep))
+    callback = sweep_callback(sweep, tracker, searched, resumed=children)
     with tracker.ending(parent):
         init_ray(sweep.address)
         tuner = tune.Tuner.restore(str(path), trainable(), resume_unfinished=True,
@@ -221,12 +251,12 @@ def _resume_locked(sweep: Sweep, base: TrialConfig, tracker: SweepTracker,
         set_tuner_callbacks(tuner, _callbacks(sweep, base, callback, searched))
         done_before = {t.trial_id for t in restored_trials(tuner)
                        if t.status in ("TERMINATED", "ERROR")}
-        results = _fit(tuner, callback, parent, sweep.storage_path)
+        results = fit(tuner, callback, parent, sweep.storage_path)
         return _finish_sweep(sweep, results, callback, tracker, parent, searched,
                              done_before)
 
 
-def _fit(tuner: Any, callback: MLflowSweepCallback, parent: str, storage: str) -> Any:
+def fit(tuner: Any, callback: Any, parent: str, storage: str) -> Any:
     """``tuner.fit()``; a Ctrl-C Tune does not catch itself (a second one, or one outside
     its loop) still ends the open trial runs KILLED and says how to resume; so does a
     full disk. Tune installs its SIGINT handler for the run and leaves it installed after:
@@ -271,23 +301,47 @@ def _finish_sweep(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
     return _summarize(sweep, results, callback, tracker, parent, searched)
 
 
+@dataclass(frozen=True)
+class TrialRecord:
+    """What a sweep's summary reads of one trial: its last result (``metrics``), its
+    config and its per-epoch reports; from a Tune Result after the run, or from the
+    trial itself when a sweep run together with others ends first."""
+
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+def _record(result: Any) -> TrialRecord:
+    history = result.metrics_dataframe.to_dict("records") \
+        if result.metrics_dataframe is not None else [result.metrics]
+    return TrialRecord(result.metrics or {}, result.config, history)
+
+
 def _summarize(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
                tracker: SweepTracker, parent: str, searched: list[str]) -> SweepOutcome:
+    outcome = summarize(sweep, [_record(r) for r in results], callback, tracker, parent,
+                        searched)
+    outcome.results = results
+    return outcome
+
+
+def summarize(sweep: Sweep, records: list[TrialRecord], callback: MLflowSweepCallback,
+              tracker: SweepTracker, parent: str, searched: list[str]) -> SweepOutcome:
+    """The sweep's table and plot on its run, its best trial; ``results`` are the records."""
     rows = []
-    for result in results:
-        if not result.metrics or sweep.metric not in result.metrics:
+    for record in records:
+        if not record.metrics or sweep.metric not in record.metrics:
             continue  # failed before its first report
-        trial_id = result.metrics.get("trial_id", "")
-        params = {k: result.config[k] for k in searched if k in result.config}
-        history = result.metrics_dataframe.to_dict("records") \
-            if result.metrics_dataframe is not None else [result.metrics]
+        trial_id = record.metrics.get("trial_id", "")
+        params = {k: record.config[k] for k in searched if k in record.config}
         row = {"trial_id": trial_id, "status": callback.statuses.get(trial_id, "UNKNOWN"),
-               "diverged": diverged(history),
+               "diverged": diverged(record.history),
                "mlflow_run_id": callback.run_ids.get(trial_id, ""), **params}
         objectives = (m for m, _ in sweep.objectives)
         for key in dict.fromkeys((*SUMMARY_METRICS, sweep.metric, *objectives)):
-            if key in result.metrics:
-                row[key] = result.metrics[key]
+            if key in record.metrics:
+                row[key] = record.metrics[key]
         rows.append(row)
     if not rows:
         raise RuntimeError(f"sweep {sweep.name!r}: no trial reported a result; see the "
@@ -295,7 +349,7 @@ def _summarize(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
     sign = 1.0 if sweep.mode == "max" else -1.0
     best = max(rows, key=lambda r: sign * r[sweep.metric] if sweep.metric in r
                else float("-inf"))
-    best_result = next(r for r in results if r.metrics and
+    best_record = next(r for r in records if r.metrics and
                        r.metrics.get("trial_id") == best["trial_id"])
     tracker.log_table(parent, rows, "trials")
     with tempfile.TemporaryDirectory() as tmp:
@@ -308,9 +362,9 @@ def _summarize(sweep: Sweep, results: Any, callback: MLflowSweepCallback,
                                      if k in SUMMARY_METRICS or k == sweep.metric}, step=0)
         tracker.set_tags(parent, {"best_trial_id": best["trial_id"],
                                   "best_mlflow_run_id": best["mlflow_run_id"]})
-    return SweepOutcome(best=best, best_config=dict(best_result.config), rows=rows,
+    return SweepOutcome(best=best, best_config=dict(best_record.config), rows=rows,
                         parent_run_id=parent, tracking_uri=sweep.tracking_uri,
-                        experiment=sweep.name, results=results)
+                        experiment=sweep.name, results=records)
 
 
 def mlflow_ui_command(tracking_uri: str) -> str:

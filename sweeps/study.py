@@ -53,11 +53,15 @@ from sweeps.compare import (
 )
 from sweeps.init_weights import absolute_paths, check_initial_weights
 from sweeps.resume import (
+    HALVING_LOST,
+    cell_grid,
     driver_lock,
+    nested_cell_run,
     nested_run_of_folder,
     read_back,
     reopen_study_run,
     resume_or_restart,
+    retire_run,
 )
 from sweeps.runner import run_sweep
 from sweeps.search import validate_points
@@ -72,7 +76,8 @@ from sweeps.study_results import (
     restored_rows,
     with_searched,
 )
-from sweeps.tracking import SweepTracker, default_tracking_uri
+from sweeps.together import run_together
+from sweeps.tracking import SweepTracker, default_tracking_uri, format_value
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import prepare_data
 
@@ -260,9 +265,7 @@ def _prune_search_checkpoints(study: Study, stamp: str) -> None:
     checkpoints (best + latest each) only take disk. Their metrics stay (--report-from
     reads them); the seed re-runs keep theirs."""
     freed = 0
-    for cell in study.cells:
-        folder = Path(study.storage_path).resolve() / \
-            f"{study.name}-{stamp}-search-{'-'.join(cell.key)}"
+    for folder in Path(study.storage_path).resolve().glob(f"{study.name}-{stamp}-search*"):
         # In-process trials keep trial_*/checkpoint_*, DDP ones trial_*/train-*/checkpoint_*.
         for checkpoint in [*folder.glob("trial_*/checkpoint_*"),
                            *folder.glob("trial_*/train-*/checkpoint_*")]:
@@ -293,43 +296,116 @@ def _sweep(study: Study, **kwargs: Any) -> Sweep:
 
 def _search_cells(study: Study, tracker: SweepTracker, parent: str, stamp: str
                   ) -> list[CellResult]:
-    results = []
+    """Every cell's search and pick. The cells that halve run together in one Tune run
+    (:mod:`sweeps.together`: another cell's trials use the cores one cell leaves idle at
+    its rungs); the others one sweep each (resumable trial by trial). A resumed study
+    reads back the cells that finished."""
+    results: dict[tuple[str, ...], CellResult] = {}
+    grids: dict[str, Any] = {}  # Tune folders read back, by name
+    together, alone = [], []
     for cell in study.cells:
-        print(f"\n=== search {cell.label} ===", flush=True)
-        points = tuple(cell.space.points(study.num_samples, study.seed))
-        folder = f"{study.name}-{stamp}-search-{'-'.join(cell.key)}"
-        earlier = nested_run_of_folder(tracker, parent, folder) if study.resume_run_id else None
+        earlier = nested_cell_run(tracker, parent, cell.label) if study.resume_run_id \
+            else None
         if earlier is not None and earlier.info.status == "FINISHED":
-            grid = read_back(study.storage_path, folder)
-            configs = {r.metrics.get("trial_id"): r.config for r in grid if r.metrics}
-            results.append(cell_result(study, cell.key, restored_rows(grid, study),
-                                        configs, earlier.data.tags.get("picked_trial_id")))
-            print(f"finished before the interrupt: read back from {folder}", flush=True)
+            restored = _read_back_cell(study, cell, earlier, grids)
+            if restored is not None:
+                results[cell.key] = restored
             continue
-        rungs = study.cell_rungs(cell)
-        try:
-            outcome = run_sweep(_sweep(
-                study, base=search_base(study, cell), points=points,
-                metric=study.search_metric, rungs=rungs, reduction_factor=study.reduction,
-                # A point a hair behind at a rung may be the one the pick backs off to.
-                rung_margin=study.pick_within,
-                kind="search", tags={"cell": cell.label}, parent_run_id=parent,
-                run_name=folder, title=f"search {cell.label}",
-                params=_design_params(study, cell), log_checkpoints=False,
-                # Halving's rung decisions are not in Tune's saved state: such a cell
-                # runs again from its start.
-                resume_run_id=resume_or_restart(tracker, study.storage_path, earlier, folder,
-                                                afresh=bool(rungs))))
-        except RuntimeError as exc:  # every trial failed: record it, go on with the rest
-            print(f"cell {cell.label} failed: {exc}", flush=True)
-            continue
-        configs = {r.metrics.get("trial_id"): r.config for r in outcome.results if r.metrics}
-        result = cell_result(study, cell.key, with_searched(study, outcome.rows, configs),
-                              configs)
-        # What was picked, on the search run: --report-from reads it back, not re-picks.
-        tracker.set_tags(outcome.parent_run_id, {"picked_trial_id": result.picked_trial_id})
-        results.append(result)
+        (together if study.cell_rungs(cell) else alone).append((cell, earlier))
+    if together:
+        results.update(_search_together(study, tracker, parent, stamp, together))
+    for cell, earlier in alone:
+        result = _search_alone(study, tracker, parent, stamp, cell, earlier)
+        if result is not None:
+            results[cell.key] = result
+    return [results[cell.key] for cell in study.cells if cell.key in results]
+
+
+def _read_back_cell(study: Study, cell: Cell, run: Any, grids: dict[str, Any]
+                    ) -> CellResult | None:
+    grid = cell_grid(study.storage_path, run, grids)
+    rows = restored_rows(grid, study)
+    print(f"=== search {cell.label}: finished before the interrupt: read back from "
+          f"{run.data.tags.get('tune_folder')} ===", flush=True)
+    if not rows:
+        return None  # every trial failed: the run skipped the cell too
+    configs = {r.metrics.get("trial_id"): r.config for r in grid if r.metrics}
+    return cell_result(study, cell.key, rows, configs, run.data.tags.get("picked_trial_id"))
+
+
+def _cell_sweep(study: Study, cell: Cell, parent: str, folder: str, **kwargs: Any) -> Sweep:
+    return _sweep(study, base=search_base(study, cell),
+                  points=tuple(cell.space.points(study.num_samples, study.seed)),
+                  metric=study.search_metric, rungs=study.cell_rungs(cell),
+                  reduction_factor=study.reduction,
+                  # A point a hair behind at a rung may be the one the pick backs off to.
+                  rung_margin=study.pick_within,
+                  kind="search", tags={"cell": cell.label}, parent_run_id=parent,
+                  run_name=folder, title=f"search {cell.label}",
+                  params=_design_params(study, cell), log_checkpoints=False, **kwargs)
+
+
+def _picked(study: Study, tracker: SweepTracker, cell: Cell, outcome: Any) -> CellResult:
+    """The cell's pick from its search, tagged on the search run (--report-from reads it
+    back rather than picking again)."""
+    configs = {r.metrics.get("trial_id"): r.config for r in outcome.results if r.metrics}
+    result = cell_result(study, cell.key, with_searched(study, outcome.rows, configs),
+                         configs)
+    tracker.set_tags(outcome.parent_run_id, {"picked_trial_id": result.picked_trial_id})
+    return result
+
+
+def _search_together(study: Study, tracker: SweepTracker, parent: str, stamp: str,
+                     cells: list[tuple[Cell, Any]]) -> dict[tuple[str, ...], CellResult]:
+    for _, earlier in cells:
+        if earlier is not None:  # Tune does not save the halving decisions
+            retire_run(tracker, earlier, HALVING_LOST)
+    folder = _new_folder(study, f"{study.name}-{stamp}-search")
+    labels = ", ".join(cell.label for cell, _ in cells)
+    print(f"\n=== search {len(cells)} cells side by side, each ranked by itself: {labels} "
+          "===", flush=True)
+    results: dict[tuple[str, ...], CellResult] = {}
+
+    def done(i: int, outcome: Any) -> None:
+        cell = cells[i][0]
+        if isinstance(outcome, RuntimeError):  # every trial failed: go on with the rest
+            print(f"cell {cell.label} failed: {outcome}", flush=True)
+            return
+        results[cell.key] = _picked(study, tracker, cell, outcome)
+        print(f"=== search {cell.label} finished: picked {study.backoff_key}="
+              f"{format_value(results[cell.key].best_config.get(study.backoff_key))} ===",
+              flush=True)
+
+    run_together([_cell_sweep(study, cell, parent, folder) for cell, _ in cells], folder,
+                 done)
     return results
+
+
+def _new_folder(study: Study, name: str) -> str:
+    """``name``, or ``name-2``, ... where a resumed study already has that folder."""
+    root, k = Path(study.storage_path).resolve(), 1
+    folder = name
+    while (root / folder).exists():
+        k += 1
+        folder = f"{name}-{k}"
+    return folder
+
+
+def _search_alone(study: Study, tracker: SweepTracker, parent: str, stamp: str, cell: Cell,
+                  earlier: Any | None) -> CellResult | None:
+    print(f"\n=== search {cell.label} ===", flush=True)
+    folder = f"{study.name}-{stamp}-search-{'-'.join(cell.key)}"
+    if earlier is not None and earlier.data.tags.get("tune_folder") != folder:
+        retire_run(tracker, earlier, "Interrupted in a run of several cells")
+        earlier = None
+    try:
+        outcome = run_sweep(_cell_sweep(
+            study, cell, parent, folder,
+            resume_run_id=resume_or_restart(tracker, study.storage_path, earlier, folder)))
+    except RuntimeError as exc:  # every trial failed: record it, go on with the rest
+        print(f"cell {cell.label} failed: {exc}", flush=True)
+        return None
+    return _picked(study, tracker, cell, outcome)
 
 
 def _design_params(study: Study, cell: Cell) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from sweeps.compare import (
     weight_vector,
 )
 from sweeps.outcome import FAILED, FINISHED, diverged, trial_status
-from sweeps.resume import read_back
+from sweeps.resume import cell_grid
 from sweeps.tracking import SweepTracker, result_history, rows_to_markdown
 from trainables.config import ConfigError, DataConfig
 from trainables.data import load_splits
@@ -218,6 +218,7 @@ def report_from(study: Study, run_id: str) -> StudyOutcome:
                           f"{study.name} study run with nested search runs")
     order = {c.label: i for i, c in enumerate(study.cells)}
     cells, seeds = [], None
+    grids: dict[str, Any] = {}  # Tune folders read back (cells run together share one)
     # A cell interrupted and run again on --resume left a KILLED search run: the new one
     # holds its result.
     rerun = {r.data.tags.get("cell") for r in children if r.data.tags.get("kind") == "search"
@@ -228,8 +229,7 @@ def report_from(study: Study, run_id: str) -> StudyOutcome:
             continue  # a cell this invocation does not ask about
         if kind == "search" and run.info.status == "KILLED" and label in rerun:
             continue
-        folder = run.data.tags.get("tune_folder", run.info.run_name)
-        grid = read_back(study.storage_path, folder)
+        grid = cell_grid(study.storage_path, run, grids)
         if kind == "points":
             seeds = grid
             continue

@@ -156,8 +156,10 @@ STUDY = ROOT / "sweeps" / "eg_vs_gd.py"
 
 
 def test_an_interrupted_study_resumes_at_its_cell(tmp_path: Path, tiny_root: Path) -> None:
-    """Ctrl-C during the second cell's search: the resumed study reads the first cell
-    back (its trials are not run again), goes on with the second, then the seeds."""
+    """Ctrl-C once the first cell's search finished (the cells search side by side, the
+    second one is then mid-way or, on a fast machine, done too): the resumed study reads
+    the finished cells back (their trials are not run again), runs an unfinished one
+    again from its start (its halving decisions were not saved), then the seeds."""
     args = [sys.executable, str(STUDY), "--smoke-test", "--optimizers", "gd", "eg",
             "--address", "local"]
     log = tmp_path / "study.log"
@@ -166,7 +168,7 @@ def test_an_interrupted_study_resumes_at_its_cell(tmp_path: Path, tiny_root: Pat
                             start_new_session=True)
     try:
         deadline = time.time() + 300
-        while "=== search mnist/mlp/eg ===" not in log.read_text():
+        while "=== search mnist/mlp/gd finished" not in log.read_text():
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
@@ -189,8 +191,8 @@ def test_an_interrupted_study_resumes_at_its_cell(tmp_path: Path, tiny_root: Pat
     runs = client.search_runs([exp])
     assert client.get_run(study.info.run_id).info.status == "FINISHED"
     assert "RUNNING" not in {r.info.status for r in runs}
-    # The interrupted cell halves: its search ran again from its start, and the run it
-    # left (if Tune had started it) ended KILLED, saying why.
+    # An interrupted cell halves: its search ran again from its start, and the run it
+    # left ended KILLED, saying why.
     killed = {r.info.run_id for r in runs
               if r.data.tags.get("kind") == "search" and r.info.status == "KILLED"}
     for run_id in killed:
