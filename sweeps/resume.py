@@ -126,8 +126,17 @@ def nested_cell_run(tracker: SweepTracker, parent: str, label: str) -> Any | Non
 
 
 def retire_run(tracker: SweepTracker, run: Any, why: str) -> None:
-    """An interrupted sweep run that a resumed study runs again as a new run: it ends
-    KILLED, its description saying ``why``."""
+    """A sweep run that a resumed study runs again as a new run: an interrupted one ends
+    KILLED, its description saying ``why``, with any trial run a killed driver left
+    RUNNING; a FAILED one (every trial failed) keeps its status and description."""
+    if run.info.status == "FAILED":
+        return
+    for trial in tracker.child_runs(run.info.run_id).values():
+        if trial.info.status == "RUNNING":
+            tracker.set_tags(trial.info.run_id, {
+                "mlflow.note.content": "Its driver stopped before the trial ended; the "
+                "resumed study ran its sweep again.", "interrupted": "true"})
+            tracker.end_run(trial.info.run_id, "KILLED")
     tracker.set_tags(run.info.run_id, {"mlflow.note.content": f"{why}; the resumed study "
                      "ran this sweep again as a new run."})
     tracker.end_run(run.info.run_id, "KILLED")

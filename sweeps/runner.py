@@ -256,26 +256,28 @@ def _resume_locked(sweep: Sweep, base: TrialConfig, tracker: SweepTracker,
                              done_before)
 
 
-def fit(tuner: Any, callback: Any, parent: str, storage: str) -> Any:
+def fit(tuner: Any, callback: Any, parent: str, storage: str,
+        resume: str | None = None) -> Any:
     """``tuner.fit()``; a Ctrl-C Tune does not catch itself (a second one, or one outside
-    its loop) still ends the open trial runs KILLED and says how to resume; so does a
-    full disk. Tune installs its SIGINT handler for the run and leaves it installed after:
-    restored here, else a Ctrl-C after this sweep (between a study's sweeps) would only
-    stop a finished run."""
+    its loop) still ends the open trial runs KILLED and says how to resume (``resume``,
+    default ``resume it with --resume PARENT``); so does a full disk. Tune installs its
+    SIGINT handler for the run and leaves it installed after: restored here, else a
+    Ctrl-C after this sweep (between a study's sweeps) would only stop a finished run."""
+    resume = resume or f"resume it with --resume {parent}"
     handler = signal.getsignal(signal.SIGINT)
     watch = next(c for c in tuner_callbacks(tuner)
                  if isinstance(c, DiskFullWatch))
     try:
         return tuner.fit()
     except KeyboardInterrupt:
-        callback.end_interrupted(f"the sweep was interrupted; resume it with --resume {parent}")
+        callback.end_interrupted(f"the sweep was interrupted; {resume}")
         raise SweepInterrupted(parent) from None
     except Exception:
         if watch.full is None:
             raise
         where = disk_space(Path(storage).resolve(), Path(tempfile.gettempdir()))
         callback.end_interrupted(f"a disk is full ({watch.full}; {where}); free space, "
-                                 f"then resume it with --resume {parent}")
+                                 f"then {resume}")
         raise SweepInterrupted(parent, cause=f"no space left on device while a trial wrote "
                                f"its checkpoint ({watch.full}); {where}") from None
     finally:

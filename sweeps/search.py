@@ -15,8 +15,8 @@ from sweeps.samplers import NSGAIISampler, TPESampler
 from sweeps.spec import SPACE_PREFIX, SpaceFn, Sweep
 from trainables.config import ConfigError, TrialConfig
 
-__all__ = ["validate_space", "validate_points", "space_ranges", "build_search",
-           "describe_search", "fixed_config", "DivergenceAwareOptunaSearch",
+__all__ = ["validate_space", "validate_points", "check_list_lengths", "space_ranges",
+           "build_search", "describe_search", "fixed_config", "DivergenceAwareOptunaSearch",
            "worst_where_nonfinite"]
 
 
@@ -60,7 +60,27 @@ def validate_points(base: TrialConfig, points: tuple[Mapping[str, Any], ...]) ->
             configs.append(base.replace(point).to_flat())
         except ConfigError as exc:
             raise ConfigError(f"point {i} of the sweep is an invalid config: {exc}") from None
+    check_list_lengths([("the sweep's base", base.to_flat()),
+                        *((f"point {i} of the sweep", c) for i, c in enumerate(configs))])
     return [k for k in configs[0] if len({repr(c[k]) for c in configs}) > 1]
+
+
+def check_list_lengths(configs: list[tuple[str, Mapping[str, Any]]]) -> None:
+    """Configs that run in one Tune run as points (``(what, flat config)`` each) must
+    give every list field the same length: Tune lays each point over the run's base
+    element by element, so a shorter list would keep the base's extra elements and a
+    longer one fails when its trial is created."""
+    (first, reference), *rest = configs
+    for what, config in rest:
+        for key, value in config.items():
+            base = reference.get(key)
+            if isinstance(value, (list, tuple)) and isinstance(base, (list, tuple)) and \
+                    len(value) != len(base):
+                raise ConfigError(f"{what}: {key}={list(value)} is invalid in one Tune run "
+                                  f"with {first} ({key}={list(base)}): allowed lists of the "
+                                  "same length in every point (Tune lays a point over the "
+                                  "run's base element by element); run them as separate "
+                                  "sweeps")
 
 
 class DivergenceAwareOptunaSearch(OptunaSearch):

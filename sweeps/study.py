@@ -5,8 +5,9 @@ The design, on purpose:
 
 - **Search = a fixed, paired quasi-random design.** Every cell runs the same
   ``num_samples`` scrambled Sobol points (seeded by ``seed``) mapped into its own ranges
-  (:class:`SearchSpace`), each trial to its last epoch (FIFO). No result feeds back into
-  what runs next, so the same command picks the same configs, and every optimizer gets
+  (:class:`SearchSpace`), stopped early only by synchronous successive halving (rungs:
+  :mod:`sweeps.halving`), whose decisions depend on the metrics alone. No result feeds
+  back into what runs next, so the same command picks the same configs, and every optimizer gets
   the same quantiles of its lr range (a paired comparison). TPE with 8 trials never left
   Optuna's random start-up phase, and asynchronous ASHA stopped slow starters (EG at
   large lr) depending on which results arrived first: neither was what it claimed.
@@ -22,8 +23,13 @@ The design, on purpose:
   seed gives both the same initial weights and data order, so the paired difference
   is much tighter than two separate intervals.
 
+Running: the cells that halve search side by side in one Tune run
+(:mod:`sweeps.together`, each ranked only among its own points), the others one sweep
+each; then the seed re-runs in one more.
+
 MLflow: a study run (``kind=study``), one nested run per cell's search (``kind=search``,
-tag ``cell``) and one for the seed re-runs (``kind=points``), trials nested under those.
+tag ``cell``; ``tune_points``: its trials in a Tune folder shared by cells) and one for
+the seed re-runs (``kind=points``), trials nested under those.
 The study run holds comparison.md/.png (the bars: mean and 95% interval per cell),
 pairs.md, *.table.csv (both tables as CSV), a description with the compact table, curves.png,
 sensitivity.png, weights.png and the per-cell mean, std and interval as metrics.
@@ -64,7 +70,7 @@ from sweeps.resume import (
     retire_run,
 )
 from sweeps.runner import run_sweep
-from sweeps.search import validate_points
+from sweeps.search import check_list_lengths, validate_points
 from sweeps.spec import Sweep, SweepInterrupted
 from sweeps.study_results import (
     StudyOutcome,
@@ -211,6 +217,10 @@ class Study:
                            reduction_factor=self.reduction)
             except ConfigError as exc:
                 raise ConfigError(f"cell {cell.label}: {exc}") from None
+        # The cells search side by side in one Tune run, and the seeds re-run in one.
+        check_list_lengths([(f"cell {cell.label}", search_base(self, cell).replace(
+            point).to_flat()) for cell in self.cells
+            for point in cell.space.points(self.num_samples, self.seed)])
         for data in {cell.base.data for cell in self.cells}:
             prepare_data(data)
         for cell in self.cells:  # train.init_from: the file, and that it fits the model
@@ -360,7 +370,8 @@ def _search_together(study: Study, tracker: SweepTracker, parent: str, stamp: st
     for _, earlier in cells:
         if earlier is not None:  # Tune does not save the halving decisions
             retire_run(tracker, earlier, HALVING_LOST)
-    folder = _new_folder(study, f"{study.name}-{stamp}-search")
+    # Not "-search-<key>", the folder of a cell searched alone.
+    folder = _new_folder(study, f"{study.name}-{stamp}-searches")
     labels = ", ".join(cell.label for cell, _ in cells)
     print(f"\n=== search {len(cells)} cells side by side, each ranked by itself: {labels} "
           "===", flush=True)

@@ -223,8 +223,13 @@ def report_from(study: Study, run_id: str) -> StudyOutcome:
     # holds its result.
     rerun = {r.data.tags.get("cell") for r in children if r.data.tags.get("kind") == "search"
              and r.info.status != "KILLED"}
-    for run in children:
+    seen: set[str] = set()  # a cell interrupted twice: only its newest run
+    for run in sorted(children, key=lambda r: -r.info.start_time):
         kind, label = run.data.tags.get("kind"), run.data.tags.get("cell", "")
+        if kind == "search":
+            if label in seen:
+                continue
+            seen.add(label)
         if kind != "points" and label not in order:
             continue  # a cell this invocation does not ask about
         if kind == "search" and run.info.status == "KILLED" and label in rerun:

@@ -9,9 +9,15 @@ sweep's trials use the free cores, and the trial processes (``reuse_actors``) st
 once for all of them instead of once per sweep. Measured on the default EG-vs-GD study
 (32 cells on 2 cores): see README.
 
+A sweep's run is summarized (table, plot) as soon as its trials ended, and ends FINISHED
+once Tune has saved the state that holds its results (when the Tune run returns, also
+after a Ctrl-C that Tune caught); on any other stop it ends KILLED with the rest.
+
 Resuming: a run of several sweeps with halving is not resumable trial by trial (Tune
 does not save the halving decisions); the sweeps that finished are kept, the others
 run again (:mod:`sweeps.study` does this on ``--resume``).
+
+Extra ``Sweep.callbacks`` see the trials of every sweep of the run.
 
 Example::
 
@@ -22,11 +28,13 @@ Example::
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ray.tune import Callback
+from ray.tune.experiment import Trial
 
 from sweeps.callbacks import ConsoleProgress, DiskFullWatch, finite_tensorboard_logger
 from sweeps.halving import SynchronousHalving, point_index
@@ -42,6 +50,7 @@ from sweeps.runner import (
     summarize,
     sweep_callback,
 )
+from sweeps.search import check_list_lengths
 from sweeps.spec import Sweep, SweepInterrupted, SweepOutcome
 from sweeps.tracking import MLflowSweepCallback, SweepTracker
 from trainables.config import ConfigError, TrialConfig
@@ -70,6 +79,7 @@ class _Part:
     points: range
     trials: dict[str, Any] = field(default_factory=dict)  # trial id -> Tune trial
     outcome: SweepOutcome | RuntimeError | None = None
+    ended: bool = False  # its MLflow run ended
 
 
 def run_together(sweeps: Sequence[Sweep], folder: str, on_done: Done | None = None
@@ -97,10 +107,15 @@ def _check(sweeps: Sequence[Sweep]) -> None:
                 raise ConfigError(f"{name}={getattr(sweep, name)!r} of sweep "
                                   f"{sweep.title or sweep.name} is invalid: allowed the "
                                   f"same as the first sweep's ({getattr(sweeps[0], name)!r})")
+    first = sweeps[0]
+    check_list_lengths([(f"sweep {first.title or first.name}", first.base.to_flat()),
+                        *((f"sweep {s.title or s.name}", s.base.replace(p).to_flat())
+                          for s in sweeps for p in s.points)])
 
 
 def _run(prepared: list, folder: str, on_done: Done | None) -> list[SweepOutcome | RuntimeError]:
     parts: list[_Part] = []
+    router = _Router(parts, on_done)
     try:
         for sweep, base, searched, design, tracker in prepared:
             start = parts[-1].points.stop if parts else 0
@@ -116,24 +131,38 @@ def _run(prepared: list, folder: str, on_done: Done | None) -> list[SweepOutcome
         init_ray(first.address)
         for part in parts:
             part.base = with_cluster_gpus(part.sweep, part.base, part.tracker, part.parent)
-        router = _Router(parts, on_done)
-        fit(_tuner(parts, router, folder), router, parts[0].parent, first.storage_path)
-        if any(part.outcome is None for part in parts):
-            router.end_interrupted("the sweep was interrupted; resume it with --resume")
-            raise SweepInterrupted(next(p.parent for p in parts if p.outcome is None))
-        return [part.outcome for part in parts]
+        fit(_tuner(parts, router, folder), router, parts[0].parent, first.storage_path,
+            resume=RESUME)
     except KeyboardInterrupt:
-        _end_unfinished(parts, "KILLED")
+        _end_all(parts, "KILLED")
         raise
-    except BaseException:
-        _end_unfinished(parts, "FAILED")
+    except BaseException as exc:
+        router.end_interrupted(f"the run of several sweeps failed: {exc!r}")
+        _end_all(parts, "FAILED")
         raise
-
-
-def _end_unfinished(parts: list[_Part], status: str) -> None:
+    # Tune saved its state as it returned: a summarized sweep's results are in it.
     for part in parts:
-        if part.outcome is None:
+        if part.outcome is not None:
+            status = "FAILED" if isinstance(part.outcome, RuntimeError) else "FINISHED"
             part.tracker.end_run(part.parent, status)
+            part.ended = True
+    if any(part.outcome is None for part in parts):  # a Ctrl-C that Tune caught
+        router.end_interrupted(f"the sweep was interrupted; {RESUME}")
+        _end_all(parts, "KILLED")
+        raise SweepInterrupted(next(p.parent for p in parts if p.outcome is None))
+    return [part.outcome for part in parts]
+
+
+RESUME = "resume the study (or sweeps) it belongs to with --resume"
+
+
+def _end_all(parts: list[_Part], status: str) -> None:
+    """End every sweep run not ended FINISHED or FAILED above (a summarized one too: Tune
+    may not have saved the state that holds its results)."""
+    for part in parts:
+        if not part.ended:
+            part.tracker.end_run(part.parent, status)
+            part.ended = True
 
 
 def _tuner(parts: list[_Part], router: _Router, folder: str) -> Any:
@@ -206,7 +235,20 @@ class _Router(Callback):
             if part.outcome is None:
                 part.callback.end_interrupted(why)
 
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        """A trial whose reused process failed to reset ends ERROR without any hook: end
+        its run FAILED here, or its sweep would wait for it forever. (At a Ctrl-C Tune
+        marks the trials TERMINATED without hooks: those stay unfinished.)"""
+        for trial in trials:
+            if trial.status == Trial.ERROR:
+                part = self._part(trial)
+                if trial.trial_id not in part.callback.statuses:
+                    self.on_trial_error(iteration, trials, trial)
+
     def _maybe_done(self, part: _Part) -> None:
+        """Summarize a sweep whose trials all ended. Nothing raised here may reach Tune (a
+        callback's error would stop the run of every sweep, or leave a trial paused
+        forever): a sweep whose summary fails ends FAILED, saying why."""
         if part.outcome is not None or len(part.callback.ended_now) < len(part.points):
             return
         records = [TrialRecord(dict(t.last_result or {}), dict(t.config),
@@ -215,10 +257,20 @@ class _Router(Callback):
         try:
             part.outcome = summarize(part.sweep, records, part.callback, part.tracker,
                                      part.parent, part.searched)
-        except RuntimeError as exc:  # no trial reported a result
-            part.outcome = exc
-            part.tracker.end_run(part.parent, "FAILED")
-        else:
-            part.tracker.end_run(part.parent, "FINISHED")
-        if self.on_done is not None:
+        except Exception as exc:  # noqa: BLE001 (see the docstring)
+            if not isinstance(exc, RuntimeError):  # RuntimeError: no trial reported
+                traceback.print_exc()
+            self._failed(part, exc if isinstance(exc, RuntimeError) else
+                         RuntimeError(f"its summary failed: {exc!r}"))
+        if self.on_done is None:
+            return
+        try:
             self.on_done(self.parts.index(part), part.outcome)
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            self._failed(part, RuntimeError(f"its result could not be used: {exc!r}"))
+
+    @staticmethod
+    def _failed(part: _Part, error: RuntimeError) -> None:
+        part.outcome = error
+        part.tracker.set_tags(part.parent, {"mlflow.note.content": str(error)})

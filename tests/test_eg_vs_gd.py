@@ -89,7 +89,8 @@ def test_smoke_study_records_the_table_and_plots(smoke_study, tmp_path: Path,
             trial.info.run_id)}
     # Disk: the search trials' checkpoints are gone once the study ended; the seeds' stay.
     storage = folder / "ray_results"
-    assert not list(storage.glob("*-search-*/trial_*/checkpoint_*"))
+    assert list(storage.glob("*-search/trial_*"))  # the cells' folder: the glob below sees it
+    assert not list(storage.glob("*-search*/trial_*/checkpoint_*"))
     assert len({p.parent for p in storage.glob("*-seeds/trial_*/checkpoint_*")}) == 4
     # The picked configs' seed re-runs carry their checkpoint; search trials do not.
     for trial in trials:
@@ -100,6 +101,15 @@ def test_smoke_study_records_the_table_and_plots(smoke_study, tmp_path: Path,
     assert "mnist.mlp.eg.test_acc_mean" in metrics and "mnist.mlp.gd.test_acc_std" in metrics
     searches = [r for r in children if r.data.tags["kind"] == "search"]
     assert all(r.data.tags["picked_trial_id"] for r in searches)
+    # The cells searched side by side in one Tune run, each its own run with its trials.
+    assert len({r.data.tags["tune_folder"] for r in searches}) == 1
+    spans = {r.data.tags["cell"]: r.data.tags["tune_points"] for r in searches}
+    assert spans == {"mnist/mlp/gd": "0:2", "mnist/mlp/eg": "2:4"}
+    for search in searches:
+        optimizer = search.data.tags["cell"].split("/")[-1]
+        own = [t for t in trials if t.data.tags["mlflow.parentRunId"] == search.info.run_id]
+        assert len(own) == 2 and {t.data.tags["optimizer"] for t in own} == {optimizer}
+        assert search.data.tags["picked_trial_id"] in {t.data.tags["trial_id"] for t in own}
 
     # The same report from the runs alone: the picked configs are read back, not re-picked
     # (it logs the same tables on the study run again: the shared store stays as it was).

@@ -101,3 +101,112 @@ def test_the_study_description_fits_mlflows_tag_limit_in_whole_lines():
     assert "weight_kurtosis" not in text  # compact: only the columns compared first
     short = _description(study, rows[:2], pairs)
     assert "Matched pairs" in short and "| mnist | mlp | eg - gd | 3 | 1 | -0.15 |" in short
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    import ray
+
+    ray.init(num_cpus=2, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_halving_cells_search_side_by_side_and_a_cell_without_rungs_alone(
+        ray_runtime, tiny_root, tmp_path):
+    """Two 2-epoch cells halve (rung 1) in one shared Tune run, each ranked by itself; a
+    1-epoch cell has no rung and runs as its own sweep. Every cell is picked from its own
+    trials, and --report-from reads each back from its own folder and points."""
+    from conftest import tiny_config
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.study import report_from, run_study
+
+    base = tiny_config(tiny_root, "model.name=mlp", "model.hidden=[16]", "train.epochs=2",
+                       "data.val_fraction=0.2")
+    space = SearchSpace((("optim.lr", 0.01, 0.5, True),))
+    cells = (Cell(("gd",), base, space),
+             Cell(("one_epoch",), base.replace({"train.epochs": 1}), space),
+             Cell(("eg",), base.replace({"optim.name": "eg", "optim.bias_lr": 0.05}),
+                  SearchSpace((("optim.lr", 0.1, 5.0, True),))))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = Study(name="mixed", cells=cells, key_names=("cell",), num_samples=3, seeds=1,
+                  tracking_uri=uri, storage_path=str(tmp_path / "ray"))
+    outcome = run_study(study)
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("mixed").experiment_id
+    runs = client.search_runs([exp])
+    searches = {r.data.tags["cell"]: r for r in runs if r.data.tags.get("kind") == "search"}
+    assert {r.info.status for r in searches.values()} == {"FINISHED"}
+    folders = {cell: r.data.tags["tune_folder"] for cell, r in searches.items()}
+    assert folders["gd"] == folders["eg"] != folders["one_epoch"]
+    assert searches["gd"].data.tags["tune_points"] == "0:3"
+    assert searches["eg"].data.tags["tune_points"] == "3:6"
+    assert "tune_points" not in searches["one_epoch"].data.tags
+    for cell, search in searches.items():
+        own = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == search.info.run_id]
+        assert len(own) == 3
+        assert {r.data.tags["optimizer"] for r in own} == {"eg" if cell == "eg" else "gd"}
+        epochs = sorted(int(r.data.metrics["epoch"]) for r in own)
+        # Halving: 3 points at rung 1, the best 2 (ceil 3/2) go on; no rung: all end.
+        assert epochs == ([1, 1, 1] if cell == "one_epoch" else [1, 2, 2]) or \
+            (cell != "one_epoch" and epochs == [2, 2, 2])  # a tie within pick_within
+        assert search.data.tags["picked_trial_id"] in {r.data.tags["trial_id"] for r in own}
+    # The table as the study printed it, rebuilt from the runs and folders alone.
+    again = report_from(study, outcome.run_id)
+    assert again.table == outcome.table
+    assert [c.picked_trial_id for c in again.cells] == [c.picked_trial_id for c in outcome.cells]
+
+
+def test_lists_of_other_lengths_cannot_share_a_tune_run(tiny_root, tmp_path):
+    """Tune lays a point over its run's base element by element: a shorter list would
+    keep the base's extra elements. Refused before Ray, naming the field."""
+    from sweeps.search import validate_points
+    from sweeps.spec import Sweep
+    from sweeps.together import run_together
+
+    base = TrialConfig().with_overrides([f"data.root={tiny_root}", "model.name=mlp",
+                                         "model.hidden=[16,8]"])
+    with pytest.raises(ConfigError, match=r"point 1 of the sweep: model.hidden=\[4\] is "
+                                          r"invalid in one Tune run .*same length"):
+        validate_points(base, ({}, {"model.hidden": [4]}))
+    other = base.replace({"model.hidden": [32]})
+    cells = (Cell(("a",), base, SearchSpace(LR)), Cell(("b",), other, SearchSpace(LR)))
+    with pytest.raises(ConfigError, match=r"cell b: model.hidden=\[32\] is invalid"):
+        Study(name="s", cells=cells, key_names=("x",)).validate()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweeps = [Sweep(name="s", base=b, points=({},), tracking_uri=uri, title=t)
+              for t, b in (("a", base), ("b", other))]
+    with pytest.raises(ConfigError, match=r"sweep b: model.hidden=\[32\] is invalid"):
+        run_together(sweeps, "f")
+    sweeps[1] = Sweep(name="s", base=base, points=({},), tracking_uri=uri, metric="val_acc",
+                      title="c")
+    with pytest.raises(ConfigError, match="metric='val_acc' of sweep c is invalid: allowed "
+                                          "the same as the first sweep's"):
+        run_together(sweeps, "f")
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any run was recorded
+
+
+def test_a_retired_cell_run_ends_its_trials_and_a_failed_one_keeps_its_status(tmp_path):
+    """--resume of a study whose driver was killed: the cell's run and the trial runs it
+    left RUNNING end KILLED, saying why; a cell whose every trial failed stays FAILED."""
+    from sweeps.resume import retire_run
+    from sweeps.tracking import SweepTracker
+
+    tracker = SweepTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "s")
+    cell = tracker.start_sweep("search a", tags={"kind": "search", "cell": "a"})
+    running = tracker.start_trial("t0", {}, {"trial_id": "x_00000"})
+    done = tracker.start_trial("t1", {}, {"trial_id": "x_00001"})
+    tracker.end_run(done, "FINISHED")
+    retire_run(tracker, tracker.get_run(cell), "Interrupted")
+    statuses = {r: tracker.get_run(r).info.status for r in (cell, running, done)}
+    assert statuses == {cell: "KILLED", running: "KILLED", done: "FINISHED"}
+    assert "ran this sweep again" in tracker.get_run(cell).data.tags["mlflow.note.content"]
+    failed = tracker.start_sweep("search b", tags={"kind": "search", "cell": "b"})
+    tracker.set_tags(failed, {"mlflow.note.content": "every trial failed"})
+    tracker.end_run(failed, "FAILED")
+    retire_run(tracker, tracker.get_run(failed), "Interrupted")
+    assert tracker.get_run(failed).info.status == "FAILED"
+    assert tracker.get_run(failed).data.tags["mlflow.note.content"] == "every trial failed"
