@@ -89,7 +89,7 @@ def test_smoke_study_records_the_table_and_plots(smoke_study, tmp_path: Path,
             trial.info.run_id)}
     # Disk: the search trials' checkpoints are gone once the study ended; the seeds' stay.
     storage = folder / "ray_results"
-    assert list(storage.glob("*-search/trial_*"))  # the cells' folder: the glob below sees it
+    assert list(storage.glob("*-searches/trial_*"))  # the cells' folder: seen below
     assert not list(storage.glob("*-search*/trial_*/checkpoint_*"))
     assert len({p.parent for p in storage.glob("*-seeds/trial_*/checkpoint_*")}) == 4
     # The picked configs' seed re-runs carry their checkpoint; search trials do not.

@@ -58,6 +58,26 @@ def test_qat_forward_equals_the_ptq_model_and_convert_equals_ptq() -> None:
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("fmt", [IntFormat(4, True, True), LNSFormat(8)])
+def test_a_channels_last_model_keeps_its_layout_and_values_when_quantized(fmt) -> None:
+    """quantize_ of a channels-last model gives channels-last weights (a conv model run
+    with NCHW weights on channels-last inputs takes the slow conv and pool kernels), with
+    the very values the NCHW model's quantization gives."""
+    nchw, x = make("lenet5")
+    last = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
+    quantize_(nchw, QuantConfig(weights=fmt))
+    quantize_(last, QuantConfig(weights=fmt))
+    for (name, a), (_, b) in zip(nchw.named_parameters(), last.named_parameters(),
+                                 strict=True):
+        assert torch.equal(a, b), name
+        if b.dim() == 4:  # the strides, also where one channel makes both layouts dense
+            assert b.stride() == b.contiguous(memory_format=torch.channels_last).stride()
+            assert a.stride() == a.contiguous().stride(), name  # an NCHW model stays NCHW
+    with torch.no_grad():
+        out = last(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(out, nchw(x), rtol=1e-5, atol=1e-5)
+
+
 def test_disabled_fake_quant_equals_fp32_forward_and_backward() -> None:
     fp32, x = make("lenet5")
     qat = copy.deepcopy(fp32)
