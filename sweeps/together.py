@@ -118,6 +118,7 @@ def _check(sweeps: Sequence[Sweep]) -> None:
 def _run(prepared: list, folder: str, on_done: Done | None) -> list[SweepOutcome | RuntimeError]:
     parts: list[_Part] = []
     router = _Router(parts, on_done)
+    saved = False  # Tune returned, its final state saved: summarized sweeps are in it
     try:
         for sweep, base, searched, design, tracker in prepared:
             start = parts[-1].points.stop if parts else 0
@@ -136,24 +137,30 @@ def _run(prepared: list, folder: str, on_done: Done | None) -> list[SweepOutcome
         with _state_saved_every(STATE_PERIOD_S):
             fit(_tuner(parts, router, folder), router, parts[0].parent,
                 first.storage_path, resume=RESUME)
+        saved = True
+        _end_summarized(parts)
+        if any(part.outcome is None for part in parts):  # a Ctrl-C that Tune caught
+            router.end_interrupted(f"the sweep was interrupted; {RESUME}")
+            raise SweepInterrupted(next(p.parent for p in parts if p.outcome is None))
     except KeyboardInterrupt:
+        if saved:  # a Ctrl-C just after Tune returned
+            _end_summarized(parts)
         _end_all(parts, "KILLED")
         raise
     except BaseException as exc:
         router.end_interrupted(f"the run of several sweeps failed: {exc!r}")
         _end_all(parts, "FAILED")
         raise
-    # Tune saved its state as it returned: a summarized sweep's results are in it.
+    return [part.outcome for part in parts]
+
+
+def _end_summarized(parts: list[_Part]) -> None:
+    """Tune saved its state as it returned: a summarized sweep's results are in it."""
     for part in parts:
-        if part.outcome is not None:
+        if part.outcome is not None and not part.ended:
             status = "FAILED" if isinstance(part.outcome, RuntimeError) else "FINISHED"
             part.tracker.end_run(part.parent, status)
             part.ended = True
-    if any(part.outcome is None for part in parts):  # a Ctrl-C that Tune caught
-        router.end_interrupted(f"the sweep was interrupted; {RESUME}")
-        _end_all(parts, "KILLED")
-        raise SweepInterrupted(next(p.parent for p in parts if p.outcome is None))
-    return [part.outcome for part in parts]
 
 
 RESUME = "resume the study (or sweeps) it belongs to with --resume"
