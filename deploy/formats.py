@@ -80,7 +80,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
     quantizers removed (INT8 deployment calibrates its own activation ranges)."""
     from quant.transforms import strip_qat_
 
-    return strip_qat_(copy.deepcopy(model)).eval()
+    return strip_qat_(copy.deepcopy(model)).cpu().eval()
 
 
 def _nonfinite(model: nn.Module) -> list[str]:

@@ -114,7 +114,7 @@ def test_the_order_is_documented_and_plugins_follow_it(monkeypatch) -> None:
     assert STAGE_ORDER == ("lowrank", "prune", "lc", "quant", "weight_rounding", "export")
     register_stage("mine", lambda cfg: None)
     register_stage("prune", lambda cfg: MaskStage())
-    assert registered() == ["prune", "lc", "quant", "weight_rounding", "mine"]
+    assert registered() == ["prune", "lc", "quant", "weight_rounding", "export", "mine"]
     cfg = TrialConfig().with_overrides(["quant.mode=qat", "evaluate.weight_rounding=[int8]"])
     assert [s.name for s in build_pipeline(cfg)] == ["prune", "quant", "weight_rounding"]
     register_stage("export", lambda cfg: MaskStage())  # named other than registered

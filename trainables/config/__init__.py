@@ -2,7 +2,7 @@
 
 The config is a tree of frozen dataclasses, one section per module here (``data``,
 ``model``, ``optim``, ``precision``, ``train``, ``evaluate``, ``prune``, ``lc``,
-``quant``). It flattens to
+``quant``, ``export``). It flattens to
 dotted keys (``optim.lr``) for Ray Tune's ``param_space``, Optuna and MLflow params, and
 is rebuilt from them on the first line of the worker. Every field is type-checked and
 range-checked at construction: a bad value raises :class:`ConfigError` naming the field,
@@ -19,6 +19,7 @@ Example::
 from trainables.config.base import ConfigError, Section
 from trainables.config.data import AUGMENTATIONS, DATASETS, DataConfig
 from trainables.config.evaluate import EvaluateConfig
+from trainables.config.export_section import EXPORT_FORMATS, ExportSection
 from trainables.config.lc_section import LCSection
 from trainables.config.model import MODELS, ModelConfig
 from trainables.config.optim_section import SCHEDULES, OptimConfig
@@ -38,6 +39,8 @@ __all__ = [
     "PrecisionConfig",
     "TrainConfig",
     "EvaluateConfig",
+    "ExportSection",
+    "EXPORT_FORMATS",
     "QuantSection",
     "PruneSection",
     "LCSection",

@@ -23,6 +23,7 @@ import optim
 from trainables.config.base import ConfigError, Section, fail
 from trainables.config.data import DataConfig
 from trainables.config.evaluate import EvaluateConfig
+from trainables.config.export_section import ExportSection
 from trainables.config.lc_section import LCSection
 from trainables.config.model import ModelConfig
 from trainables.config.optim_section import OptimConfig
@@ -48,6 +49,7 @@ class TrialConfig:
     prune: PruneSection = field(default_factory=PruneSection)
     lc: LCSection = field(default_factory=LCSection)
     quant: QuantSection = field(default_factory=QuantSection)
+    export: ExportSection = field(default_factory=ExportSection)
 
     def __post_init__(self) -> None:
         q = self.quant

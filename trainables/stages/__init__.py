@@ -3,7 +3,7 @@
 :mod:`~trainables.stages.base` says what a stage is (its hooks and what they see),
 :mod:`~trainables.stages.pipeline` runs the stages a config asks for in their order
 (low-rank, prune, LC, quant, weight rounding, export). This ``__init__`` registers the
-built-in stages (prune, lc, quant, weight_rounding); each stage module only defines its
+built-in stages (prune, lc, quant, weight_rounding, export); each stage module only defines its
 stage and its builder.
 
 Example::
@@ -20,6 +20,7 @@ from trainables.stages.base import (
     diverged_reason,
     nonfinite_params,
 )
+from trainables.stages.export import build_export_stage
 from trainables.stages.lc import build_lc_stage
 from trainables.stages.pipeline import (
     STAGE_ORDER,
@@ -36,6 +37,7 @@ register_stage("prune", build_prune_stage)
 register_stage("lc", build_lc_stage)
 register_stage("quant", build_quant_stage)
 register_stage("weight_rounding", build_weight_rounding)
+register_stage("export", build_export_stage)
 
 __all__ = ["Stage", "StageContext", "FinalizeContext", "TrainingPlan", "Pipeline",
            "STAGE_ORDER", "build_pipeline", "register_stage", "registered",
