@@ -23,7 +23,6 @@ per model: where INT8 falls short, which ops the time went to.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -35,10 +34,8 @@ MODELS = {"lenet": ("lenet", 1, 28, 10), "resnet20": ("resnet20", 3, 32, 10),
           "resnet18": ("resnet18", 3, 224, 2),
           "mobilenet_v3_small": ("mobilenet_v3_small", 3, 224, 2),
           "alexnet": ("alexnet", 3, 224, 2)}
-FP32 = ("fp32", "fp32_compiled", "onnx_fp32")
 DEFAULT_FORMATS = ("fp32", "fp32_compiled", "onnx_fp32", "fp16", "bf16", "int8_pt2e",
                    "onnx_int8")
-SLOW_BLOCK_S = 6.0  # a (format, round) block's time budget: fp16/bf16 run ~20x slow here
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,69 +89,25 @@ def build(name: str, pruned: float):
     return models, channels, size
 
 
-def time_block(fn, x, repeats: int) -> list[float]:
-    from deploy.measure import time_calls
-
-    first = time_calls(fn, x, 1, warmup=0)
-    budget = max(1, min(repeats - 1, int(SLOW_BLOCK_S / max(first[0], 1e-6))))
-    return first + time_calls(fn, x, budget, warmup=0)
-
-
 def bench_model(label, model, x, formats, args, out: Path) -> dict:
-    import torch
+    from deploy.speed import int8_ratios, speed_rows
 
-    from deploy.formats import DeployError, deploy
-    from deploy.measure import PeakRSS, percentile
-
-    calibration = [x[i:i + 16] for i in range(0, 64, 16)]
-    deployed, failed = {}, {}
-    for fmt in formats:
-        try:
-            d = deploy(model, fmt, x[:1], calibration, out / label / fmt, label=label)
-            d(x[:1]), d(x)  # compile both shapes before any timing
-            deployed[fmt] = d
-        except DeployError as exc:
-            failed[fmt] = str(exc)
-            print(f"  {label}: {exc}")
-    with torch.no_grad():
-        want = model(x).argmax(1)
-    b1 = {f: [] for f in deployed}
-    b64 = {f: [] for f in deployed}
-    peak = {}
-    for r in range(args.rounds):
-        for fmt, d in deployed.items():
-            b1[fmt] += time_block(d, x[:1], args.batch1_repeats)
-            if r == 0:
-                with PeakRSS() as rss:
-                    b64[fmt] += time_block(d, x, args.batch64_repeats)
-                peak[fmt] = rss.bytes
-            else:
-                b64[fmt] += time_block(d, x, args.batch64_repeats)
-    rows = {}
-    for fmt, d in deployed.items():
-        rows[fmt] = {"p50_ms": percentile(b1[fmt], 50) * 1e3,
-                     "p95_ms": percentile(b1[fmt], 95) * 1e3,
-                     "img_per_s": len(x) / statistics.median(b64[fmt]),
-                     "peak_mib": peak[fmt] / 2**20, "bytes": d.nbytes,
-                     "agree": (d(x).argmax(1) == want).float().mean().item()}
-        _util.row(f"{label} {fmt}", **rows[fmt])
-    for fmt, why in failed.items():
-        rows[fmt] = {"error": why}
-    ratios = {}
-    if "int8_pt2e" in rows and "fp32" in rows and "error" not in rows["int8_pt2e"]:
-        fastest = max((f for f in FP32 if f in deployed), key=lambda f: rows[f]["img_per_s"])
-        int8 = rows["int8_pt2e"]["img_per_s"]
-        ratios = {"int8_over_eager": int8 / rows["fp32"]["img_per_s"],
-                  "int8_over_fastest_fp32": int8 / rows[fastest]["img_per_s"],
-                  "fastest_fp32": fastest}
-        if "onnx_int8" in deployed and "onnx_fp32" in deployed:
-            ratios["onnx_int8_over_onnx_fp32"] = (rows["onnx_int8"]["img_per_s"]
-                                                  / rows["onnx_fp32"]["img_per_s"])
+    rows = speed_rows(model, x, formats, out, label, rounds=args.rounds,
+                      batch1_repeats=args.batch1_repeats, batch_repeats=args.batch64_repeats)
+    for fmt, values in rows.items():
+        if "error" in values:
+            print(f"  {label} {fmt}: {values['error']}")
+        else:
+            _util.row(f"{label} {fmt}", **values)
+    ratios = int8_ratios(rows)
+    if ratios:
         _util.row(f"{label} ratios (batch 64)", **ratios)
-    if args.profile and "int8_pt2e" in deployed:
+    if args.profile and "error" not in rows.get("int8_pt2e", {"error": ""}):
+        from deploy.formats import deploy
+
+        calibration = [x[i:i + 16] for i in range(0, 64, 16)]
         for fmt in ("fp32_compiled", "int8_pt2e"):
-            if fmt in deployed:
-                profile(label, fmt, deployed[fmt], x)
+            profile(label, fmt, deploy(model, fmt, x[:1], calibration, out / "p" / fmt), x)
     return {"formats": rows, "ratios": ratios}
 
 

@@ -6,9 +6,10 @@ quantization, and onnxruntime sessions that run them.
   default: :func:`onnx_bytes` counts every file the model needs, not the graph alone.
 - ``quantize_onnx_int8``: ``quant_pre_process`` (shape inference, graph optimization),
   then ``quantize_static`` in the QDQ format: per-channel INT8 weights, UINT8 activations
-  with ranges from calibration batches (min/max), ``reduce_range`` (7-bit activations:
-  no u8 x s8 saturation on CPUs without VNNI). Weights are stored as INT8 initializers,
-  so the file is ~4x smaller than FP32 (one file: no external data under 2 GB).
+  with ranges from calibration batches (min/max), ``reduce_range`` where the CPU lacks
+  VNNI (7-bit activations: no u8 x s8 saturation; see deploy/pt2e.py). Weights are
+  stored as INT8 initializers, so the file is ~4x smaller than FP32 (one file: no
+  external data under 2 GB).
 
 Example::
 
@@ -99,9 +100,13 @@ class _Batches:
 
 
 def quantize_onnx_int8(fp32: Path, calibration: Iterable[torch.Tensor], path: Path,
-                       reduce_range: bool = True) -> Path:
+                       reduce_range: bool | None = None) -> Path:
     """INT8 QDQ ONNX of the FP32 model ``fp32``, activation ranges from ``calibration``."""
     require_onnx()
+    from deploy.pt2e import has_vnni
+
+    if reduce_range is None:
+        reduce_range = not has_vnni()
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,

@@ -11,9 +11,11 @@ grid. Only ``torch.compile`` with inductor's ``freezing`` on pattern-matches tho
 real INT8 kernels (oneDNN qconv/qlinear); without freezing the dequantized FP32 ops run
 and INT8 is ~2x slower than FP32 (../shared/STACK_NOTES.md).
 
-``reduce_range=True``: activations use 7 bits. CPUs without VNNI (AVX2 only, like this
-one) multiply u8 x s8 with 16-bit intermediate sums that saturate at full 8-bit range;
-the 7-bit range avoids it (measured: 4-8 dB SQNR lost on ResNet-20 without it).
+``reduce_range``: activations use 7 bits on CPUs without VNNI (AVX2 only): they
+multiply u8 x s8 with 16-bit intermediate sums that saturate at the full 8-bit range
+(measured on an AVX2 Zen: 4-8 dB SQNR lost on ResNet-20 without it). With VNNI or AMX
+(:func:`has_vnni`) the products accumulate in 32 bits and the full range is kept: the
+default follows the CPU.
 
 Example::
 
@@ -30,7 +32,18 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["quantize_int8", "compile_frozen", "export_batch_dynamic"]
+__all__ = ["quantize_int8", "compile_frozen", "export_batch_dynamic", "has_vnni"]
+
+
+def has_vnni() -> bool:
+    """Whether this CPU multiplies INT8 with 32-bit accumulation (AVX512-VNNI, AVX-VNNI or
+    AMX-INT8, from /proc/cpuinfo): then full-range 8-bit activations do not saturate."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
 def export_batch_dynamic(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
@@ -42,10 +55,11 @@ def export_batch_dynamic(model: nn.Module, example: torch.Tensor) -> torch.expor
 
 
 def quantize_int8(model: nn.Module, calibration: Iterable[torch.Tensor],
-                  example: torch.Tensor, reduce_range: bool = True) -> nn.Module:
+                  example: torch.Tensor, reduce_range: bool | None = None) -> nn.Module:
     """The PT2E reference INT8 model of ``model`` (not changed): per-channel INT8 weights,
     activation ranges from the ``calibration`` batches (their min/max, histogram
-    observers). Raises RuntimeError naming the step that failed."""
+    observers). ``reduce_range``: 7-bit activations (None: where the CPU lacks VNNI).
+    Raises RuntimeError naming the step that failed."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
@@ -59,6 +73,8 @@ def quantize_int8(model: nn.Module, calibration: Iterable[torch.Tensor],
         raise RuntimeError(f"torch.export could not trace the model: {_first_line(exc)}"
                            ) from exc
     _split_shared_modules(graph)
+    if reduce_range is None:
+        reduce_range = not has_vnni()
     quantizer = X86InductorQuantizer().set_global(
         get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
     prepared = prepare_pt2e(graph, quantizer)

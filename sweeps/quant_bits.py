@@ -16,6 +16,9 @@ Two modes:
   another) are sampled at random by NSGA-II. ASHA cannot rank two objectives and nothing
   stops trials early: every trial runs its (short) epochs. The sweep's run holds the
   Pareto front (pareto.md/.table.csv, pareto.png, and as its description).
+- ``--cost bitops|latency`` (pareto): a third objective to minimize, ``bitops`` (MACs x
+  weight bits x input bits) or the latency measured inside each trial (its model as
+  INT8 PT2E, batch 1, one thread, over a reference net timed alternately with it).
 - ``--objective budget``: Optuna TPE + ASHA on ``budget_score`` = val_acc_q minus the
   relative overshoot of ``--byte-budget`` (default: 1/8 of the FP32 state_dict, i.e. what
   4-bit weights take).
@@ -24,6 +27,7 @@ Two modes:
     python sweeps/quant_bits.py --num-samples 24 --epochs 2
     python sweeps/quant_bits.py --objective budget --byte-budget 30000
     python sweeps/quant_bits.py --per-layer --num-samples 24     # mixed precision
+    python sweeps/quant_bits.py --per-layer --cost bitops        # accuracy, bytes, BOPs
     python sweeps/quant_bits.py --set data.name=cifar10_jpeg --set model.name=resnet20
 """
 
@@ -137,15 +141,30 @@ def layer_bits_table(front: list[dict[str, Any]], configs: dict[str, dict[str, A
 
 
 def pareto_front(rows: list[dict[str, Any]], acc: str = "val_acc_q",
-                 size: str = "packed_bytes") -> list[dict[str, Any]]:
-    """Finished rows no other row beats on both accuracy (higher) and size (lower), by
-    size ascending."""
+                 size: str = "packed_bytes", cost: str | None = None
+                 ) -> list[dict[str, Any]]:
+    """Finished rows no other row beats on accuracy (higher), size (lower) and, when
+    given, ``cost`` (lower) at once, by size ascending."""
+    lower = (size,) if cost is None else (size, cost)
     done = [r for r in rows if r.get("status") == "FINISHED" and
-            isinstance(r.get(acc), float) and math.isfinite(r[acc]) and size in r]
-    front = [r for r in done if not any(
-        o[acc] >= r[acc] and o[size] <= r[size] and (o[acc] > r[acc] or o[size] < r[size])
-        for o in done)]
+            isinstance(r.get(acc), float) and math.isfinite(r[acc]) and
+            all(isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) for k in lower)]
+
+    def beats(o: dict[str, Any], r: dict[str, Any]) -> bool:
+        no_worse = o[acc] >= r[acc] and all(o[k] <= r[k] for k in lower)
+        return no_worse and (o[acc] > r[acc] or any(o[k] < r[k] for k in lower))
+
+    front = [r for r in done if not any(beats(o, r) for o in done)]
     return sorted(front, key=lambda r: (r[size], -r[acc]))
+
+
+# --cost: a third objective. bitops: MACs x weight bits x input bits (deterministic);
+# latency: the trial's model deployed as INT8 (PT2E) and timed at batch 1 on one thread,
+# alternating with a fixed reference net: the ratio (deploy_rel_int8_pt2e) is comparable
+# across trials on a shared machine, milliseconds are not (deploy/measure.py).
+COSTS = {"bitops": ("bitops", []),
+         "latency": ("deploy_rel_int8_pt2e",
+                     ["export.formats=[int8_pt2e]", "export.latency=true"])}
 
 
 def plot_pareto(rows: list[dict[str, Any]], front: list[dict[str, Any]], path: Path,
@@ -188,6 +207,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="packed bytes for --objective budget (default: FP32 size / 8)")
     parser.add_argument("--formats", nargs="+", default=None, choices=BitSpace.formats,
                         help="default: int lns codebook (--per-layer: int lns)")
+    parser.add_argument("--cost", choices=("none", *COSTS), default="none",
+                        help="a third objective to minimize (pareto): bitops, or latency "
+                             "measured inside each trial (INT8 PT2E, relative to a "
+                             "reference net); on CPU every <= 8-bit format runs the same "
+                             "INT8 kernels, so latency separates trials less than bitops")
     parser.add_argument("--per-layer", action="store_true",
                         help="search each layer's bits (mixed precision; int/lns formats)")
     args = parser.parse_args(argv)
@@ -198,6 +222,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "allowed int and/or lns (bit widths per layer)")
     if args.smoke_test:
         args.num_samples = min(args.num_samples, 4)
+    if args.cost != "none" and args.objective != "pareto":
+        raise ConfigError(f"--cost={args.cost} is invalid with --objective "
+                          f"{args.objective}: allowed with --objective pareto")
     if args.byte_budget < 0:
         raise ConfigError(f"--byte-budget={args.byte_budget} is invalid: allowed >= 0")
     return args
@@ -227,19 +254,24 @@ def main(argv: list[str] | None = None) -> int:
                       metric="budget_score", mode="max", resume_run_id=resume,
                       **sweep_options(args, NAME))
     else:
+        cost, overrides = COSTS.get(args.cost, (None, []))
+        base = base.with_overrides(overrides) if overrides else base
+        objectives = (("val_acc_q", "max"), ("packed_bytes", "min"))
         sweep = Sweep(base=base, space=space, num_samples=args.num_samples,
                       metric="val_acc_q", mode="max",
-                      objectives=(("val_acc_q", "max"), ("packed_bytes", "min")),
+                      objectives=objectives + (((cost, "min"),) if cost else ()),
                       resume_run_id=resume, **sweep_options(args, NAME))
     outcome = run_sweep(sweep)
     print_summary(outcome)
-    front = pareto_front(outcome.rows)
+    cost = COSTS[args.cost][0] if args.cost != "none" else None
+    front = pareto_front(outcome.rows, cost=cost)
     if front:
         tracker = SweepTracker(outcome.tracking_uri, NAME)
         configs = {r.metrics.get("trial_id"): r.config for r in outcome.results if r.metrics}
         table = [{"setting": describe(configs[r["trial_id"]]), "val_acc_q": r["val_acc_q"],
                   "test_acc_q": r.get("test_acc_q", ""), "packed_bytes": r["packed_bytes"],
                   "compression_ratio": fp32 / r["packed_bytes"],
+                  **({cost: r[cost]} if cost else {}),
                   "mlflow_run_id": r["mlflow_run_id"]} for r in front]
         tracker.log_table(outcome.parent_run_id, table, "pareto",
                           describe=f"Pareto front: val_acc_q against packed bytes (FP32 "

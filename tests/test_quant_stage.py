@@ -306,3 +306,17 @@ def test_init_from_an_mlflow_run_fetches_its_checkpoint(tiny_root: Path, tmp_pat
                                           f"run {empty_run} of sqlite:.* has no checkpoint"):
         resolve_run_checkpoints(Sweep(name="x", base=bad, points=({},),
                                       storage_path=str(tmp_path / "results")), bad, tracker)
+
+
+def test_bitops_are_macs_times_weight_and_input_bits() -> None:
+    """Hand count: Linear 4->3 (12 MACs) at 4-bit weights, Linear 3->2 (6 MACs) left in
+    float by an override; inputs 8-bit where quantized, 32 otherwise."""
+    import quant
+    from trainables.stages.quant import bitops_of
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    config = quant.QuantConfig(weights=quant.IntFormat(4), overrides=(("2", None),),
+                               activations=quant.IntFormat(8, symmetric=False))
+    assert bitops_of(model, config, torch.zeros(1, 4)) == 12 * 4 * 8 + 6 * 32 * 32
+    float_inputs = quant.QuantConfig(weights=quant.IntFormat(8))
+    assert bitops_of(model, float_inputs, torch.zeros(1, 4)) == (12 + 6) * 8 * 32

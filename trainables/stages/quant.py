@@ -18,7 +18,9 @@
   ``confusion_q.png`` (the quantized model on the test split), and ``efficiency_score`` =
   compression ratio x the share of above-chance accuracy kept.
 - Every epoch: the quantized copy's accuracy on the validation split (``val_acc_q``; test
-  without one), ``packed_bytes``, and ``budget_score`` = that accuracy minus the relative
+  without one), ``packed_bytes``, ``bitops`` (:func:`bitops_of`: the compute cost a
+  bit-width search can minimize where measured latency cannot tell bit widths apart),
+  and ``budget_score`` = that accuracy minus the relative
   overshoot of ``quant.byte_budget`` (when set): what ``sweeps/quant_bits.py`` searches.
 
 Example::
@@ -49,7 +51,8 @@ from trainables.stages.base import (
     nonfinite_params,
 )
 
-__all__ = ["QuantStage", "quant_config", "quantizable_layers", "build_quant_stage"]
+__all__ = ["QuantStage", "quant_config", "quantizable_layers", "build_quant_stage",
+           "bitops_of"]
 
 CALIBRATION_BATCHES = 8  # PTQ of activations: training batches that set the input ranges
 
@@ -80,6 +83,31 @@ def quantizable_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if quant.transforms.default_filter(m, n)]
 
 
+def bitops_of(model: nn.Module, config: quant.QuantConfig, example: torch.Tensor) -> int:
+    """Bit operations of one forward pass at batch 1 (BOPs, as in Baalen et al. 2020's
+    Bayesian Bits): the sum over Linear/Conv layers of MACs x weight bits x input bits,
+    a float weight or input counting 32. Deterministic, unlike latency on a shared
+    machine, and it tells 4 from 8 bits apart, which the CPU's INT8 kernels do not."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example)
+    finally:
+        model.train(training)
+    flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    root = type(model).__name__
+    act_bits = config.activations.bits if config.activations is not None else 32
+    total = 0
+    for fqn in quantizable_layers(model):
+        fmt = config.format_for(fqn)
+        w_bits = fmt.bits if fmt is not None else 32
+        total += flops.get(f"{root}.{fqn}", 0) // 2 * w_bits * (act_bits if fmt else 32)
+    return total
+
+
 def _float_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Layer fqn -> the float weight its quantizer sees (under a QAT parametrization: the
     original, through any mask stacked before the quantizer)."""
@@ -98,7 +126,7 @@ class QuantStage(Stage):
 
     def metric_names(self) -> frozenset[str]:
         return frozenset({"val_acc_q", "test_acc_q", "test_loss_q", "extra_acc_q",
-                          "packed_bytes", "budget_score", "weight_sqnr_db_mean",
+                          "packed_bytes", "budget_score", "bitops", "weight_sqnr_db_mean",
                           "fp32_bytes", "compression_ratio", "efficiency_score"})
 
     def _qat_on(self) -> bool:
@@ -136,7 +164,7 @@ class QuantStage(Stage):
         if nonfinite_params(ctx.model):  # diverged: nothing to quantize, NaN (not a crash)
             self._advance()
             return {f"{split}_acc_q": math.nan, "packed_bytes": math.nan,
-                    "budget_score": math.nan}
+                    "budget_score": math.nan, "bitops": math.nan}
         model = self._quantized_copy(ctx.model, ctx)
         if self.model is not None and self._qat_on():
             # The epoch's own evaluation already ran the quantized forward pass, which the
@@ -150,7 +178,16 @@ class QuantStage(Stage):
         # Over the budget costs accuracy in proportion: a searcher can tell 10% from 2x.
         score = acc - max(0.0, nbytes / budget - 1.0) if budget else acc
         self._advance()
-        return {f"{split}_acc_q": acc, "packed_bytes": nbytes, "budget_score": score}
+        return {f"{split}_acc_q": acc, "packed_bytes": nbytes, "budget_score": score,
+                "bitops": self._bitops(ctx.model, ctx)}
+
+    def _bitops(self, model: nn.Module, ctx: StageContext) -> int:
+        """Of the model as it is now (an earlier stage may have cut channels)."""
+        from trainables.models import example_input
+
+        device = next(model.parameters()).device
+        return bitops_of(model, quant_config(self.cfg, model),
+                         example_input(ctx.data_shape, device))
 
     def _advance(self) -> None:
         self.epochs_done += 1
@@ -186,6 +223,7 @@ class QuantStage(Stage):
         metrics["weight_sqnr_db_mean"] = sum(finite) / len(finite) if finite else math.nan
         packed = ctx.out_dir / "model.qsw"
         metrics["packed_bytes"] = quant.save_packed(model, packed)
+        metrics["bitops"] = self._bitops(ctx.result, ctx)
         metrics["fp32_bytes"] = fp32_bytes(ctx)
         metrics["compression_ratio"] = metrics["fp32_bytes"] / metrics["packed_bytes"]
         confusion = _confusion(model, ctx)
