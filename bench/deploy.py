@@ -1,9 +1,11 @@
 """Deployment speed on this CPU: every model x format of deploy/formats.py, interleaved.
 
 Per model and format: batch-1 latency (p50, p95), batch-64 throughput (images/s, from the
-median batch time), peak working memory of the batch-64 calls (RSS above the start),
-bytes on disk (ONNX external data included), and top-1 agreement with FP32 eager on the
-same inputs (the fidelity of the lowering; accuracy on real data is the study's:
+median batch time), peak memory (RSS growth while the format is built and runs its
+first batch of 64: compilation included; a lower bound, see deploy/speed.py), bytes on
+disk (ONNX external data included), and top-1 agreement with FP32 eager on the same
+inputs (the fidelity of the lowering; meaningless where random weights give nearly
+equal logits, as MobileNetV3's do at init: accuracy on real data is the study's,
 sweeps/deploy_study.py). Rounds are interleaved (each round times every format once)
 so the machine's noise hits all alike; the thread count is fixed (--threads) and
 printed. Each model's INT8 rows close with the ratios the issue's goals read: INT8 PT2E

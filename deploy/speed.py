@@ -2,9 +2,11 @@
 deployment study logs.
 
 Per format: batch-1 latency (p50, p95 ms), throughput at the batch of ``x`` (images/s
-from the median batch time), peak working memory of the batched calls (MiB above the
-start, :class:`~deploy.measure.PeakRSS`), bytes on disk, and top-1 agreement with FP32
-eager on ``x``. Rounds are interleaved (each round times every format once), so the
+from the median batch time), peak memory (MiB of RSS above the start while the format
+is built and runs its first batch: compilation included, as a deployment pays it;
+:class:`~deploy.measure.PeakRSS`; memory the allocator kept from an earlier format is
+reused, not counted: a lower bound), bytes on disk, and top-1 agreement with FP32 eager
+on ``x``. Rounds are interleaved (each round times every format once), so the
 machine's noise hits all formats alike. Formats that cannot be lowered come back with
 their error instead of a row.
 
@@ -47,28 +49,25 @@ def speed_rows(model: nn.Module, x: torch.Tensor, formats: Sequence[str], out_di
     if calibration is None:
         step = max(1, len(x) // 4)
         calibration = [x[i:i + step] for i in range(0, len(x), step)]
-    deployed, rows = {}, {}
+    deployed, rows, peak = {}, {}, {}
     for fmt in formats:
         try:
-            d = deploy(model, fmt, x[:1], calibration, Path(out_dir) / label / fmt, label=label)
-            d(x[:1]), d(x)  # compile both shapes before any timing
-            deployed[fmt] = d
+            with PeakRSS() as rss:
+                d = deploy(model, fmt, x[:1], calibration, Path(out_dir) / label / fmt,
+                           label=label)
+                d(x)  # compiles the batch's shape before any timing
+            d(x[:1])
+            deployed[fmt], peak[fmt] = d, rss.bytes
         except DeployError as exc:
             rows[fmt] = {"error": str(exc)}
     with torch.no_grad():
         want = model.eval()(x).argmax(1)
     one = {f: [] for f in deployed}
     batch = {f: [] for f in deployed}
-    peak = {}
-    for r in range(rounds):
+    for _ in range(rounds):
         for fmt, d in deployed.items():
             one[fmt] += _block(d, x[:1], batch1_repeats)
-            if r == 0:
-                with PeakRSS() as rss:
-                    batch[fmt] += _block(d, x, batch_repeats)
-                peak[fmt] = rss.bytes
-            else:
-                batch[fmt] += _block(d, x, batch_repeats)
+            batch[fmt] += _block(d, x, batch_repeats)
     for fmt, d in deployed.items():
         rows[fmt] = {"p50_ms": percentile(one[fmt], 50) * 1e3,
                      "p95_ms": percentile(one[fmt], 95) * 1e3,

@@ -80,9 +80,25 @@ def training_folder(root: Path, out: Path, cifar: bool) -> Path:
             for i, folder in enumerate(folders):
                 for image in sorted((folder / cls).iterdir()):
                     link = target / f"{i}-{image.name}"
-                    if not link.exists():
+                    if not link.is_symlink():
                         link.symlink_to(image.resolve())
     return out
+
+
+def data_folder(args: argparse.Namespace) -> Path:
+    """Where the training folder of this data root lives: in qsweep's cache (each data
+    root its own), so trials on this machine read it and the decoded-tensor cache keys
+    on it."""
+    import hashlib
+
+    from trainables.config import DataConfig
+    from trainables.datasets import cache_dir
+
+    root = _data_root(args).resolve()
+    digest = hashlib.sha1(str(root).encode()).hexdigest()[:10]
+    variant = "photos" if args.no_cifar else "photos+cifar"
+    return training_folder(root, cache_dir(DataConfig()) / "deploy_study" / digest / variant,
+                           cifar=not args.no_cifar)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -232,10 +248,7 @@ def latency_rows(tracker: Any, study_run: str, size: int, smoke: bool
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    folder = Path(tempfile.gettempdir()) / f"qsweep-{STUDY}-data" / \
-        ("photos" if args.no_cifar else "photos+cifar")
-    folder = training_folder(_data_root(args), folder, cifar=not args.no_cifar)
-    plan = study(args, folder)
+    plan = study(args, data_folder(args))
     outcome = report_from(plan, args.report_from) if args.report_from else run_study(plan)
     print(f"\n=== {STUDY}: test_acc over seeds per cell ===\n{outcome.table}")
     from sweeps.tracking import SweepTracker
