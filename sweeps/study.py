@@ -217,10 +217,12 @@ class Study:
                            reduction_factor=self.reduction)
             except ConfigError as exc:
                 raise ConfigError(f"cell {cell.label}: {exc}") from None
-        # The cells search side by side in one Tune run, and the seeds re-run in one.
-        check_list_lengths([(f"cell {cell.label}", search_base(self, cell).replace(
-            point).to_flat()) for cell in self.cells
-            for point in cell.space.points(self.num_samples, self.seed)])
+        # The cells search side by side in one Tune run, and the seeds re-run in one
+        # (with the fields the search left out back: SEARCH_ONLY).
+        for base in (lambda cell: search_base(self, cell), lambda cell: cell.base):
+            check_list_lengths([(f"cell {cell.label}", base(cell).replace(point).to_flat())
+                                for cell in self.cells
+                                for point in cell.space.points(self.num_samples, self.seed)])
         for data in {cell.base.data for cell in self.cells}:
             prepare_data(data)
         for cell in self.cells:  # train.init_from: the file, and that it fits the model
@@ -289,12 +291,12 @@ def _prune_search_checkpoints(study: Study, stamp: str) -> None:
 def search_base(study: Study, cell: Cell) -> TrialConfig:
     """A cell's config for its search trials. Choosing on a validation split, they skip
     what only the seed re-runs report: the test split after every epoch and the end
-    stages' evaluations (weight rounding). The picked config gets them back
+    stages' evaluations (weight rounding, deployment). The picked config gets them back
     (``study_results.SEARCH_ONLY``)."""
     if not study.search_metric.startswith("val_") or cell.base.data.val_fraction == 0:
         return cell.base
     return cell.base.replace({"evaluate.weight_rounding": (),
-                              "evaluate.test_each_epoch": False})
+                              "evaluate.test_each_epoch": False, "export.formats": ()})
 
 
 def _sweep(study: Study, **kwargs: Any) -> Sweep:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # the study module imports this one
 
 # Config fields a study's search trials set otherwise than the cell (sweeps.study's
 # search_base): they score only the validation split.
-SEARCH_ONLY = ("evaluate.weight_rounding", "evaluate.test_each_epoch")
+SEARCH_ONLY = ("evaluate.weight_rounding", "evaluate.test_each_epoch", "export.formats")
 
 __all__ = ["SEARCH_ONLY", "StudyOutcome", "pick_config", "cell_result", "with_searched",
            "restored_rows",
