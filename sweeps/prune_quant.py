@@ -13,12 +13,17 @@ its last epoch; the sweep's run holds the Pareto front (pareto.md, .table.csv, .
 
 - ``--schedule-only``: search only the schedule (and lr) for the format the config fixes
   (default INT8 per-channel PTQ; e.g. ``--set quant.bits=4 --set quant.mode=qat``).
+- ``--cost bitops|latency``: a third objective to minimize (as in sweeps/quant_bits.py):
+  bit operations, or the trial's model deployed as INT8 (PT2E) and timed inside the
+  trial relative to a reference net. Cutting channels (``prune.granularity=channel``)
+  is what makes either fall; element sparsity runs dense kernels at the same speed.
 - ``--preset seed004``: seed 004's recipe as explicit points: ResNet-20 on the CIFAR-10
   copy, polynomial sparsity to 0.6 and to 0.7, then INT8 (PTQ), 2 data-parallel workers.
 
     python sweeps/prune_quant.py --smoke-test
     python sweeps/prune_quant.py --num-samples 24 --epochs 3
     python sweeps/prune_quant.py --schedule-only --set quant.bits=4
+    python sweeps/prune_quant.py --cost latency --num-samples 24    # accuracy, bytes, speed
     python sweeps/prune_quant.py --preset seed004 --epochs 30
 """
 
@@ -46,7 +51,7 @@ from sweeps.quant_bits import fp32_bytes, pareto_front
 from sweeps.runner import run_sweep
 from sweeps.spec import Sweep
 from sweeps.tracking import SweepTracker, rows_to_markdown
-from trainables.config import TrialConfig
+from trainables.config import ConfigError, TrialConfig
 from trainables.plots import pyplot, save_figure
 
 NAME = "prune_quant"
@@ -154,7 +159,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=("seed004",), default=None,
                         help="seed004: ResNet-20, CIFAR-10 copy, polynomial to 0.6 and 0.7, "
                              "INT8, 2 workers (explicit points, no search)")
+    parser.add_argument("--cost", choices=("none", *quant_bits.COSTS), default="none",
+                        help="a third objective to minimize: bitops, or latency measured "
+                             "inside each trial (INT8 PT2E, relative to a reference net)")
     args = parser.parse_args(argv)
+    if args.cost != "none" and args.preset:
+        raise ConfigError(f"--cost={args.cost} is invalid with --preset {args.preset}: "
+                          "allowed with the search (no --preset)")
     if args.smoke_test:
         args.num_samples = min(args.num_samples, 4)
     if args.preset == "seed004" and args.num_workers == 1:
@@ -168,10 +179,14 @@ def _sweep(args: argparse.Namespace, base: TrialConfig) -> Sweep:
         points = tuple({"prune.final_sparsity": s} for s in (0.6, 0.7))
         return Sweep(points=points, metric="val_acc_q", mode="max",
                      resume_run_id=resume_run_id(args, NAME, "points"), **common)
+    cost, overrides = quant_bits.COSTS.get(args.cost, (None, []))
+    if overrides:
+        common["base"] = base.with_overrides(overrides)
+    objectives = (("val_acc_q", "max"), ("packed_bytes", "min"))
     return Sweep(space=ScheduleSpace(search_format=not args.schedule_only,
                                      channel_max=channel_limit(base)),
                  num_samples=args.num_samples, metric="val_acc_q", mode="max",
-                 objectives=(("val_acc_q", "max"), ("packed_bytes", "min")),
+                 objectives=objectives + (((cost, "min"),) if cost else ()),
                  resume_run_id=resume_run_id(args, NAME, "search"), **common)
 
 
@@ -182,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = fp32_bytes(base)
     outcome = run_sweep(_sweep(args, base))
     print_summary(outcome)
-    front = pareto_front(outcome.rows)
+    cost = quant_bits.COSTS[args.cost][0] if args.cost != "none" else None
+    front = pareto_front(outcome.rows, cost=cost)
     if not front:
         return 0
     tracker = SweepTracker(outcome.tracking_uri, NAME)
@@ -193,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
               "test_acc_q": r.get("test_acc_q", ""),
               "sparsity": sparsity.get(r["trial_id"], ""), "packed_bytes": r["packed_bytes"],
               "compression_ratio": fp32 / r["packed_bytes"],
+              **({cost: r[cost]} if cost else {}),
               "mlflow_run_id": r["mlflow_run_id"]} for r in front]
     tracker.log_table(outcome.parent_run_id, table, "pareto",
                       describe=f"Pareto front: pruned + quantized val_acc_q against packed "

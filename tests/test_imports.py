@@ -1,7 +1,8 @@
 """The import graph of the project's packages: every module imports alone (none relies on
 another having been imported first), no import circle (module-level imports or lazy ones
 inside functions), and the layers import only downwards (quant, compress: torch only;
-optim: quant; trainables: quant, compress, optim; sweeps: all of them)."""
+optim: quant; deploy: quant; trainables: quant, compress, deploy, optim; sweeps: all of
+them)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("quant", "compress", "optim", "trainables", "sweeps")
+PACKAGES = ("quant", "compress", "optim", "deploy", "trainables", "sweeps")
 ALLOWED = {"quant": {"quant"}, "compress": {"compress", "quant"}, "optim": {"optim", "quant"},
-           "trainables": {"trainables", "quant", "compress", "optim"},
-           "sweeps": {"sweeps", "trainables", "quant", "compress", "optim"}}
+           "deploy": {"deploy", "quant"},
+           "trainables": {"trainables", "quant", "compress", "deploy", "optim"},
+           "sweeps": {"sweeps", "trainables", "quant", "compress", "deploy", "optim"}}
 
 
 def modules() -> dict[str, Path]:

@@ -31,6 +31,7 @@ def test_help(tmp_path: Path) -> None:
     (["--set", "prune.granularity=channel", "--set", "prune.final_sparsity=0.95",
       "--set", "model.name=lenet", "--set", "model.channels=[6,16]"],
      "removes all 6 output channels of features.0"),
+    (["--preset", "seed004", "--cost", "latency"], "--cost=latency is invalid with --preset"),
 ])
 def test_bad_input_stops_before_ray(tmp_path: Path, tiny_root: Path, args: list[str],
                                     says: str) -> None:
@@ -61,11 +62,12 @@ def test_every_proposed_schedule_is_valid_and_ends_after_it_starts() -> None:
 
 @pytest.mark.ray
 def test_smoke_sweep_records_the_front(tmp_path: Path, tiny_root: Path) -> None:
-    out = run(["--smoke-test", "--num-samples", "4", "--address", "local",
+    """With bit operations as the third objective: channel pruning lowers them."""
+    out = run(["--smoke-test", "--num-samples", "4", "--address", "local", "--cost", "bitops",
                "--set", "model.channels=[4,8]", "--set", "model.hidden=[32]"],
               tmp_path, tiny_root, timeout=600, script=SCRIPT)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "=== Pareto front" in out.stdout
+    assert "=== Pareto front" in out.stdout and "| bitops |" in out.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("prune_quant").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
