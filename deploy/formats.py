@@ -35,7 +35,7 @@ __all__ = ["FORMATS", "FORMAT_NOTES", "Deployed", "DeployError", "deploy", "chec
 
 FORMATS = ("fp32", "fp32_compiled", "fp16", "bf16", "int8_pt2e", "int8_pt2e_eager",
            "onnx_fp32", "onnx_int8")
-FALLBACK = "fp32_compiled"  # what runs where an INT8 or ONNX lowering fails
+FALLBACK = "fp32_compiled"  # what to deploy instead where an INT8 or ONNX lowering fails
 FORMAT_NOTES = {
     "fp16": "CPU: eager half precision, emulated on AVX2 (slow); for GPUs",
     "bf16": "CPU: eager bfloat16, no AVX512-BF16/AMX here (slow); for GPUs",
@@ -63,7 +63,8 @@ class Deployed:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.run(x).float()
+            out = self.run(x)
+            return out.float() if isinstance(out, torch.Tensor) else out
 
 
 def check_formats(formats: Sequence[str]) -> None:
@@ -107,7 +108,15 @@ def deploy(model: nn.Module, fmt: str, example: torch.Tensor,
     if needs_data and not batches:
         raise DeployError(f"{label}: {fmt} needs calibration batches (none given)")
     try:
-        return _BUILD[fmt](model, example, batches, out_dir)
+        deployed = _BUILD[fmt](model, example, batches, out_dir)
+        # One call here: a compiled format lowers on its first call, and a model whose
+        # output is not one tensor fails on it; both belong to this error, not to the
+        # caller's first evaluation.
+        out = deployed(example)
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            raise TypeError(f"the model's output is not one tensor of logits (batch x "
+                            f"classes): got {type(out).__name__}")
+        return deployed
     except ImportError as exc:
         raise DeployError(f"{label}: cannot deploy as {fmt}: {exc}") from exc
     except DeployError:
@@ -115,7 +124,8 @@ def deploy(model: nn.Module, fmt: str, example: torch.Tensor,
     except Exception as exc:
         text = str(exc).strip().splitlines()
         raise DeployError(f"{label}: {fmt} failed ({type(exc).__name__}: "
-                          f"{text[0] if text else ''}); fallback: {FALLBACK}") from exc
+                          f"{text[0] if text else ''}); suggested fallback: {FALLBACK}"
+                          ) from exc
 
 
 def _state_file(model: nn.Module, path: Path) -> Path:
@@ -168,9 +178,7 @@ def _onnx_fp32(model, example, batches, out):
 def _onnx_int8(model, example, batches, out):
     from deploy.onnx_io import OnnxRunner, export_onnx, onnx_files, quantize_onnx_int8
 
-    fp32 = out / "model.onnx"
-    if not fp32.exists():
-        export_onnx(model, example, fp32)
+    fp32 = export_onnx(model, example, out / "model_for_int8.onnx")  # this model's, fresh
     path = quantize_onnx_int8(fp32, batches, out / "model_int8.onnx")
     return Deployed("onnx_int8", OnnxRunner(path, threads=torch.get_num_threads()),
                     onnx_files(path))

@@ -99,17 +99,13 @@ def reference_model(channels: int) -> nn.Module:
 def relative_latency(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                      rounds: int = 20) -> tuple[float, float]:
     """(median seconds of ``fn(x)``, that over the reference model's median on the same
-    input), the two timed alternately, one thread each: the ratio cancels the machine's
-    load and speed, the seconds do not."""
+    input), the two timed alternately at the process's thread count (a trial's
+    ``train.threads``; an onnxruntime session was built with the same count): the ratio
+    cancels the machine's load and speed, the seconds do not."""
     reference = reference_model(x.shape[1])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ours, theirs = [], []
-        for _ in range(rounds):
-            ours += time_calls(fn, x, 1, warmup=1 if not ours else 0)
-            theirs += time_calls(reference, x, 1, warmup=1 if not theirs else 0)
-    finally:
-        torch.set_num_threads(threads)
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours += time_calls(fn, x, 1, warmup=1 if not ours else 0)
+        theirs += time_calls(reference, x, 1, warmup=1 if not theirs else 0)
     mine, ref = percentile(ours, 50), percentile(theirs, 50)
     return mine, mine / ref

@@ -7,7 +7,8 @@ quantization, and onnxruntime sessions that run them.
 - ``quantize_onnx_int8``: ``quant_pre_process`` (shape inference, graph optimization),
   then ``quantize_static`` in the QDQ format: per-channel INT8 weights, UINT8 activations
   with ranges from calibration batches (min/max), ``reduce_range`` where the CPU lacks
-  VNNI (7-bit activations: no u8 x s8 saturation; see deploy/pt2e.py). Weights are
+  VNNI (in onnxruntime: 7-bit *weights*, its way around u8 x s8 saturation; PT2E
+  narrows the activations instead: the two INT8 paths differ there). Weights are
   stored as INT8 initializers, so the file is ~4x smaller than FP32 (one file: no
   external data under 2 GB).
 

@@ -32,7 +32,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["quantize_int8", "compile_frozen", "export_batch_dynamic", "has_vnni"]
+__all__ = ["quantize_int8", "compile_frozen", "release_compiled", "export_batch_dynamic",
+           "has_vnni"]
 
 
 def has_vnni() -> bool:
@@ -57,8 +58,8 @@ def export_batch_dynamic(model: nn.Module, example: torch.Tensor) -> torch.expor
 def quantize_int8(model: nn.Module, calibration: Iterable[torch.Tensor],
                   example: torch.Tensor, reduce_range: bool | None = None) -> nn.Module:
     """The PT2E reference INT8 model of ``model`` (not changed): per-channel INT8 weights,
-    activation ranges from the ``calibration`` batches (their min/max, histogram
-    observers). ``reduce_range``: 7-bit activations (None: where the CPU lacks VNNI).
+    per-tensor activation ranges from the ``calibration`` batches (the x86 quantizer's
+    histogram observers). ``reduce_range``: 7-bit activations (None: where the CPU lacks VNNI).
     Raises RuntimeError naming the step that failed."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
@@ -128,17 +129,26 @@ def _split_shared_modules(graph: torch.fx.GraphModule) -> None:
 def compile_frozen(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """``torch.compile`` with inductor freezing (weights folded as constants: what lets the
     INT8 patterns lower to INT8 kernels; FP32 models get their fastest compiled path too).
-    The first call of each new input shape compiles (seconds to a minute)."""
+    The first call of each new input shape compiles (seconds to a minute). Freezing is
+    switched on around each call only (a process-wide switch would freeze every later
+    compile of the process: a reused trial worker's too); :func:`release_compiled`
+    drops the compiled graphs and their frozen weights."""
     import torch._inductor.config as inductor_config
 
-    inductor_config.freezing = True  # global to the process: every later compile freezes
     compiled = torch.compile(module, dynamic=False)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), inductor_config.patch(freezing=True):
             return compiled(x)
 
     return run
+
+
+def release_compiled() -> None:
+    """Forget every compiled graph of this process (and the weights frozen into them):
+    after a trial's export, so that a reused worker neither keeps them in memory nor
+    runs into the recompile limit with the next trial's models."""
+    torch._dynamo.reset()
 
 
 def _first_line(exc: BaseException) -> str:

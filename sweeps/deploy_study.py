@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -156,11 +157,17 @@ def study(args: argparse.Namespace, folder: Path) -> Study:
                 "study.latency_size": args.latency_size})
 
 
-def deploy_rows(outcome: Any) -> list[dict[str, Any]]:
-    """Model x training x format -> mean accuracy, bytes and in-trial latency over the
-    cell's seed runs."""
+def _mean(values: list[float]) -> float | None:
+    """Mean of the finite values (a format that failed in a seed reports NaN), or None."""
     import statistics
 
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return statistics.fmean(finite) if finite else None
+
+
+def deploy_rows(outcome: Any) -> list[dict[str, Any]]:
+    """Model x training x format -> mean accuracy, bytes and in-trial latency over the
+    cell's seed runs (a format that failed in every seed: its error count, no numbers)."""
     rows = []
     for cell in outcome.cells:
         finals = [h[-1] for h in cell.histories if h]
@@ -169,22 +176,25 @@ def deploy_rows(outcome: Any) -> list[dict[str, Any]]:
             accs = [f[f"deploy_acc_{fmt}"] for f in finals if f"deploy_acc_{fmt}" in f]
             if not accs:
                 continue
-            row = {"model": model, "training": training, "format": fmt,
-                   "test_acc": round(statistics.fmean(accs), 4), "seeds": len(accs),
-                   "bytes": int(statistics.fmean(f[f"deploy_bytes_{fmt}"] for f in finals
-                                                 if f"deploy_bytes_{fmt}" in f))}
-            rel = [f[f"deploy_rel_{fmt}"] for f in finals if f"deploy_rel_{fmt}" in f]
-            if rel:
-                row["rel_latency_train_px"] = round(statistics.fmean(rel), 3)
+            acc = _mean(accs)
+            row: dict[str, Any] = {"model": model, "training": training, "format": fmt,
+                                   "test_acc": round(acc, 4) if acc is not None else "failed",
+                                   "seeds": sum(math.isfinite(a) for a in accs)}
+            nbytes = _mean([f.get(f"deploy_bytes_{fmt}", math.nan) for f in finals])
+            rel = _mean([f.get(f"deploy_rel_{fmt}", math.nan) for f in finals])
+            if nbytes is not None:
+                row["bytes"] = int(nbytes)
+            if rel is not None:
+                row["rel_latency_train_px"] = round(rel, 3)
             rows.append(row)
         simulated = (("test_acc", "as trained"), ("test_acc_int16", "int16 (simulated)"),
                      ("test_acc_q", "int8 fake-quant (qsweep QAT)"))
         for name, label in simulated:
-            values = [f[name] for f in finals if name in f]
-            if values:
+            value = _mean([f[name] for f in finals if name in f])
+            if value is not None:
                 rows.append({"model": model, "training": training, "format": label,
-                             "test_acc": round(statistics.fmean(values), 4),
-                             "seeds": len(values)})
+                             "test_acc": round(value, 4),
+                             "seeds": sum(1 for f in finals if name in f)})
     return rows
 
 

@@ -213,12 +213,14 @@ def main(argv: list[str] | None = None) -> int:
               "mlflow_run_id": r["mlflow_run_id"]} for r in front]
     tracker.log_table(outcome.parent_run_id, table, "pareto",
                       describe=f"Pareto front: pruned + quantized val_acc_q against packed "
-                               f"bytes (FP32 {fp32} bytes)")
+                               f"bytes{' and ' + cost if cost else ''} (FP32 {fp32} bytes; the "
+                               "plot shows accuracy and bytes only)")
     rows = [{**r, "sparsity": sparsity.get(r["trial_id"], 0.0)} for r in outcome.rows]
     with tempfile.TemporaryDirectory() as tmp:
         tracker.log_artifact(outcome.parent_run_id,
                              plot_front(rows, front, Path(tmp) / "pareto.png", fp32))
-    print(f"\n=== Pareto front (val_acc_q vs packed bytes; FP32 {fp32} bytes) ===")
+    print(f"\n=== Pareto front (val_acc_q vs packed bytes{' vs ' + cost if cost else ''}; "
+          f"FP32 {fp32} bytes) ===")
     print(rows_to_markdown(table))
     return 0
 

@@ -18,7 +18,7 @@ Two modes:
   Pareto front (pareto.md/.table.csv, pareto.png, and as its description).
 - ``--cost bitops|latency`` (pareto): a third objective to minimize, ``bitops`` (MACs x
   weight bits x input bits) or the latency measured inside each trial (its model as
-  INT8 PT2E, batch 1, one thread, over a reference net timed alternately with it).
+  INT8 PT2E, batch 1, over a reference net timed alternately with it).
 - ``--objective budget``: Optuna TPE + ASHA on ``budget_score`` = val_acc_q minus the
   relative overshoot of ``--byte-budget`` (default: 1/8 of the FP32 state_dict, i.e. what
   4-bit weights take).
@@ -144,7 +144,8 @@ def pareto_front(rows: list[dict[str, Any]], acc: str = "val_acc_q",
                  size: str = "packed_bytes", cost: str | None = None
                  ) -> list[dict[str, Any]]:
     """Finished rows no other row beats on accuracy (higher), size (lower) and, when
-    given, ``cost`` (lower) at once, by size ascending."""
+    given, ``cost`` (lower) at once, by size ascending. Rows without a finite value of
+    each (a trial whose INT8 lowering failed has no latency) are left out."""
     lower = (size,) if cost is None else (size, cost)
     done = [r for r in rows if r.get("status") == "FINISHED" and
             isinstance(r.get(acc), float) and math.isfinite(r[acc]) and
@@ -159,7 +160,7 @@ def pareto_front(rows: list[dict[str, Any]], acc: str = "val_acc_q",
 
 
 # --cost: a third objective. bitops: MACs x weight bits x input bits (deterministic);
-# latency: the trial's model deployed as INT8 (PT2E) and timed at batch 1 on one thread,
+# latency: the trial's model deployed as INT8 (PT2E) and timed at batch 1 (its threads),
 # alternating with a fixed reference net: the ratio (deploy_rel_int8_pt2e) is comparable
 # across trials on a shared machine, milliseconds are not (deploy/measure.py).
 COSTS = {"bitops": ("bitops", []),
@@ -274,12 +275,14 @@ def main(argv: list[str] | None = None) -> int:
                   **({cost: r[cost]} if cost else {}),
                   "mlflow_run_id": r["mlflow_run_id"]} for r in front]
         tracker.log_table(outcome.parent_run_id, table, "pareto",
-                          describe=f"Pareto front: val_acc_q against packed bytes (FP32 "
-                                   f"{fp32} bytes)")
+                          describe=f"Pareto front: val_acc_q against packed bytes"
+                                   f"{' and ' + cost if cost else ''} (FP32 {fp32} bytes; "
+                                   "the plot shows accuracy and bytes only)")
         with tempfile.TemporaryDirectory() as tmp:
             tracker.log_artifact(outcome.parent_run_id, plot_pareto(
                 outcome.rows, front, Path(tmp) / "pareto.png", fp32))
-        print(f"\n=== Pareto front (val_acc_q vs packed bytes; FP32 {fp32} bytes) ===")
+        print(f"\n=== Pareto front (val_acc_q vs packed bytes{' vs ' + cost if cost else ''}"
+              f"; FP32 {fp32} bytes) ===")
         print(rows_to_markdown(table))
         if args.per_layer:
             per_layer = layer_bits_table(front, configs, layers)

@@ -281,3 +281,90 @@ def test_a_diverged_trial_exports_nan_and_says_why(tmp_path: Path) -> None:
                             "deploy_bytes_onnx_int8"}
     assert all(math.isnan(v) for v in metrics.values())
     assert "inf/NaN" in json.loads((tmp_path / "export.json").read_text())["not_exported"]
+
+
+def _stage_context(cfg: TrialConfig, model: nn.Module, out: Path):
+    """A StageContext around a model of 4 inputs (1 x 2 x 2 images), 2 classes, whose
+    evaluate scores fixed data the way the loop does (eval mode, under autocast)."""
+    from trainables.stages.base import StageContext
+
+    x = torch.randn(16, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    y = (x.flatten(1).sum(1) > 0).long()
+
+    def evaluate(m: nn.Module, split: str = "test") -> dict[str, float]:
+        m.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = m(x)
+        return {f"{split}_loss": 0.0, f"{split}_acc": (logits.argmax(1) == y).float().mean()
+                .item()}
+
+    return StageContext(cfg=cfg, model=model, evaluate=evaluate, splits=("test",),
+                        train_batches=lambda n: iter([x[:8]] * n), eval_batches=None,
+                        data_shape=(1, 2, 2), out_dir=out, is_chief=True, result=model)
+
+
+def test_a_format_that_fails_leaves_the_others_and_says_why(tmp_path: Path) -> None:
+    """Data-dependent control flow: eager FP32 deploys, ONNX cannot trace it. The FP32
+    row is complete, the ONNX one NaN with its reason; the trial goes on."""
+    from trainables.stages.export import ExportStage
+
+    cfg = TrialConfig().with_overrides(["export.formats=[fp32,onnx_fp32]",
+                                        "export.mlflow_models=false"])
+    model = DataDependent()
+    metrics = ExportStage(cfg).finalize(_stage_context(cfg, model, tmp_path))
+    assert 0.0 <= metrics["deploy_acc_fp32"] <= 1.0 and metrics["deploy_bytes_fp32"] > 0
+    assert math.isnan(metrics["deploy_acc_onnx_fp32"])
+    assert math.isnan(metrics["deploy_bytes_onnx_fp32"])
+    report = json.loads((tmp_path / "export.json").read_text())
+    assert "onnx_fp32 failed" in report["formats"]["onnx_fp32"]["error"]
+    assert "suggested fallback: fp32_compiled" in report["formats"]["onnx_fp32"]["error"]
+
+
+def test_a_deployed_model_runs_in_its_own_precision_under_the_trials_autocast(
+        tmp_path: Path) -> None:
+    """The loop evaluates under autocast (amp_bf16): the FP32 deployment must not run in
+    bf16. Its accuracy equals the model's own FP32 accuracy."""
+    from trainables.stages.export import ExportStage
+
+    cfg = TrialConfig().with_overrides(["export.formats=[fp32]",
+                                        "export.mlflow_models=false"])
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 2))
+    ctx = _stage_context(cfg, model, tmp_path)
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    ExportStage(cfg).finalize(ctx)
+    assert seen and set(seen) == {torch.float32}
+
+
+def test_pareto_front_leaves_out_rows_without_a_finite_cost() -> None:
+    from sweeps.quant_bits import pareto_front
+
+    rows = [{"trial_id": "a", "val_acc_q": 0.9, "packed_bytes": 100, "status": "FINISHED",
+             "lat": 1.0},
+            {"trial_id": "b", "val_acc_q": 0.99, "packed_bytes": 50, "status": "FINISHED",
+             "lat": float("nan")},
+            {"trial_id": "c", "val_acc_q": 0.95, "packed_bytes": 80, "status": "FINISHED"}]
+    assert [r["trial_id"] for r in pareto_front(rows, cost="lat")] == ["a"]
+    assert [r["trial_id"] for r in pareto_front(rows)] == ["b"]
+
+
+def test_the_study_table_skips_a_format_that_failed_in_a_seed() -> None:
+    from types import SimpleNamespace
+
+    from sweeps.deploy_study import deploy_rows
+
+    ok = {"deploy_acc_onnx_int8": 0.8, "deploy_bytes_onnx_int8": 100.0, "test_acc": 0.81}
+    failed = {"deploy_acc_onnx_int8": float("nan"), "deploy_bytes_onnx_int8": float("nan"),
+              "test_acc": 0.79}
+    cell = SimpleNamespace(key=("resnet18", "fp32"), histories=[[ok], [failed]])
+    rows = deploy_rows(SimpleNamespace(cells=[cell]))
+    (onnx,) = [r for r in rows if r["format"] == "onnx_int8"]
+    assert onnx == {"model": "resnet18", "training": "fp32", "format": "onnx_int8",
+                    "test_acc": 0.8, "seeds": 1, "bytes": 100}
+    (trained,) = [r for r in rows if r["format"] == "as trained"]
+    assert trained["test_acc"] == 0.8 and trained["seeds"] == 2
+    every = SimpleNamespace(key=("alexnet", "qat8"), histories=[[failed]])
+    (row,) = [r for r in deploy_rows(SimpleNamespace(cells=[every]))
+              if r["format"] == "onnx_int8"]
+    assert row["test_acc"] == "failed" and row["seeds"] == 0

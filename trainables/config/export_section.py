@@ -25,7 +25,7 @@ class ExportSection(Section):
     trial's artifacts (``onnx_int8/``, ``pytorch/``...), loadable with
     ``mlflow.pyfunc.load_model("runs:/<run id>/onnx_int8")``; the INT8 PT2E program as
     ``model_int8.pt2`` (``torch.export.load``). ``latency``: each format's batch-1
-    latency on one thread (``deploy_ms_<format>``, median) and that over a fixed
+    latency at the trial's threads (``deploy_ms_<format>``, median) and that over a fixed
     reference net's timed alternately with it (``deploy_rel_<format>``: comparable across
     trials on a shared machine). ``calibration_batches``: training batches that set the
     INT8 activation ranges."""

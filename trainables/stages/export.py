@@ -49,7 +49,10 @@ class _AsModule(nn.Module):
         self.deployed = deployed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.deployed(x.detach().float().cpu()).to(x.device)
+        # The loop evaluates under the trial's autocast (amp_bf16...): a deployed format
+        # runs in its own precision, not the training's.
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return self.deployed(x.detach().float().cpu()).to(x.device)
 
 
 class ExportStage(Stage):
@@ -67,34 +70,56 @@ class ExportStage(Stage):
         return frozenset(names)
 
     def finalize(self, ctx: StageContext) -> dict[str, float]:
-        from deploy.formats import DeployError, deploy
+        from deploy.pt2e import has_vnni, release_compiled
 
         model = ctx.result
         bad = nonfinite_params(model)
-        report: dict[str, Any] = {"data_shape": list(ctx.data_shape), "formats": {}}
+        report: dict[str, Any] = {"data_shape": list(ctx.data_shape),
+                                  "int8_reduce_range": not has_vnni(), "formats": {}}
         metrics = {name: math.nan for name in self.metric_names()}
+        calibration = [] if bad else _calibration(ctx, self.cfg.export.calibration_batches)
         if bad:
             report["not_exported"] = diverged_reason(bad)
+        elif not calibration:
+            report["not_exported"] = "no training batch to trace and calibrate with"
         else:
-            example = ctx.train_batches(1)
-            first = next(iter(example))[:1].detach().float().cpu()
-            calibration = [x.detach().float().cpu() for x in
-                           ctx.train_batches(self.cfg.export.calibration_batches)]
-            with tempfile.TemporaryDirectory() as tmp:
-                for fmt in self.cfg.export.formats:
-                    try:
-                        deployed = deploy(model, fmt, first, calibration, Path(tmp) / fmt,
-                                          label=self.cfg.model.name)
-                    except DeployError as exc:
-                        report["formats"][fmt] = {"error": str(exc)}
-                        continue
-                    entry = self._measure(fmt, deployed, first, ctx, metrics)
-                    if ctx.is_chief:
-                        entry["files"] = self._keep(fmt, deployed, model, first, ctx.out_dir)
-                    report["formats"][fmt] = entry
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    for fmt in self.cfg.export.formats:
+                        report["formats"][fmt] = self._one(fmt, model, calibration, ctx,
+                                                           metrics, Path(tmp) / fmt)
+            finally:
+                release_compiled()
         if ctx.is_chief:
             (ctx.out_dir / "export.json").write_text(json.dumps(report, indent=1))
         return metrics
+
+    def _one(self, fmt: str, model: nn.Module, calibration: list[torch.Tensor],
+             ctx: StageContext, metrics: dict[str, float], tmp: Path) -> dict[str, Any]:
+        """Deploy, evaluate and keep one format; its error instead where any step fails
+        (its metrics stay NaN). Every rank takes the same branch: a collective
+        evaluation that one rank skipped would hang the others."""
+        from deploy.formats import DeployError, deploy
+
+        first = calibration[0][:1]
+        try:
+            deployed = deploy(model, fmt, first, calibration, tmp, label=self.cfg.model.name)
+            error = None
+        except DeployError as exc:
+            deployed, error = None, str(exc)
+        if not _all_ranks_ok(error is None, model):
+            return {"error": error or "failed on another rank"}
+        try:
+            entry = self._measure(fmt, deployed, first, ctx, metrics)
+            if ctx.is_chief:
+                entry["files"] = self._keep(fmt, deployed, model, first, ctx.out_dir)
+            return entry
+        except Exception as exc:  # run time (onnxruntime, a kernel): this format only
+            for name in self.metric_names():
+                if name.endswith(f"_{fmt}"):
+                    metrics[name] = math.nan
+            return {"error": f"{self.cfg.model.name}: {fmt} failed while evaluated "
+                             f"({type(exc).__name__}: {exc})"}
 
     def _measure(self, fmt: str, deployed, example: torch.Tensor, ctx: StageContext,
                  metrics: dict[str, float]) -> dict[str, Any]:
@@ -124,6 +149,32 @@ class ExportStage(Stage):
             shutil.copy(deployed.files[0], out_dir / "model_int8.pt2")
             return ["model_int8.pt2"]
         return []
+
+
+def _calibration(ctx: StageContext, n: int) -> list[torch.Tensor]:
+    """``n`` training batches (CPU, FP32), rank 0's on every rank under DDP: every rank
+    then builds the same INT8 model (its own shard would give it its own ranges, and the
+    summed evaluation would mix models)."""
+    import torch.distributed as dist
+
+    batches = [x.detach().float().cpu() for x in ctx.train_batches(n)]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [batches]
+        dist.broadcast_object_list(shared, src=0)
+        batches = shared[0]
+    return batches
+
+
+def _all_ranks_ok(ok: bool, model: nn.Module) -> bool:
+    """Whether every DDP rank's step succeeded (this rank's alone without DDP)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return ok
+    device = next(model.parameters()).device
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _save_mlflow_model(fmt: str, deployed, model: nn.Module, example: torch.Tensor,

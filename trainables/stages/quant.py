@@ -86,8 +86,11 @@ def quantizable_layers(model: nn.Module) -> list[str]:
 def bitops_of(model: nn.Module, config: quant.QuantConfig, example: torch.Tensor) -> int:
     """Bit operations of one forward pass at batch 1 (BOPs, as in Baalen et al. 2020's
     Bayesian Bits): the sum over Linear/Conv layers of MACs x weight bits x input bits,
-    a float weight or input counting 32. Deterministic, unlike latency on a shared
-    machine, and it tells 4 from 8 bits apart, which the CPU's INT8 kernels do not."""
+    a float weight or input counting 32. The bits are those a multiplier sees: an INT or
+    LNS weight its width (LNS: a shift-add on the exponent, counted like an INT of its
+    width), a codebook's entries are floats (32: the index width is storage, not
+    arithmetic), FP16/BF16 16. Deterministic, unlike latency on a shared machine, and it
+    tells 4 from 8 bits apart, which the CPU's INT8 kernels do not."""
     from torch.utils.flop_counter import FlopCounterMode
 
     training = model.training
@@ -103,7 +106,7 @@ def bitops_of(model: nn.Module, config: quant.QuantConfig, example: torch.Tensor
     total = 0
     for fqn in quantizable_layers(model):
         fmt = config.format_for(fqn)
-        w_bits = fmt.bits if fmt is not None else 32
+        w_bits = 32 if fmt is None or isinstance(fmt, quant.CodebookFormat) else fmt.bits
         total += flops.get(f"{root}.{fqn}", 0) // 2 * w_bits * (act_bits if fmt else 32)
     return total
 
@@ -201,7 +204,7 @@ class QuantStage(Stage):
                 (ctx.out_dir / "quant.json").write_text(json.dumps(
                     {"mode": self.cfg.quant.mode, "not_quantized": diverged_reason(bad)},
                     indent=1))
-            return {"test_acc_q": math.nan, "test_loss_q": math.nan}
+            return {"test_acc_q": math.nan, "test_loss_q": math.nan, "bitops": math.nan}
         floats = _float_weights(ctx.result)
         model = self._quantized_copy(ctx.result, ctx)
         if not quant.quantized_layers(model):  # an earlier stage replaced the QAT layers
