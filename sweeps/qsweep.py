@@ -34,6 +34,7 @@ SWEEPS = {
     "quant_bits": "bit-width search: accuracy vs packed bytes (NSGA-II Pareto front)",
     "prune_quant": "sparsity schedule x bit width: accuracy vs packed bytes (Pareto front)",
     "lc_mix": "LC compression per layer type: test error vs compression (Pareto front)",
+    "deploy_study": "seed 002: FP32/FP16/BF16/INT16/INT8 (PTQ, QAT) deployed: accuracy, speed",
 }
 _HERE = Path(__file__).resolve().parent
 
