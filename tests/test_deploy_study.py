@@ -13,6 +13,7 @@ from test_cli import run
 SCRIPT = Path(__file__).resolve().parent.parent / "sweeps" / "deploy_study.py"
 
 
+@pytest.mark.slow  # a subprocess each
 @pytest.mark.parametrize("args, fragments", [
     (["--models", "vgg"], ["--models", "invalid choice", "resnet18"]),
     (["--seeds", "0"], ["--seeds=0", ">= 1"]),
@@ -27,6 +28,7 @@ def test_bad_input_fails_before_any_ray_work(tmp_path: Path, tiny_root: Path,
     assert not (tmp_path / "ray_results").exists()
 
 
+@pytest.mark.slow
 def test_a_data_root_without_the_photos_is_refused(tmp_path: Path) -> None:
     out = run(["--smoke-test"], tmp_path, tmp_path / "empty", timeout=120, script=SCRIPT)
     assert out.returncode == 2
