@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import _util
 from qat_overhead import CASES, COMMON  # the same cases as the QAT overhead
@@ -38,16 +37,10 @@ PRUNED = {"channels50": ["prune.schedule=polynomial", "prune.granularity=channel
 def _latency(model, shape: tuple[int, ...], batch: int, repeats: int) -> float:
     import torch
 
+    from deploy.measure import time_calls
+
     x = torch.randn(batch, *shape)
-    with torch.no_grad():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(time_calls(model, x, repeats, warmup=3))
 
 
 def inference(base, repeats: int) -> dict[str, dict[str, float]]:
