@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -96,12 +95,13 @@ def data_folder(args: argparse.Namespace) -> Path:
     import hashlib
 
     from trainables.config import DataConfig
-    from trainables.datasets import cache_dir
+    from trainables.datasets import cache_dir, data_root
 
-    root = _data_root(args).resolve()
+    data = DataConfig(root=args.data_root or "")
+    root = data_root(data).resolve()  # --data-root, else $QSWEEP_DATA, else ./data
     digest = hashlib.sha1(str(root).encode()).hexdigest()[:10]
     variant = "photos" if args.no_cifar else "photos+cifar"
-    return training_folder(root, cache_dir(DataConfig()) / "deploy_study" / digest / variant,
+    return training_folder(root, cache_dir(data) / "deploy_study" / digest / variant,
                            cifar=not args.no_cifar)
 
 
@@ -127,10 +127,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if value < low:
             raise ConfigError(f"{name}={value} is invalid: allowed >= {low}")
     return args
-
-
-def _data_root(args: argparse.Namespace) -> Path:
-    return Path(args.data_root or os.environ.get("QSWEEP_DATA", "data")).expanduser()
 
 
 def study(args: argparse.Namespace, folder: Path) -> Study:
