@@ -45,14 +45,11 @@ Example::
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
-
-import torch
 
 from sweeps.compare import (
     CellResult,
@@ -72,6 +69,7 @@ from sweeps.resume import (
 from sweeps.runner import run_sweep
 from sweeps.search import check_list_lengths, validate_points
 from sweeps.spec import Sweep, SweepInterrupted
+from sweeps.study_design import Cell, SearchSpace, auto_rungs
 from sweeps.study_results import (
     StudyOutcome,
     add_seed_results,
@@ -88,52 +86,7 @@ from trainables.config import ConfigError, TrialConfig
 from trainables.data import prepare_data
 
 __all__ = ["SearchSpace", "Cell", "Study", "StudyOutcome", "run_study", "report_from",
-           "pick_config"]
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """Ranges searched as one quasi-random design: ``(key, low, high, log)`` each, plus
-    constant overrides. ``points`` are the same for every space with the same number of
-    ranges and the same seed (in the unit cube), which pairs the cells of a study."""
-
-    ranges: tuple[tuple[str, float, float, bool], ...]
-    constants: tuple[tuple[str, Any], ...] = ()
-
-    def __post_init__(self) -> None:
-        if not self.ranges:
-            raise ConfigError("a search space needs at least one range (key, low, high, log)")
-        for key, low, high, log in self.ranges:
-            if not low < high or (log and low <= 0):
-                raise ConfigError(f"search range {key}={low}..{high} is invalid: allowed "
-                                  "low < high (and low > 0 on a log scale)")
-
-    def points(self, n: int, seed: int) -> list[dict[str, Any]]:
-        """``n`` configs from scrambled Sobol points (torch's SobolEngine, seeded)."""
-        engine = torch.quasirandom.SobolEngine(len(self.ranges), scramble=True, seed=seed)
-        unit = engine.draw(n, dtype=torch.float64).tolist()
-        points = []
-        for u in unit:
-            point = dict(self.constants)
-            for (key, low, high, log), x in zip(self.ranges, u, strict=True):
-                point[key] = (math.exp(math.log(low) + x * (math.log(high) - math.log(low)))
-                              if log else low + x * (high - low))
-            points.append(point)
-        return points
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One point of the study's grid: its key (the last part names the plotted series),
-    its base config, and what is searched."""
-
-    key: tuple[str, ...]
-    base: TrialConfig
-    space: SearchSpace
-
-    @property
-    def label(self) -> str:
-        return "/".join(self.key)
+           "pick_config", "auto_rungs"]
 
 
 @dataclass(frozen=True)
@@ -227,17 +180,6 @@ class Study:
             prepare_data(data)
         for cell in self.cells:  # train.init_from: the file, and that it fits the model
             check_initial_weights(absolute_paths(cell.base), ())
-
-
-def auto_rungs(points: int, epochs: int, reduction: int = 2) -> tuple[int, ...]:
-    """Rungs that halve ``points`` down to two finishers (at least one halving), spaced
-    geometrically over ``epochs`` (epochs / reduction^k, rounded up); () where training
-    is one epoch long."""
-    if points < 2:
-        return ()
-    halvings = max(1, math.floor(math.log(max(points, 1), reduction) + 1e-9) - 1)
-    rungs = {math.ceil(epochs / reduction ** k) for k in range(1, halvings + 1)}
-    return tuple(sorted(r for r in rungs if 1 <= r < epochs))
 
 
 def run_study(study: Study) -> StudyOutcome:
